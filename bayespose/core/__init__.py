@@ -1,0 +1,1 @@
+"""The science of bayespose: torch/numpy only. Nothing under this package imports pyworkflow or pwem."""
