@@ -1,0 +1,64 @@
+"""``bayespose demo``: an end-to-end run on the map shipped with the package.
+
+Steps (each prints one line; later features add their own steps here):
+1. simulate particles with known poses, CTF, shifts and noise from the 3J9G map (64 px, 4.4 Å/px);
+2. read the written RELION star back and check it reproduces the ground truth (poses, origins, CTF);
+3. plot the pose distribution and a gallery of clean vs noisy particles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .core.io.mrc import read_images, read_map
+from .core.io.relion_star import read_star
+from .core.plots import plot_image_gallery, plot_pose_distribution
+from .core.rotations import geodesic_distance_deg
+from .core.simulate import simulate_images
+from .core.simulate_dataset import SimulationSpec, simulate_dataset
+from .data import demo_map_path
+
+
+def run_demo(out_dir: str | Path, n_particles: int = 500, seed: int = 0,
+             progress: Callable[[str], Callable[[int, int], None]] | None = None) -> dict:
+    """Run the demo into ``out_dir``; returns a dict of the measured numbers and output paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    map_path = demo_map_path()
+    results: dict = {"out_dir": str(out_dir.resolve())}
+
+    # 1. simulation with known poses
+    spec = SimulationSpec(n_particles=n_particles, snr=0.1, pose_distribution="uniform", ctf=True,
+                          max_shift_px=2.0, seed=seed)
+    sim_dir = out_dir / "simulated"
+    truth = simulate_dataset(map_path, spec, sim_dir, progress=progress("simulating") if progress else None)
+    print(f"[1/3] simulated {len(truth)} particles (SNR {spec.snr}, CTF, shifts ±{spec.max_shift_px} px) "
+          f"-> {sim_dir / 'particles.star'}")
+
+    # 2. the star file is the ground truth: read it back as any user would
+    reread = read_star(sim_dir / "particles.star")
+    pose_err = float(geodesic_distance_deg(reread.rotations, truth.rotations).max())
+    origin_err = float(np.abs(reread.origins_A - truth.origins_A).max())
+    defocus_err = float(np.abs(reread.ctf.defocus_u - truth.ctf.defocus_u).max())
+    results.update(star_max_pose_error_deg=pose_err, star_max_origin_error_A=origin_err,
+                   star_max_defocus_error_A=defocus_err)
+    print(f"[2/3] star round trip: max pose error {pose_err:.2e}°, origin {origin_err:.2e} Å, "
+          f"defocus {defocus_err:.2e} Å")
+
+    # 3. plots
+    poses_png = out_dir / "poses.png"
+    plot_pose_distribution(truth.rotations, poses_png, title="demo: ground-truth poses (uniform)")
+    volume, pixel_size = read_map(map_path)
+    clean, _ = simulate_images(volume, pixel_size, truth.rotations[:8], truth.origins_A[:8], truth.ctf.subset(
+        slice(0, 8)), snr=None, seed=seed)
+    gallery_png = out_dir / "particles.png"
+    noisy = read_images(reread, np.arange(8))
+    plot_image_gallery(np.concatenate([clean, noisy]), gallery_png,
+                       title="first 8 particles: clean (CTF) then noisy (SNR 0.1)", n=16)
+    results.update(poses_png=str(poses_png), gallery_png=str(gallery_png))
+    print(f"[3/3] plots: {poses_png}, {gallery_png}")
+    print(f"demo finished; results in {out_dir.resolve()}")
+    return results

@@ -1,0 +1,4 @@
+"""Scipion protocols of bayespose (thin: validate, convert, call one core function per step, register outputs)."""
+
+from .protocol_import_cryosparc import ProtBayesposeImportCryosparc
+from .protocol_simulate import ProtBayesposeSimulate

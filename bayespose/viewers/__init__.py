@@ -1,0 +1,3 @@
+"""Scipion viewers of bayespose."""
+
+from .viewer_poses import BayesposePoseViewer
