@@ -56,8 +56,8 @@ def run_demo(out_dir: str | Path, n_particles: int = 500, seed: int = 0,
         slice(0, 8)), snr=None, seed=seed)
     gallery_png = out_dir / "particles.png"
     noisy = read_images(reread, np.arange(8))
-    plot_image_gallery(np.concatenate([clean, noisy]), gallery_png,
-                       title="first 8 particles: clean (CTF) then noisy (SNR 0.1)", n=16)
+    plot_image_gallery([clean, noisy], gallery_png, row_labels=["clean (CTF)", f"SNR {spec.snr}"],
+                       title="first 8 simulated particles")
     results.update(poses_png=str(poses_png), gallery_png=str(gallery_png))
     print(f"[3/3] plots: {poses_png}, {gallery_png}")
     print(f"demo finished; results in {out_dir.resolve()}")

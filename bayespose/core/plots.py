@@ -12,26 +12,35 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import healpy  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .rotations import matrix_to_euler, viewing_directions  # noqa: E402
 
 
-def viewing_direction_density(rotations: np.ndarray, n_lon: int = 72, n_lat: int = 36):
-    """Density of viewing directions on equal-area (longitude x sin(latitude)) bins.
+def viewing_direction_density(rotations: np.ndarray, nside: int | None = None, n_lon: int = 360,
+                              n_lat: int = 180):
+    """Density of viewing directions, binned on equal-area HEALPix pixels and sampled on a lon/lat raster.
 
-    Returns ``(lon_edges_rad, lat_edges_rad, density)`` with density normalised so that a uniform distribution
-    of directions reads 1 everywhere (density = count / expected count under uniformity).
+    ``nside`` defaults to the largest power of two (<= 16) that leaves >= 8 particles per pixel on average, so
+    sparse sets still give a readable map. Returns ``(lon_edges_rad, lat_edges_rad, density)`` with the density
+    normalised so that uniformly distributed directions read 1 everywhere.
     """
     d = viewing_directions(np.asarray(rotations))
-    lon = np.arctan2(d[:, 1], d[:, 0])
-    sin_lat = np.clip(d[:, 2], -1.0, 1.0)
+    if nside is None:
+        nside = 1
+        while nside < 16 and 12 * (2 * nside) ** 2 * 8 <= len(d):
+            nside *= 2
+    n_pix = healpy.nside2npix(nside)
+    counts = np.bincount(healpy.vec2pix(nside, d[:, 0], d[:, 1], d[:, 2]), minlength=n_pix) if len(d) else \
+        np.zeros(n_pix)
+    density = counts * n_pix / max(len(d), 1)
     lon_edges = np.linspace(-np.pi, np.pi, n_lon + 1)
-    sin_lat_edges = np.linspace(-1.0, 1.0, n_lat + 1)
-    counts, _, _ = np.histogram2d(lon, sin_lat, bins=[lon_edges, sin_lat_edges])
-    expected = max(len(d), 1) / (n_lon * n_lat)
-    return lon_edges, np.arcsin(sin_lat_edges), counts.T / expected
+    lat_edges = np.linspace(-np.pi / 2, np.pi / 2, n_lat + 1)
+    lon_c, lat_c = np.meshgrid((lon_edges[:-1] + lon_edges[1:]) / 2, (lat_edges[:-1] + lat_edges[1:]) / 2)
+    pix = healpy.ang2pix(nside, np.pi / 2 - lat_c, lon_c)
+    return lon_edges, lat_edges, density[pix]
 
 
 def plot_pose_distribution(rotations: np.ndarray, path: str | Path | None = None, title: str = "",
@@ -72,13 +81,21 @@ def plot_pose_distribution(rotations: np.ndarray, path: str | Path | None = None
     return fig
 
 
-def plot_image_gallery(images: np.ndarray, path: str | Path, title: str = "", n: int = 8):
-    """A row of the first ``n`` images (e.g. simulated particles), saved as PNG."""
-    images = np.asarray(images)[:n]
-    fig, axes = plt.subplots(1, max(len(images), 1), figsize=(1.6 * max(len(images), 1), 1.9))
-    for ax, image in zip(np.atleast_1d(axes), images):
-        ax.imshow(image, cmap="gray")
-        ax.set_axis_off()
+def plot_image_gallery(rows: list[np.ndarray], path: str | Path, row_labels: list[str] | None = None,
+                       title: str = "", n: int = 8):
+    """Rows of particle images (e.g. clean above noisy), the first ``n`` of each, saved as PNG."""
+    rows = [np.asarray(r)[:n] for r in rows]
+    n_cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.5 * n_cols, 1.6 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(row):
+                ax.imshow(row[j], cmap="gray")
+            if j == 0 and row_labels:
+                ax.set_ylabel(row_labels[i], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
