@@ -141,13 +141,21 @@ def write_map(path: str | os.PathLike, volume: np.ndarray, pixel_size: float) ->
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"write_map needs a 3D array, got shape {volume.shape}")
-    if not np.all(np.isfinite(volume)):
-        raise ValueError("write_map: the volume contains NaN or infinite values")
+    _write_mrc(path, volume, pixel_size, stack=False)
+
+
+def _write_mrc(path: str | os.PathLike, data: np.ndarray, pixel_size: float, stack: bool) -> None:
+    """Write float32 ``data`` atomically, marked as an image stack or a volume, with voxel size in Å."""
+    if not np.all(np.isfinite(data)):
+        raise ValueError(f"refusing to write {path}: the data contain NaN or infinite values")
     pixel_size = _check_pixel_size(pixel_size)
     with atomic_output(path) as tmp:
         with mrcfile.new(str(tmp), overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
-            mrc.set_volume()
+            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+            if stack:
+                mrc.set_image_stack()
+            else:
+                mrc.set_volume()
             mrc.voxel_size = pixel_size
             mrc.update_header_stats()
 
@@ -186,15 +194,7 @@ def write_stack(path: str | os.PathLike, images: np.ndarray, pixel_size: float) 
         images = images[None]
     if images.ndim != 3 or images.shape[0] == 0:
         raise ValueError(f"write_stack needs (N, H, W) images with N >= 1, got shape {images.shape}")
-    if not np.all(np.isfinite(images)):
-        raise ValueError("write_stack: the images contain NaN or infinite values")
-    pixel_size = _check_pixel_size(pixel_size)
-    with atomic_output(path) as tmp:
-        with mrcfile.new(str(tmp), overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(images, dtype=np.float32))
-            mrc.set_image_stack()
-            mrc.voxel_size = pixel_size
-            mrc.update_header_stats()
+    _write_mrc(path, images, pixel_size, stack=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
