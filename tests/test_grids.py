@@ -249,3 +249,39 @@ def test_bad_inputs_raise() -> None:
         local_grid(2 * np.eye(3), range_deg=10.0, step_deg=1.0)
     with pytest.raises(ValueError):
         local_grids(np.eye(3), range_deg=10.0, step_deg=1.0)
+
+
+def test_split_cells_partition_their_parent_cells():
+    import healpy
+
+    from bayespose.core.grids import cell_rotations, healpix_grid, split_cells
+    from bayespose.core.rotations import geodesic_distance_deg, random_rotations
+
+    coarse = healpix_grid(1)
+    np.testing.assert_allclose(cell_rotations(1, coarse.direction_index, coarse.euler_deg[:, 2]), coarse.rotations,
+                               atol=1e-12)
+    cells = np.arange(0, len(coarse), 37)
+    child_dir, child_psi = split_cells(1, coarse.direction_index[cells], coarse.euler_deg[cells, 2])
+    children = cell_rotations(2, child_dir, child_psi)
+    assert children.shape == (len(cells), 8, 3, 3)
+    # each child's viewing direction lies in its parent pixel, and its psi in the parent's interval
+    dirs = children[:, :, 2, :].reshape(-1, 3)
+    pix = healpy.vec2pix(2, dirs[:, 0], dirs[:, 1], dirs[:, 2], nest=True)
+    np.testing.assert_array_equal(pix, np.repeat(coarse.direction_index[cells], 8))
+    assert np.all(np.abs(child_psi - coarse.euler_deg[cells, 2][:, None]) == 7.5)  # ±Δ/4 with Δ = 30°
+    # the children directions are exactly the order-2 HEALPix pixel centres
+    fine = healpix_grid(2)
+    fine_dirs = fine.rotations[fine.psi_index == 0][:, 2, :]
+    assert np.max(np.min(np.linalg.norm(dirs[:, None] - fine_dirs[None], axis=2), axis=1)) < 1e-9
+    # splitting every cell of order 0 twice: 64 children per cell, equal-mass (uniform samples spread evenly)
+    g0 = healpix_grid(0)
+    d1, p1 = split_cells(0, g0.direction_index, g0.euler_deg[:, 2])
+    d2, p2 = split_cells(1, d1, p1)
+    flat = cell_rotations(2, d2, p2).reshape(-1, 3, 3)
+    assert len(flat) == len(healpix_grid(2))
+    sample = random_rotations(6000, 5)
+    counts = np.bincount(np.argmax(np.einsum("nij,kij->nk", sample, flat), axis=1), minlength=len(flat))
+    assert counts.std() / counts.mean() < 0.25 + 1 / np.sqrt(counts.mean())
+    # and the refined set is as fine as the order-2 grid: every fine-grid rotation has a child within its spacing
+    d = geodesic_distance_deg(fine.rotations[::50, None], flat[None])
+    assert d.min(axis=1).max() < fine.spacing_deg

@@ -54,6 +54,7 @@ __all__ = [
     "PreparedVolume",
     "prepare_volume",
     "project_fourier",
+    "slice_coefficients",
     "shift_fourier",
     "apply_ctf",
     "to_real",
@@ -168,14 +169,6 @@ def _rfft_grid(box: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return ky.to(torch.float32), kx
 
 
-def _centre_phase(box: int, device) -> torch.Tensor:
-    """exp(-2 pi i k · c / D) with c = (D // 2, D // 2): moves content from the array origin to pixel D // 2."""
-    ky, kx = _rfft_grid(box, device)
-    c = box // 2
-    angle = (-2.0 * math.pi * c / box) * (kx + ky)
-    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
-
-
 def _as_rotations(rotations, device) -> torch.Tensor:
     rot = torch.as_tensor(rotations, dtype=torch.float32, device=device) if not isinstance(rotations, torch.Tensor) \
         else rotations.to(device=device, dtype=torch.float32)
@@ -186,6 +179,31 @@ def _as_rotations(rotations, device) -> torch.Tensor:
     return rot
 
 
+def slice_coefficients(prepared: PreparedVolume, rotations, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    """Central-slice coefficients at chosen frequencies: complex64 (N, M) for RELION poses ``A`` (N, 3, 3).
+
+    ``kx``, ``ky``: (M,) frequency indices in Fourier pixels of the D-box (any sign). Entry ``[n, m]`` equals
+    ``torch.fft.rfft2(projection_n)`` at frequency (ky[m], kx[m]), including the phase that puts the projection's
+    centre at pixel D // 2. The scoring engine uses this to sample only the coefficients it scores.
+    """
+    d, p = prepared.box, prepared.padded_size
+    device = prepared.device
+    rot = _as_rotations(rotations, device)
+    kx = kx.to(device=device, dtype=torch.float32)
+    ky = ky.to(device=device, dtype=torch.float32)
+    # A^T (kx, ky, 0) = kx * A[0, :] + ky * A[1, :], in Fourier pixels of the padded grid
+    scale = p / d
+    xyz = (kx[None, :, None] * rot[:, None, 0, :] + ky[None, :, None] * rot[:, None, 1, :]) * scale
+    conj = xyz[..., 0] < 0  # the rfft stores x >= 0 only: use F(-k) = conj(F(k))
+    xyz = torch.where(conj[..., None], -xyz, xyz)
+    coords = torch.stack([xyz[..., 2] + p // 2, xyz[..., 1] + p // 2, xyz[..., 0]], dim=-1)  # zyx array coords
+    samples = sample_image_3d(prepared.data, coords, interpolation="trilinear")  # (N, M) complex
+    samples = torch.where(conj, samples.conj(), samples).to(torch.complex64)
+    c = d // 2  # exp(-2 pi i k · c / D): content from the array origin to pixel D // 2
+    angle = (-2.0 * math.pi * c / d) * (kx + ky)
+    return samples * torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+
+
 def project_fourier(prepared: PreparedVolume, rotations, max_radius: float | None = None) -> torch.Tensor:
     """Central slices of ``prepared`` for RELION poses ``A``: complex64 (N, D, D // 2 + 1), ``rfft2`` layout.
 
@@ -194,7 +212,7 @@ def project_fourier(prepared: PreparedVolume, rotations, max_radius: float | Non
     as RELION). Coefficients outside are zero. The result equals ``torch.fft.rfft2`` of the real-space
     projection (line integral in pixel units, centre at pixel D // 2). Memory ~ 40 bytes · N · D² / 2: batch N.
     """
-    d, p = prepared.box, prepared.padded_size
+    d = prepared.box
     device = prepared.device
     rot = _as_rotations(rotations, device)
     r_max = float(d // 2) if max_radius is None else float(max_radius)
@@ -203,18 +221,9 @@ def project_fourier(prepared: PreparedVolume, rotations, max_radius: float | Non
     ky, kx = _rfft_grid(d, device)
     ky, kx = torch.broadcast_tensors(ky, kx)
     mask = kx ** 2 + ky ** 2 <= r_max ** 2
-    kx_m, ky_m = kx[mask], ky[mask]  # (M,)
-    # A^T (kx, ky, 0) = kx * A[0, :] + ky * A[1, :], in Fourier pixels of the padded grid
-    scale = p / d
-    xyz = (kx_m[None, :, None] * rot[:, None, 0, :] + ky_m[None, :, None] * rot[:, None, 1, :]) * scale
-    conj = xyz[..., 0] < 0  # the rfft stores x >= 0 only: use F(-k) = conj(F(k))
-    xyz = torch.where(conj[..., None], -xyz, xyz)
-    coords = torch.stack([xyz[..., 2] + p // 2, xyz[..., 1] + p // 2, xyz[..., 0]], dim=-1)  # zyx array coords
-    samples = sample_image_3d(prepared.data, coords, interpolation="trilinear")  # (N, M) complex
-    samples = torch.where(conj, samples.conj(), samples)
     out = torch.zeros((rot.shape[0], d, d // 2 + 1), dtype=torch.complex64, device=device)
-    out[:, mask] = samples.to(torch.complex64)
-    return out * _centre_phase(d, device)
+    out[:, mask] = slice_coefficients(prepared, rot, kx[mask], ky[mask])
+    return out
 
 
 def shift_fourier(images_rfft: torch.Tensor, shifts_px) -> torch.Tensor:

@@ -146,6 +146,37 @@ def healpix_grid(order: int) -> SO3Grid:
     )
 
 
+def cell_rotations(order: int, direction_index: np.ndarray, psi_deg: np.ndarray) -> np.ndarray:
+    """RELION A matrices of HEALPix cells: pixel ``direction_index`` (NEST, Nside 2**order) centre x ``psi_deg``."""
+    direction_index = np.asarray(direction_index, dtype=np.int64)
+    theta, phi = healpy.pix2ang(2 ** order, direction_index.ravel(), nest=True)
+    euler = np.stack([np.degrees(phi), np.degrees(theta), np.asarray(psi_deg, dtype=np.float64).ravel()], axis=-1)
+    return euler_to_matrix(euler).reshape(direction_index.shape + (3, 3))
+
+
+def split_cells(order: int, direction_index: np.ndarray, psi_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split cells of a level-``order`` HEALPix x psi grid into 8 equal-mass children (RELION's oversampling).
+
+    A cell is (direction pixel p at Nside 2**order, in-plane interval of width Δ = 360 / (6 · 2**order) centred on
+    ``psi_deg``); :func:`healpix_grid` cells are (``direction_index``, ``euler_deg[:, 2]``). Its children are the 4
+    NEST sub-pixels ``4p .. 4p+3`` at order + 1 times the two half intervals centred at ``psi ± Δ/4``: together
+    they partition the parent, so children of any set of cells carry equal quadrature weights. Apply repeatedly to
+    refine further (the children are cells of level ``order + 1``).
+
+    Args:
+        order: level of the parent cells; ``direction_index`` (n,) NEST pixels; ``psi_deg`` (n,) cell centres.
+
+    Returns:
+        ``(child_direction_index (n, 8), child_psi_deg (n, 8))``.
+    """
+    direction_index = np.asarray(direction_index, dtype=np.int64).ravel()
+    psi_deg = np.asarray(psi_deg, dtype=np.float64).ravel()
+    quarter = 360.0 / (6 * 2 ** order) / 4.0
+    child_dir = np.repeat(direction_index[:, None] * 4 + np.arange(4)[None, :], 2, axis=1)  # (n, 8)
+    child_psi = psi_deg[:, None] + np.tile([-quarter, quarter], 4)[None, :]
+    return child_dir, child_psi
+
+
 def haar_ball_volume(radius_rad: float | np.ndarray) -> float | np.ndarray:
     """Normalised Haar measure of a geodesic ball of radius ``radius_rad`` (radians, <= pi): (t - sin t) / pi.
 
