@@ -101,3 +101,38 @@ def plot_image_gallery(rows: list[np.ndarray], path: str | Path, row_labels: lis
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_estimator_errors(errors: dict, path: str | Path, expected_error: np.ndarray | None = None, title: str = ""):
+    """Histograms of angular errors per estimator (degrees), and expected vs actual error of the first one.
+
+    ``errors``: name -> (N,) geodesic errors in degrees against the truth; ``expected_error``: (N,) posterior
+    expected angular error of the first estimator (a calibrated uncertainty follows the diagonal on average).
+    """
+    n_panels = 2 if expected_error is not None else 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    top = max(float(np.percentile(np.concatenate(list(errors.values())), 98)), 1.0)
+    bins = np.linspace(0, top, 31)
+    for name, err in errors.items():
+        ax.hist(np.clip(err, 0, top), bins=bins, histtype="step", linewidth=1.6,
+                label=f"{name}: mean {np.mean(err):.1f}°, median {np.median(err):.1f}°")
+    ax.set_xlabel("angular error vs truth (degrees)")
+    ax.set_ylabel("particles")
+    ax.legend(fontsize=8)
+    if expected_error is not None:
+        first = next(iter(errors))
+        ax2 = axes[0, 1]
+        ax2.scatter(expected_error, errors[first], s=6, alpha=0.5)
+        lim = max(float(np.percentile(expected_error, 99)), float(np.percentile(errors[first], 99)), 1.0)
+        ax2.plot([0, lim], [0, lim], "k--", linewidth=1)
+        ax2.set_xlim(0, lim)
+        ax2.set_ylim(0, lim)
+        ax2.set_xlabel(f"posterior expected error of {first} (degrees)")
+        ax2.set_ylabel(f"actual error of {first} (degrees)")
+        ax2.set_title("uncertainty calibration", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
