@@ -102,6 +102,60 @@ class ViewingDirectionPrior(RotationPrior):
         return flat.reshape((1, -1) if rotations.ndim == 3 else rotations.shape[:2])
 
 
+class GridPrior(RotationPrior):
+    """A per-particle prior given as weights on a HEALPix grid (e.g. a pose network's predicted distribution).
+
+    ``log_weights`` (N, K): log probabilities of each particle over the cells of ``healpix_grid(order)`` (any
+    normalisation; they are turned into a density w.r.t. Haar: ``log(K · p_k)``, so a uniform row is log 1 = 0).
+    A rotation gets the weight of the cell containing it (its viewing-direction pixel and in-plane bin), so the
+    prior also applies to the finer children of the refinement and to local grids.
+    """
+
+    per_particle = True
+
+    def __init__(self, order: int, log_weights: np.ndarray):
+        from .grids import healpix_grid
+
+        self.order = int(order)
+        self.grid = healpix_grid(self.order)
+        log_weights = np.asarray(log_weights, dtype=np.float64)
+        if log_weights.ndim != 2 or log_weights.shape[1] != len(self.grid):
+            raise ValueError(f"grid prior needs (N, {len(self.grid)}) log weights for HEALPix order {order}, got "
+                             f"{log_weights.shape}")
+        norm = np.logaddexp.reduce(log_weights, axis=1, keepdims=True)
+        self.log_density_cells = log_weights - norm + np.log(len(self.grid))
+        self.name = f"grid prior (HEALPix order {order}, per particle)"
+
+    def cell_index(self, rotations: np.ndarray) -> np.ndarray:
+        """Index in ``healpix_grid(order)`` of the cell containing each rotation (..., 3, 3)."""
+        import healpy
+
+        from .rotations import euler_to_matrix
+
+        rotations = np.asarray(rotations, dtype=np.float64)
+        flat = rotations.reshape(-1, 3, 3)
+        d = flat[:, 2, :]
+        pix = healpy.vec2pix(2 ** self.order, d[:, 0], d[:, 1], d[:, 2], nest=True)
+        # in-plane angle relative to the cell centre's frame: A @ A_cell(psi=0)^T is (nearly) RELION's psi
+        # rotation [[cos, sin], [-sin, cos]] about z; exact for rotations with the cell's own viewing direction
+        theta, phi = healpy.pix2ang(2 ** self.order, pix, nest=True)
+        frame = euler_to_matrix(np.stack([np.degrees(phi), np.degrees(theta), np.zeros(len(pix))], axis=1))
+        rel = np.einsum("nij,nkj->nik", flat, frame)
+        psi = np.degrees(np.arctan2(rel[:, 0, 1], rel[:, 0, 0]))
+        n_psi = self.grid.n_psi
+        psi_bin = np.mod(np.rint(psi * n_psi / 360.0).astype(np.int64), n_psi)
+        return (pix * n_psi + psi_bin).reshape(rotations.shape[:-2])
+
+    def log_density(self, rotations, particle_index=None):
+        if particle_index is None:
+            raise ValueError("a grid prior needs the particle indices")
+        rows = self.log_density_cells[np.asarray(particle_index)]  # (B, K)
+        cells = self.cell_index(rotations)
+        if cells.ndim == 1:
+            return rows[:, cells]
+        return np.take_along_axis(rows, cells, axis=1)
+
+
 @dataclass
 class PriorSpec:
     """A parsed ``--prior`` string: the prior, and the local search range (degrees) when it is a local prior."""
