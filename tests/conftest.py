@@ -9,6 +9,7 @@
 """
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +34,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long scientific check, excluded from CI (run with -m slow)")
     config.addinivalue_line("markers", "relion: calls RELION 3.1 binaries (Debian package 'relion')")
     config.addinivalue_line("markers", "scipion: runs a headless Scipion (pyworkflow) project")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SCIPION_SCRATCH, ignore_errors=True)  # the throw-away Scipion home and its test projects
 
 
 @pytest.fixture(scope="session")

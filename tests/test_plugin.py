@@ -36,7 +36,7 @@ def test_domain_finds_protocols_viewers_and_citations():
     bib = bayespose._bibtex if hasattr(bayespose, "_bibtex") else None
     keys = set(bib.keys()) if bib else set()
     for cls in (getattr(protocols, name) for name in exported):
-        for key in getattr(cls, "_citations", []):
+        for key in getattr(cls, "_references", []):
             assert key in keys, f"{cls.__name__} cites unknown {key}"
 
 

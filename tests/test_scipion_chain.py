@@ -103,6 +103,8 @@ class TestSimulateChain(BaseTest):
                 if not isinstance(param, (params.Line, params.Group)):
                     self.assertTrue(param.help.get(), f"{cls.__name__}.{name} has no help text")
             self.assertTrue(cls._label)
+            citations = prot.citations()  # pyworkflow formats _references from bibtex.py
+            self.assertTrue(citations and all(isinstance(c, str) for c in citations), cls.__name__)
 
         volume = self._import_demo_map()
         bad = self.newProtocol(ProtBayesposeSimulate, inputVolume=volume, snr=-1.0, defocusMin=3.0,

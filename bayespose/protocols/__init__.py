@@ -2,3 +2,4 @@
 
 from .protocol_import_cryosparc import ProtBayesposeImportCryosparc
 from .protocol_simulate import ProtBayesposeSimulate
+from .protocol_assign_poses import ProtBayesposeAssignPoses

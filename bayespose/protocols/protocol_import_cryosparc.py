@@ -56,7 +56,7 @@ class ProtBayesposeImportCryosparc(ProtImport):
 
     _label = "import particles from cryoSPARC (.cs)"
     _devStatus = BETA
-    _citations = ["Punjani2017"]
+    _references = ["Punjani2017"]
     _possibleOutputs = {"outputParticles": SetOfParticles}
 
     # ------------------------------------------------------------------------------------------------- form

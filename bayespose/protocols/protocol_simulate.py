@@ -32,7 +32,7 @@ class ProtBayesposeSimulate(EMProtocol):
 
     _label = "simulate particles"
     _devStatus = BETA
-    _citations = ["Balanov2026"]
+    _references = ["Balanov2026"]
     _possibleOutputs = {"outputParticles": SetOfParticles}
 
     # ------------------------------------------------------------------------------------------------- form

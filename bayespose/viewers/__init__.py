@@ -1,3 +1,4 @@
 """Scipion viewers of bayespose."""
 
 from .viewer_poses import BayesposePoseViewer
+from .viewer_assign_poses import BayesposeAssignPosesViewer

@@ -1,0 +1,127 @@
+"""Viewer of ``bayespose - assign poses (MMSE)``: pose distribution, uncertainty histograms, MMSE-vs-MAP angle and the
+posterior of one particle on the sphere.
+
+Every plot is also saved as PNG in the protocol's extra folder (``viewer_*.png``), so the plotting methods work
+headless; the figures come from :mod:`bayespose.core.plots` and :mod:`bayespose.core.assign_plots`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyworkflow.protocol.params as params
+from pwem.viewers.plotter import EmPlotter
+from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer
+
+from ..core.assign_plots import plot_direction_posterior, plot_estimator_difference, plot_uncertainty_histograms
+from ..core.plots import plot_pose_distribution
+from ..protocols import ProtBayesposeAssignPoses
+from ..protocols.protocol_assign_poses import PRIOR_LOCAL, RESULT_NPZ, load_assignment
+
+STAGE_CHOICES = ["final (refined) cells", "coarse global grid (whole sphere)"]
+STAGE_FINAL, STAGE_COARSE = range(2)
+
+
+class BayesposeAssignPosesViewer(ProtocolViewer):
+    """Results of a pose assignment: where the poses are, how certain they are, how MMSE and MAP differ, and the
+    posterior of a chosen particle."""
+
+    _label = "bayespose assign poses viewer"
+    _environments = [DESKTOP_TKINTER]
+    _targets = [ProtBayesposeAssignPoses]
+
+    def _defineParams(self, form):
+        form.addSection(label="Visualization")
+        form.addParam("displayPoses", params.LabelParam, label="Pose distribution",
+                      help="Viewing-direction density (Mollweide map) and in-plane angle histogram of the output "
+                           "poses; the input poses (when the input was aligned) are overlaid on the psi histogram.")
+        form.addParam("displayUncertainty", params.LabelParam, label="Uncertainty histograms",
+                      help="Histograms over particles of the posterior expected angular error (degrees) and of "
+                           "the maximum posterior probability (pmax).")
+        form.addParam("displayDifference", params.LabelParam, label="MMSE vs MAP angle",
+                      help="Histogram of the (symmetry-aware) angle between each particle's MMSE and MAP "
+                           "rotations: large values mark broad or multi-modal posteriors.")
+        group = form.addGroup("Posterior of one particle")
+        group.addParam("particleId", params.IntParam, default=1, label="Particle id",
+                       help="The id of the particle (the 'id' column of the output particles in the Scipion "
+                            "particle viewer). Its posterior is recomputed with this run's settings and noise model.")
+        group.addParam("posteriorStage", params.EnumParam, choices=STAGE_CHOICES, default=STAGE_FINAL,
+                       label="Grid",
+                       help="final: the posterior on the finest (refined) cells, around the chosen pose. coarse: "
+                            "the posterior on the whole coarse global grid, which shows alternative poses far "
+                            "from the chosen one.")
+        group.addParam("displayPosterior", params.LabelParam, label="Show the posterior on the sphere",
+                       help="Viewing-direction marginal of the particle's rotation posterior (Mollweide, log scale) "
+                            "and its in-plane marginal, with the MMSE, MAP and input poses marked.")
+
+    def _getVisualizeDict(self):
+        return {"displayPoses": self._showPoses, "displayUncertainty": self._showUncertainty,
+                "displayDifference": self._showDifference, "displayPosterior": self._showPosterior}
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _results(self) -> dict:
+        return load_assignment(self.protocol._getExtraPath(RESULT_NPZ))
+
+    def _png(self, name: str) -> str:
+        return self.protocol._getExtraPath(f"viewer_{name}.png")
+
+    def _title(self, what: str) -> str:
+        return f"{self.protocol.getRunName()}: {what}"
+
+    def _nside(self, coarse: bool) -> int:
+        """HEALPix nside matching the angular spacing of the plotted grid (spacing ~ 60° / nside)."""
+        prot = self.protocol
+        if prot.prior.get() == PRIOR_LOCAL:
+            spacing = prot.localStep.get() or prot.localRange.get() / 4.0
+            return int(2 ** min(max(np.ceil(np.log2(60.0 / spacing)), 0), 6))
+        order = prot.healpixOrder.get() + (0 if coarse else prot.refineLevels.get())
+        return 2 ** min(order, 6)
+
+    @staticmethod
+    def _view(fig):
+        return [EmPlotter(figure=fig)]
+
+    # ------------------------------------------------------------------------------------------------ views
+    def _showPoses(self, paramName=None):
+        data = self._results()
+        estimator = data["estimator"]
+        fig = plot_pose_distribution(data[f"{estimator}_rotations"], None,
+                                     title=self._title(f"{estimator.upper()} poses"),
+                                     reference=data["input_rotations"])
+        fig.savefig(self._png("poses"), dpi=110)
+        return self._view(fig)
+
+    def _showUncertainty(self, paramName=None):
+        data = self._results()
+        fig = plot_uncertainty_histograms(data["expected_error_deg"], data["pmax"], None,
+                                          title=self._title(f"uncertainty of {len(data['pmax'])} particles"))
+        fig.savefig(self._png("uncertainty"), dpi=110)
+        return self._view(fig)
+
+    def _showDifference(self, paramName=None):
+        data = self._results()
+        fig = plot_estimator_difference(data["mmse_rotations"], data["map_rotations"], None, symmetry=data["symmetry"],
+                                        title=self._title("MMSE vs MAP rotation"))
+        fig.savefig(self._png("mmse_vs_map"), dpi=110)
+        return self._view(fig)
+
+    def _showPosterior(self, paramName=None):
+        data = self._results()
+        ids = np.asarray(data["scipion_id"], dtype=np.int64)
+        wanted = int(self.particleId.get())
+        rows = np.flatnonzero(ids == wanted)
+        if len(rows) == 0:
+            return [MessageView(f"No particle with id {wanted} in this run (ids {ids.min()}..{ids.max()}).",
+                                title="Unknown particle")]
+        row = int(rows[0])
+        coarse = self.posteriorStage.get() == STAGE_COARSE
+        rotations, probabilities, result = self.protocol.particlePosterior(row, coarse=coarse)
+        markers = {"MMSE": data["mmse_rotations"][row], "MAP": data["map_rotations"][row]}
+        if data["input_rotations"] is not None:
+            markers["input"] = data["input_rotations"][row]
+        stage = "coarse grid" if coarse else "final cells"
+        fig = plot_direction_posterior(rotations, probabilities, None, nside=self._nside(coarse), markers=markers,
+                                       title=self._title(f"posterior of particle {wanted} ({stage}; pmax "
+                                                         f"{data['pmax'][row]:.3f}, expected error "
+                                                         f"{data['expected_error_deg'][row]:.2f}°)"))
+        fig.savefig(self._png(f"posterior_{wanted}{'_coarse' if coarse else ''}"), dpi=110)
+        return self._view(fig)
