@@ -112,13 +112,15 @@ def _centred_coordinate(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device, dtype=torch.float32) - (n // 2)
 
 
-def _gridding_correction(shape_p: int, kind: str, device) -> torch.Tensor:
-    """Fourier transform of the trilinear interpolation kernel on the padded grid (to divide the volume by).
+def gridding_correction(size: int, padded: int, kind: str, device) -> torch.Tensor:
+    """Fourier transform of the trilinear interpolation kernel on a (size³) box, to divide a volume by.
 
-    ``radial``: RELION's ``Projector::griddingCorrect``: ``sinc²(r / P)`` with ``r`` the distance to the centre.
-    ``separable``: torch-fourier-slice's ``sinc²(x / P) sinc²(y / P) sinc²(z / P)`` (exact for trilinear).
+    Coordinates ``(i - size // 2) / padded`` (``padded``: the side of the grid that is interpolated; ``size`` =
+    ``padded`` before projection, the cropped map side after reconstruction). ``radial``: RELION's
+    ``Projector::griddingCorrect``: ``sinc²(r)`` with ``r`` the distance to the centre. ``separable``:
+    torch-fourier-slice's ``sinc²(x) sinc²(y) sinc²(z)`` (exact for trilinear). ``none``: 1.
     """
-    c = _centred_coordinate(shape_p, device) / shape_p
+    c = _centred_coordinate(size, device) / padded
     if kind == "radial":
         r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
         return torch.sinc(r) ** 2
@@ -154,7 +156,7 @@ def prepare_volume(volume, pad_factor: float = 2.0, grid_correction: str = "radi
     after = p - d - before
     padded = torch.nn.functional.pad(vol, [before, after] * 3)
     if grid_correction != "none":
-        padded = padded / _gridding_correction(p, grid_correction, device)
+        padded = padded / gridding_correction(p, p, grid_correction, device)
     dft = torch.fft.rfftn(torch.fft.ifftshift(padded), dim=(-3, -2, -1))  # centre -> array origin
     dft = torch.fft.fftshift(dft, dim=(0, 1))  # z, y: frequency j at index j + p // 2, j in [-p/2, p/2 - 1]
     dft = torch.cat([dft, dft[:1]], dim=0)  # +p/2 plane (= -p/2 plane, periodic DFT) at index p

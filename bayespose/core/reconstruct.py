@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch_fourier_shell_correlation import fourier_shell_correlation
 
-from .forward import GRID_CORRECTIONS
+from .forward import GRID_CORRECTIONS, gridding_correction
 from .symmetry import symmetry_group
 
 __all__ = [
@@ -348,16 +348,6 @@ def shell_average(folded: torch.Tensor, box: int) -> torch.Tensor:
     return (sums / counts.clamp(min=1)).to(torch.float32)
 
 
-def _gridding_correction_crop(box: int, padded: int, kind: str, device) -> torch.Tensor:
-    """``sinc²`` of the trilinear kernel on the cropped D-box, coordinates ``(i - D // 2) / P`` (as forward.py)."""
-    c = (torch.arange(box, device=device, dtype=torch.float32) - box // 2) / padded
-    if kind == "radial":
-        r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-        return torch.sinc(r) ** 2
-    if kind == "separable":
-        s = torch.sinc(c) ** 2
-        return s[:, None, None] * s[None, :, None] * s[None, None, :]
-    return torch.ones((), device=device)
 
 
 def _inverse_tau2(tau2, radius: torch.Tensor, box: int) -> torch.Tensor:
@@ -427,7 +417,7 @@ def reconstruct(numerator: torch.Tensor, weight: torch.Tensor, box: int, tau2=No
     start = p // 2 - box // 2
     vol = padded_vol[start:start + box, start:start + box, start:start + box]
     if grid_correction != "none":
-        vol = vol / _gridding_correction_crop(box, p, grid_correction, device)
+        vol = vol / gridding_correction(box, p, grid_correction, device)
     return vol.to(torch.float32).contiguous()
 
 
