@@ -214,6 +214,11 @@ def estimate_noise_model(particles: ParticleSet, prepared: PreparedVolume, radiu
     return NoiseModel(noise_power=noise_power, scale=scale, ctf2=ctf2)
 
 
+def geometric_radius(spacing_deg: float) -> float:
+    """Fourier radius (px) at which half a grid step of ``spacing_deg`` moves a coefficient by one Fourier pixel."""
+    return 2.0 / math.radians(spacing_deg)
+
+
 def information_radius(prepared: PreparedVolume, noise: NoiseModel, offset_deg: float, max_radius: float,
                        tolerance_nats: float = 2.0, n_samples: int = 64, seed: int = 0) -> float:
     """Largest Fourier radius (px) at which a pose ``offset_deg`` away from the truth loses at most
@@ -389,17 +394,21 @@ class _Scorer:
         n_chunks = -(-k_total // chunk)
         return -(-k_total // n_chunks)
 
-    def _project(self, rotations: np.ndarray, freqs: ScoringFrequencies) -> torch.Tensor:
+    def _project(self, rotations: np.ndarray, freqs: ScoringFrequencies, with_power: bool = False):
         """Central-slice coefficients (N, 2M) float32, real and imaginary parts interleaved, of RELION rotations
-        (N, 3, 3); computed in sub-chunks of about ``_PROJECT_SAMPLES`` samples, whose temporaries stay in cache
-        (measured: 60 ns per sample, against 166 ns in one call for 4096 rotations of a 64 px box)."""
+        (N, 3, 3), and with ``with_power`` also their powers |P|² (N, M) (then a tuple); computed in sub-chunks of
+        about ``_PROJECT_SAMPLES`` samples, whose temporaries stay in cache (measured: 60 ns per sample, against
+        166 ns in one call for 4096 rotations of a 64 px box)."""
         m = len(freqs)
         out = torch.empty((len(rotations), 2 * m), device=self.device)
+        power = torch.empty((len(rotations), m), device=self.device) if with_power else None
         step = max(1, _PROJECT_SAMPLES // m)
         for s0 in range(0, len(rotations), step):
-            proj = slice_coefficients(self.prepared, rotations[s0:s0 + step], freqs.kx, freqs.ky)
-            out[s0:s0 + step] = torch.view_as_real(proj).reshape(-1, 2 * m)
-        return out
+            proj = torch.view_as_real(slice_coefficients(self.prepared, rotations[s0:s0 + step], freqs.kx, freqs.ky))
+            out[s0:s0 + step] = proj.reshape(-1, 2 * m)
+            if power is not None:
+                power[s0:s0 + step] = proj.square().sum(-1)
+        return (out, power) if with_power else out
 
     def _lattice_projections(self, rotations: np.ndarray, ids: np.ndarray, radius: float) -> torch.Tensor:
         """(B, Kc, 2M) projections of lattice rotations (B, Kc, 3, 3) with lattice ids (B, Kc), computing each
@@ -446,8 +455,7 @@ class _Scorer:
             cached = sum(t.numel() * 4 for pair in self._projection_cache.values() for t in pair)
             if cached + 12 * len(rotations) * len(freqs) > _cache_budget(self.device):
                 return None
-            proj = self._project(rotations, freqs)
-            self._projection_cache[key] = (proj, proj.square().view(len(rotations), -1, 2).sum(2))
+            self._projection_cache[key] = self._project(rotations, freqs, with_power=True)
         return self._projection_cache[key]
 
 
@@ -550,8 +558,12 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
         noise = estimate_noise_model(particles, prepared, cap, images, search.mask_radius_px, seed=seed)
     if noise.ctf2 is None:
         noise.ctf2 = np.ones_like(noise.noise_power)
-    radii = [information_radius(prepared, noise, space.spacing_deg / 2 ** (level + 1), cap, search.smoothness_nats)
-             for level in range(levels + 1)]
+    # each level's cut-off: information-matched, but never below the geometric one (2 / spacing in radians, where
+    # half a step moves a coefficient by one Fourier pixel): at high SNR the information criterion alone would keep
+    # only a few coefficients, too few to tell the views apart
+    radii = [min(max(information_radius(prepared, noise, space.spacing_deg / 2 ** (level + 1), cap,
+                                        search.smoothness_nats), geometric_radius(space.spacing_deg / 2 ** level)),
+                 cap) for level in range(levels + 1)]
     group = symmetry_group(search.symmetry)
     deltas = shift_lattice(search.shift_range_px, search.shift_step_px)
     centers_px = particles.origins_px if (local and particles.origins_A is not None) else np.zeros((n, 2))
