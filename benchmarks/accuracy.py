@@ -26,8 +26,8 @@ Outputs (``--out``, default ``benchmarks/results/accuracy``, or ``.../accuracy/q
 ``fig1_snr.png``, ``fig2_prior.png``, ``fig3_grid.png``, ``fig4_symmetry.png``, ``README.md`` (tables, commands,
 runtime), ``results.json`` (all numbers). Intermediate particle stacks go to ``--work`` (a temporary folder).
 
-    .venv/bin/python benchmarks/accuracy.py --quick        # ~5-10 min on 2 cores
-    .venv/bin/python benchmarks/accuracy.py                # full run, ~30-60 min on 2 cores
+    .venv/bin/python benchmarks/accuracy.py --quick        # ~3-5 min on 2 cores
+    .venv/bin/python benchmarks/accuracy.py                # full run, ~15-30 min on 2 cores
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ class Config:
     seeds: dict = field(default_factory=lambda: {"snr": 1, "prior": 2, "grid": 4, "sym": 3})
 
 
-QUICK = Config(mode="quick", n_snr=100, snrs=(1.0, 0.1, 0.03, 0.01, 0.005), shift_snrs=(0.05,), search_snrs=(),
-               n_prior=60, prior_snrs=(0.02, 0.01, 0.005), eta_true=0.5,
-               n_grid=60, grid_snrs=(1.0, 10.0), grid_orders=(0, 1, 2, 3),
-               n_sym=50, sym_snrs=(1.0, 0.05), sym_groups=("D2", "C4"))
+QUICK = Config(mode="quick", n_snr=200, snrs=(1.0, 0.1, 0.03, 0.01, 0.005), shift_snrs=(0.05,), search_snrs=(),
+               n_prior=100, prior_snrs=(0.02, 0.01, 0.005), eta_true=0.5,
+               n_grid=100, grid_snrs=(1.0, 10.0), grid_orders=(0, 1, 2, 3),
+               n_sym=100, sym_snrs=(1.0, 0.05), sym_groups=("D2", "C4"))
 FULL = Config(mode="full", n_snr=500, snrs=(1.0, 0.1, 0.05, 0.03, 0.02, 0.01, 0.007, 0.005),
               shift_snrs=(1.0, 0.05), search_snrs=(0.01, 0.005),
               n_prior=400, prior_snrs=(0.05, 0.02, 0.01, 0.005), eta_true=0.5,
@@ -363,6 +363,7 @@ def _plain_ticks(ax, xticks=None) -> None:
         ax.set_xticks(list(xticks))
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelrotation=45)
     if ax.get_yscale() == "log":
         lo, hi = ax.get_ylim()
         ax.yaxis.set_major_formatter(plain)
@@ -711,8 +712,8 @@ def write_report(out: Path, cfg: Config, runs: list[Run], oracle: dict, invarian
              "error` the mean of the engine's per-particle posterior expected angular error (to compare with the "
              "actual MMSE error: calibration).",
              "- Search: `PoseSearch` defaults (HEALPix order 2 = 15°, 4608 rotations, + 2 coarse-to-fine levels = "
-             "3.75° final step, information-matched frequency cut-off `smoothness_nats=30`) unless a row says "
-             "otherwise; no shift search except where stated; uniform prior except in section 2.", "",
+             "3.75° final step; each level's frequency cut-off information-matched, `smoothness_nats=30`, but "
+             "not below the geometric floor 2 / spacing (rad)) unless a row says otherwise; no shift search except where stated; uniform prior except in section 2.", "",
              "## Summary", "", *summary_lines(runs, oracle, cfg), ""]
     if any(r.section == "snr" for r in runs):
         lines += ["## 1. MMSE vs MAP vs MLE against SNR (paper 000 Fig. 1, Prop. 2)", "",
@@ -731,8 +732,8 @@ def write_report(out: Path, cfg: Config, runs: list[Run], oracle: dict, invarian
     if any(r.section == "grid" for r in runs):
         lines += ["## 3. Grid size at high SNR (paper 000 Fig. 3)", "",
                   f"N = {cfg.n_grid} particles (seed {cfg.seeds['grid']}); single HEALPix grids (refine_levels = 0) "
-                  "scored with the engine's information-matched cut-off (default, `smoothness_nats=30`) and at "
-                  "Nyquist (`smoothness_nats=inf`); `nearest node` is the error of the grid node closest to the "
+                  "scored with the engine's default cut-off (information-matched, `smoothness_nats=30`, with "
+                  "its geometric floor) and at Nyquist (`smoothness_nats=inf`); `radii` are the cut-offs used; `nearest node` is the error of the grid node closest to the "
                   "truth (the best any grid-restricted estimator can do). Coarse-to-fine rows are placed at the "
                   "size of their final grid (order 4, 294912 rotations); order 3 + 1 level is shown next to the default "
                   "order 2 + 2 levels.", "",
@@ -745,7 +746,7 @@ def write_report(out: Path, cfg: Config, runs: list[Run], oracle: dict, invarian
                   "Errors are measured up to the map's symmetry in every row.", "",
                   "![fig4](fig4_symmetry.png)", "", *table_sym(runs, invariance), ""]
     lines += ["## Commands", "", "```", "# this report", cmd,
-              "# quick version (~5-10 min on 2 cores; writes benchmarks/results/accuracy/quick/)",
+              "# quick version (~3-5 min on 2 cores; writes benchmarks/results/accuracy/quick/)",
               "python benchmarks/accuracy.py --quick",
               "# RELION commands it runs (per SNR; S from the clean projections):",
               "relion_project --i fragment.mrc --o clean --ang truth.star --ctf",
@@ -759,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small run (~5-10 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="small run (~3-5 min on 2 cores)")
     parser.add_argument("--sections", default="snr,prior,grid,sym",
                         help="comma-separated subset of snr, prior, grid, sym (default: all)")
     parser.add_argument("--out", type=Path, default=None,
