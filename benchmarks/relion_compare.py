@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,34 @@ from bayespose.core.posterior import PoseSearch, assign_poses  # noqa: E402
 from bayespose.core.rotations import euler_to_matrix, geodesic_distance_deg  # noqa: E402
 from bayespose.core.simulate_dataset import SimulationSpec, simulate_dataset  # noqa: E402
 from bayespose.data import fragment_map_path  # noqa: E402
+
+def _system_busy_s() -> float:
+    """CPU seconds all processes have been busy since boot (/proc/stat; 0 where unavailable)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its finished children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class _Contention:
+    """Measures the CPU cores used by other processes while a block runs (the machine may be shared)."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _system_busy_s(), _own_cpu_s()
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        self.other_cores = max(0.0, (_system_busy_s() - self.busy0) - (_own_cpu_s() - self.own0)) / wall
+
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
@@ -177,18 +206,21 @@ def main(argv=None) -> int:
         folder = simulate(snr, args.n, work, args.seed)
         star_in = strip_poses(folder / "particles.star", folder / "no_poses.star")
         _, true_rot, true_org = truth(folder / "particles.star")
-        relion = run_relion(folder, star_in, args.healpix_order, args.threads, args.particle_diameter,
-                            args.offset_range, args.offset_step)
+        with _Contention() as busy:
+            relion = run_relion(folder, star_in, args.healpix_order, args.threads, args.particle_diameter,
+                                args.offset_range, args.offset_step)
         row = dict(snr=snr, n=args.n, load_avg=os.getloadavg()[0], relion=dict(
             wall_s=relion["wall_s"], reconstruct_s=relion["reconstruct_s"], command=relion["command"],
+            other_cores_busy=busy.other_cores,
             median_pmax=float(np.median(relion["pmax"])),
             **errors(relion["rotations"], relion["origins_px"], true_rot, true_org)))
         print(f"SNR {snr:g}: RELION {relion['wall_s']:.1f} s, errors {row['relion']['mean_deg']:.2f} / "
               f"{row['relion']['median_deg']:.2f} deg", flush=True)
         for levels in args.refine_levels:
-            bp = run_bayespose(star_in, args.healpix_order, levels, args.threads, args.offset_range,
-                               args.offset_step)
-            entry = dict(wall_s=bp["wall_s"], scoring_s=bp["timings"]["scoring_s"],
+            with _Contention() as busy:
+                bp = run_bayespose(star_in, args.healpix_order, levels, args.threads, args.offset_range,
+                                   args.offset_step)
+            entry = dict(wall_s=bp["wall_s"], scoring_s=bp["timings"]["scoring_s"], other_cores_busy=busy.other_cores,
                          setup_s=bp["timings"]["setup_s"], median_pmax=float(np.median(bp["pmax"])),
                          median_expected_error_deg=float(np.median(bp["expected_error_deg"])))
             for est in ("mmse", "map", "mle"):
@@ -223,14 +255,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"RELION: `--healpix_order {r} --oversampling 1` (coarse {r}, fine {r + 1}); bayespose: order {r} + "
              "refine levels L (finest order r + L; L = 1 is RELION's finest sampling). Errors: geodesic angle to the "
              "true rotation, mean / median (degrees); RELION's pose is its maximum-posterior one.", "",
-             "| SNR | N | method | wall s | mean err | median err | 90% | within 10° | mean shift err px |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| SNR | N | method | wall s | mean err | median err | 90% | within 10° | mean shift err px "
+             "| other procs (cores) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         rel = row["relion"]
         recon = f" (of which ~{rel['reconstruct_s']:.1f} s M step)" if rel.get("reconstruct_s") else ""
         lines.append(f"| {row['snr']:g} | {row['n']} | RELION{recon} | {rel['wall_s']:.1f} | {rel['mean_deg']:.2f} "
                      f"| {rel['median_deg']:.2f} | {rel['p90_deg']:.1f} | {rel['frac_within_10deg']:.2f} "
-                     f"| {rel['mean_shift_px']:.2f} |")
+                     f"| {rel['mean_shift_px']:.2f} | {rel['other_cores_busy']:.1f} |")
         for key, entry in row.items():
             if not key.startswith("bayespose"):
                 continue
@@ -239,7 +271,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 e = entry[est]
                 lines.append(f"| {row['snr']:g} | {row['n']} | bayespose {est.upper()} L={levels} "
                              f"| {entry['wall_s']:.1f} | {e['mean_deg']:.2f} | {e['median_deg']:.2f} "
-                             f"| {e['p90_deg']:.1f} | {e['frac_within_10deg']:.2f} | {e['mean_shift_px']:.2f} |")
+                             f"| {e['p90_deg']:.1f} | {e['frac_within_10deg']:.2f} | {e['mean_shift_px']:.2f} "
+                             f"| {entry['other_cores_busy']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -260,7 +260,8 @@ def markdown(results: list[dict], env: dict) -> str:
               "",
               "## Default coarse-to-fine search (information-matched cut-offs, 2 refinement levels)", "",
               "| box | order | N | threads | particles/s | scoring s | engine GFLOP/s | radii px | refined "
-              "| median error deg | max RSS MB | other procs (cores) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| median error deg | max RSS MB | other procs (cores) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["mode"] != "c2f":
             continue
@@ -299,6 +300,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, metavar="MODE:BOX:ORDER",
                         help="run only these configurations, e.g. kernel:64:2 c2f:128:3")
     parser.add_argument("--stem", default=None, help="output file stem (default speed or speed_quick)")
+    parser.add_argument("--merge-with", type=Path, default=None, metavar="JSON",
+                        help="an earlier speed.json: keep, per configuration and thread count, the run during which "
+                             "other processes used the least CPU")
     parser.add_argument("--omp-passive", action="store_true",
                         help="run the workers with OMP_WAIT_POLICY=PASSIVE (robust on a shared machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -309,7 +313,8 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory() if args.work is None else None
     work = Path(tmp.name) if tmp else args.work
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(cpu=_cpu_name(), cores=os.cpu_count(), threads=args.threads, torch=torch.__version__, python=platform.python_version(),
+    env = dict(cpu=_cpu_name(), cores=os.cpu_count(), threads=args.threads, torch=torch.__version__,
+               python=platform.python_version(),
                command="python " + " ".join(["benchmarks/speed.py"] + (argv if argv is not None else sys.argv[1:])),
                date=time.strftime("%Y-%m-%d %H:%M"), load_start=os.getloadavg()[0], snr=args.snr,
                omp_wait_policy="PASSIVE" if args.omp_passive else os.environ.get("OMP_WAIT_POLICY", "default"))
@@ -329,6 +334,8 @@ def main(argv=None) -> int:
         results.append(r)
         print(_summary(r), flush=True)
     env["load_end"] = os.getloadavg()[0]
+    if args.merge_with:
+        results, env = merge_runs(json.loads(args.merge_with.read_text()), results, env)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or ("speed_quick" if args.quick else "speed")
     (args.out / f"{stem}.json").write_text(json.dumps(dict(environment=env, results=results), indent=1))
@@ -338,6 +345,26 @@ def main(argv=None) -> int:
     if tmp:
         tmp.cleanup()
     return 0
+
+
+def merge_runs(earlier: dict, results: list[dict], env: dict) -> tuple[list[dict], dict]:
+    """Per (mode, box, order, threads), the run with the least CPU used by other processes (earlier or now)."""
+    def key(r):
+        return r["mode"], r["box"], r["order"], r["threads"]
+
+    for r in earlier["results"]:
+        r.setdefault("run_command", earlier["environment"]["command"])
+    for r in results:
+        r.setdefault("run_command", env["command"])
+    chosen = {key(r): r for r in earlier["results"]}
+    for r in results:
+        if key(r) not in chosen or r["other_cores_busy"] < chosen[key(r)]["other_cores_busy"]:
+            chosen[key(r)] = r
+    order = [key(r) for r in earlier["results"]] + [key(r) for r in results if key(r) not in
+                                                     {key(e) for e in earlier["results"]}]
+    env = dict(env, command=f"{earlier['environment']['command']}, then {env['command']} (merged: per row the "
+               "run with the least other-process CPU; each row's run_command in the JSON)")
+    return [chosen[k] for k in order], env
 
 
 def _summary(r: dict) -> str:
