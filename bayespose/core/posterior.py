@@ -63,7 +63,9 @@ class PoseSearch:
 
     ``local_range_deg`` None: global HEALPix grid of ``healpix_order`` (72·8^r rotations, spacing ~60/2^r deg).
     Otherwise a local grid of ±``local_range_deg`` around each particle's centre pose (its input pose) with
-    lattice step ``local_step_deg`` (default: range / 4), and shifts centred on the input origins.
+    lattice step ``local_step_deg`` (default: range / 4), and shifts centred on the input origins. Several centres
+    per particle (``assign_poses(..., centers=(N, C, 3, 3))``, e.g. a pose network's top-K rotations): the union
+    of the C balls, each region scored once (see :class:`_SearchSpace`).
     Shifts: candidate origins on a square lattice of ``shift_step_px`` inside a disk of ``shift_range_px``.
     """
 
@@ -252,7 +254,15 @@ def information_radius(prepared: PreparedVolume, noise: NoiseModel, offset_deg: 
 
 # ------------------------------------------------------------------------------------------------ engine
 class _SearchSpace:
-    """The rotations scored first for a batch: one shared HEALPix grid, or per-particle local grids."""
+    """The rotations scored first for a batch: one shared HEALPix grid, or per-particle local grids.
+
+    Local grids: ``centers`` (N, 3, 3) (one ball per particle, all offsets kept) or (N, C, 3, 3) (several centres
+    per particle). With several centres the searched region is the union of the C balls of radius ``range``; the
+    lattice point ``c_j E_k`` of ball j is kept only when no earlier centre ``c_j'`` (j' < j) lies within
+    ``range`` of it, so every part of the union is covered by exactly one ball's lattice (overlaps are neither
+    scored twice nor weighted twice) and each kept point carries its ball's Haar quadrature weight. Rows are
+    compacted (kept points first) and padded with log q = -inf; the weights are normalised per particle.
+    """
 
     def __init__(self, search: PoseSearch, centers: np.ndarray | None):
         if search.local_range_deg is None:
@@ -264,22 +274,48 @@ class _SearchSpace:
         else:
             if centers is None:
                 raise ValueError("a local search needs input poses (particles with alignment)")
+            centers = np.asarray(centers, dtype=np.float64)
+            if centers.ndim not in (3, 4) or centers.shape[-2:] != (3, 3):
+                raise ValueError(f"local search centres must be (N, 3, 3) or (N, C, 3, 3), got {centers.shape}")
             step = search.local_step_deg or search.local_range_deg / 4.0
             offsets, weights, _ = local_offsets(search.local_range_deg, step)
             self.shared = False
             self.offsets = offsets
             self.centers = centers
+            self.range_deg = float(search.local_range_deg)
             self.log_q = np.log(weights)
             self.spacing_deg = step
+            n_centres = 1 if centers.ndim == 3 else centers.shape[1]
             self.description = (f"local ±{search.local_range_deg:g}° step {step:g}° "
-                                f"({len(offsets)} rotations per particle)")
+                                f"({len(offsets)} rotations per centre, {n_centres} centre(s) per particle)")
         self.size = len(self.log_q)
 
     def rotations_for(self, index: np.ndarray) -> np.ndarray:
         """(K, 3, 3) shared or (B, K, 3, 3) per particle."""
+        return self.grid_for(index)[0]
+
+    def grid_for(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rotations ((K, 3, 3) shared or (B, K', 3, 3)) and log quadrature weights ((K,) or (B, K'))."""
         if self.shared:
-            return self.grid.rotations
-        return np.einsum("bij,kjl->bkil", self.centers[index], self.offsets)
+            return self.grid.rotations, self.log_q
+        if self.centers.ndim == 3:
+            return np.einsum("bij,kjl->bkil", self.centers[index], self.offsets), self.log_q
+        c = self.centers[index]  # (B, C, 3, 3)
+        b, n_c = c.shape[:2]
+        rots = np.einsum("bcij,kjl->bckil", c, self.offsets)  # (B, C, K, 3, 3)
+        trace = np.einsum("bdij,bckij->bckd", c, rots)  # tr(c_d^T R): cos of the angle to every centre
+        inside = trace >= 1.0 + 2.0 * math.cos(math.radians(self.range_deg)) - 1e-9
+        earlier = np.tril(np.ones((n_c, n_c), dtype=bool), -1)  # earlier[j, j'] = j' < j
+        keep = ~(inside & earlier[None, :, None, :]).any(-1)  # (B, C, K)
+        keep = keep.reshape(b, -1)
+        order = np.argsort(~keep, axis=1, kind="stable")  # kept points first
+        width = int(keep.sum(1).max())
+        order = order[:, :width]
+        rots = np.take_along_axis(rots.reshape(b, -1, 3, 3), order[:, :, None, None], axis=1)
+        log_q = np.where(np.take_along_axis(keep, order, axis=1),
+                         np.tile(self.log_q, n_c)[order], -np.inf)
+        log_q = log_q - np.logaddexp.reduce(log_q, axis=1, keepdims=True)
+        return rots, log_q
 
 
 @dataclass
@@ -523,7 +559,8 @@ def _significant_cells(p_rot: np.ndarray, mass: float) -> list[np.ndarray]:
 def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch | None = None,
                  prior: RotationPrior | None = None, images: np.ndarray | None = None,
                  noise: NoiseModel | None = None, keep_marginals: Sequence[int] = (),
-                 progress: Callable[[int, int], None] | None = None, seed: int = 0) -> PoseAssignment:
+                 progress: Callable[[int, int], None] | None = None, seed: int = 0,
+                 centers: np.ndarray | None = None, seed_cells: np.ndarray | None = None) -> PoseAssignment:
     """Posterior pose assignment of ``particles`` against ``volume`` (D, D, D) at the particles' pixel size.
 
     Global search: the HEALPix grid of ``search.healpix_order`` scored with the frequency cut-off matched to its
@@ -533,7 +570,16 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     the current grid already resolves) keeps its current result. Local search: the local grid
     around each input pose. ``images``: the particle images (N, D, D) if already in memory (else read from the
     files, batch by batch). ``noise``: a given noise model (else estimated). ``keep_marginals``: particle indices
-    whose rotation posterior (final stage) is returned in ``result.marginals``.
+    whose rotation posterior (final stage) is returned in ``result.marginals``. ``centers`` (N, C, 3, 3) or
+    (N, 3, 3): the centres of the local search (default: the particles' input poses); several per particle search
+    the union of their balls (:class:`_SearchSpace`); needs ``search.local_range_deg``. ``seed_cells`` (N, C)
+    int: a seeded global search: instead of the whole HEALPix grid of ``search.healpix_order``, only these cells
+    (indices into ``healpix_grid(search.healpix_order)``, -1 = none; e.g. the cells near a pose network's
+    predictions) are scored first, then refined coarse-to-fine as in the global search; their projections come
+    from a cache shared by all particles (each cell is projected once); shifts are searched around the input
+    origins, as in a local search.
+    ``timings["scored_rotations_per_particle"]``: rotations scored per particle over all stages (each with the
+    shift lattice), the measure of the search's work.
     """
     search = search or PoseSearch()
     search.validate()
@@ -549,7 +595,21 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     t0 = time.perf_counter()
 
     local = search.local_range_deg is not None
-    space = _SearchSpace(search, particles.rotations if local else None)
+    if centers is not None:
+        if not local:
+            raise ValueError("search centres need a local search: set PoseSearch.local_range_deg")
+        centers = np.asarray(centers, dtype=np.float64)
+        if len(centers) != n:
+            raise ValueError(f"{len(centers)} sets of search centres for {n} particles")
+    space = _SearchSpace(search, (particles.rotations if centers is None else centers) if local else None)
+    if seed_cells is not None:
+        if local:
+            raise ValueError("seed cells belong to the (coarse-to-fine) global search: leave local_range_deg unset")
+        seed_cells = np.asarray(seed_cells, dtype=np.int64)
+        if seed_cells.ndim != 2 or len(seed_cells) != n:
+            raise ValueError(f"seed cells must be (N, C) = ({n}, C) grid indices, got shape {seed_cells.shape}")
+        if (seed_cells >= space.size).any() or (seed_cells < -1).any() or not (seed_cells >= 0).any(1).all():
+            raise ValueError(f"seed cells must be indices in [0, {space.size}) (or -1), at least one per particle")
     box, px = particles.box, particles.pixel_size
     cap = resolution_to_radius(box, px, search.max_resolution_A)
     levels = 0 if local else search.refine_levels
@@ -566,7 +626,8 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
                  cap) for level in range(levels + 1)]
     group = symmetry_group(search.symmetry)
     deltas = shift_lattice(search.shift_range_px, search.shift_step_px)
-    centers_px = particles.origins_px if (local and particles.origins_A is not None) else np.zeros((n, 2))
+    centred = (local or seed_cells is not None) and particles.origins_A is not None  # shifts around input origins
+    centers_px = particles.origins_px if centred else np.zeros((n, 2))
     scorer = _Scorer(prepared, noise, deltas, box, search.max_scores_per_chunk, device)
     shared_log_pi = prior.log_density(space.grid.rotations) if space.shared and not prior.per_particle else None
     timings = {"setup_s": time.perf_counter() - t0}
@@ -577,6 +638,7 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     marginals = {}
     keep = set(int(i) for i in keep_marginals)
     n_refined = [0] * levels
+    scored = 0  # (particle, rotation) pairs scored, over all stages
     for start in range(0, n, search.batch_size):
         index = np.arange(start, min(start + search.batch_size, n))
         imgs = torch.from_numpy(_load_images(particles, index, images)).to(device)
@@ -585,15 +647,29 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
             ctf = ctf_2d(particles.ctf.subset(index), px, box, rfft=True, device=device)
         batch = _Batch(index, torch.fft.rfft2(imgs), ctf,
                        torch.as_tensor(centers_px[index], dtype=torch.float32, device=device))
-        rotations = space.rotations_for(index)
-        log_pi = shared_log_pi if shared_log_pi is not None else prior.log_density(rotations, index)
-        scores = scorer.score(batch, radii[0], rotations, space.log_q, log_pi, cache_key="grid")
+        if seed_cells is not None:  # the seeded cells of the coarse grid, projected once each (lattice cache)
+            cells0 = seed_cells[index]
+            valid0 = cells0 >= 0
+            cells0 = np.where(valid0, cells0, cells0.max(1, keepdims=True))
+            rotations = space.grid.rotations[cells0]  # (B, C, 3, 3)
+            log_q = np.where(valid0, space.log_q[cells0], -np.inf)
+            scores = scorer.score(batch, radii[0], rotations, log_q, prior.log_density(rotations, index),
+                                  lattice_ids=cells0)
+            scored += int(valid0.sum())
+        else:
+            rotations, log_q = space.grid_for(index)
+            log_pi = shared_log_pi if shared_log_pi is not None else prior.log_density(rotations, index)
+            scores = scorer.score(batch, radii[0], rotations, log_q, log_pi, cache_key="grid")
+            scored += int(np.isfinite(log_q).sum()) * (len(index) if log_q.ndim == 1 else 1)
         rows = np.arange(len(index))
         _store(out, scores, rows, index, rotations, deltas, centers_px, group, keep, marginals, space.spacing_deg)
         if levels:
             grid = space.grid
-            cell_dir = np.broadcast_to(grid.direction_index, (len(index), space.size))
-            cell_psi = np.broadcast_to(grid.euler_deg[:, 2], (len(index), space.size))
+            if seed_cells is not None:
+                cell_dir, cell_psi = grid.direction_index[cells0], grid.euler_deg[cells0, 2]
+            else:
+                cell_dir = np.broadcast_to(grid.direction_index, (len(index), space.size))
+                cell_psi = np.broadcast_to(grid.euler_deg[:, 2], (len(index), space.size))
             active = np.arange(len(index))  # batch rows still being refined
             for level in range(1, levels + 1):
                 p_rot = torch.exp(scores.log_rot - torch.logsumexp(scores.log_rot, 1, keepdim=True)).cpu().numpy()
@@ -616,18 +692,22 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
                              batch.centers_px[active])
                 n_psi = 6 * 2 ** (search.healpix_order + level)  # level >= 1: psi = (i + 1/2) · 360 / n_psi
                 psi_i = np.mod(np.rint(cell_psi * n_psi / 360.0 - 0.5).astype(np.int64), n_psi)
+                # lattice ids carry the level: the projection cache is keyed by radius only, and levels whose
+                # radii coincide (e.g. all capped at Nyquist) must not share ids (cell i of level 1 is not cell i
+                # of level 2)
                 scores = scorer.score(sub, radii[level], children, np.where(valid, 0.0, -np.inf),
                                       prior.log_density(children, index[active]),
-                                      lattice_ids=cell_dir * n_psi + psi_i)
+                                      lattice_ids=cell_dir * n_psi + psi_i + (level << 40))
                 _store(out, scores, np.arange(len(active)), index[active], children, deltas, centers_px, group,
                        keep, marginals, space.spacing_deg / 2 ** level)
                 n_refined[level - 1] += len(active)
+                scored += int(valid.sum())
         if progress:
             progress(int(index[-1]) + 1, n)
 
     timings.update(scoring_s=scorer.seconds, total_s=time.perf_counter() - t0,
                    scoring_gflops=scorer.flops / max(scorer.seconds, 1e-9) / 1e9, refined_particles=n_refined,
-                   radii_px=radii)
+                   radii_px=radii, scored_rotations_per_particle=scored / n)
     return PoseAssignment(
         mmse_rotations=out["mmse_rot"], mmse_origins_A=out["mmse_org"] * px,
         map_rotations=out["map_rot"], map_origins_A=out["map_org"] * px,

@@ -1,0 +1,22 @@
+"""Deep pose prediction (DESIGN.md "Deep pose prediction"; papers 001, 002, 003): supervised networks that predict
+a distribution over SO(3) for each particle image, and that distribution as the prior of MMSE assignment.
+
+* :class:`TrainConfig`, :func:`train_pose_network` -> :class:`TrainResult` (checkpoint ``.pt`` + resumable state);
+* :func:`load_pose_network` -> :class:`PoseNetwork`; :func:`predict_poses` -> :class:`PosePrediction`;
+* :func:`deep_prior_assign`: MMSE on a local grid around the predicted top-K rotations, prior = the prediction;
+* :func:`pose_error_metrics`, :func:`reprojection_rmse`: MAnE / wMAnE / median / fractions (symmetry-aware),
+  reprojection RMSE.
+
+No pyworkflow here (core rule). Rotations are RELION ``A`` matrices throughout.
+"""
+
+from .data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
+from .metrics import angular_errors_deg, pose_error_metrics, reprojection_rmse
+from .predict import PosePrediction, predict_poses
+from .prior_refine import deep_prior_assign, default_local_range_deg
+from .train import PoseNetwork, TrainConfig, TrainResult, last_state_path, load_pose_network, train_pose_network
+
+__all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "PosePrediction", "train_pose_network", "load_pose_network",
+           "predict_poses", "deep_prior_assign", "default_local_range_deg", "pose_error_metrics",
+           "angular_errors_deg", "reprojection_rmse", "last_state_path", "preprocess_images", "rotate_shift_images",
+           "inplane_rotation_matrix"]

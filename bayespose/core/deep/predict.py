@@ -1,0 +1,205 @@
+"""Inference with a trained pose network: the predicted distribution over SO(3), its mode and a confidence.
+
+Rotations are RELION ``A`` matrices (volume -> image). For the ``so3grid`` model the distribution is the softmax
+of the logits on ``healpix_grid(grid_order)`` (cell k = direction * n_psi + psi index, :mod:`bayespose.core.grids`).
+
+* **Mode**: the most probable cell, refined below the grid spacing by the probability-weighted mean (projected on
+  SO(3), 000 eq. 15-19) of the cells within 1.5 grid spacings of it, folded to its symmetry mates.
+* **Confidence**: the probability mass of those cells (all cells within 1.5 spacings of the mode, counting every
+  symmetry mate): 1 for a distribution concentrated at the mode, about (number of neighbours) / K for a flat one.
+* **Top-K**: the K most probable cells (distinct cells; rotations and probabilities).
+
+For the ``quaternion`` model (a point estimate) the mode is the network's output; the stand-in confidence is the
+agreement of test-time augmentation: the image is also predicted turned in-plane by ``j * 360 / K`` degrees,
+``j = 1 .. K-1``, each prediction turned back (``Rz(a)^T R``, :mod:`.data`) and folded to the symmetry mate nearest
+the first; confidence = (sum of singular values of their mean matrix) / 3 (1 when all agree, ~0 when random).
+``top_rotations`` are those K predictions with equal probabilities 1/K; ``log_probabilities`` is None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..grids import healpix_grid
+from ..io.mrc import read_images
+from ..particles import ParticleSet
+from ..rotations import matrix_to_euler, project_to_so3, quaternion_to_matrix
+from ..symmetry import nearest_symmetry_mate, symmetry_group
+from .data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
+
+__all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs"]
+
+MODE_RADIUS_SPACINGS = 1.5  # neighbourhood of the best cell used for the refined mode and the confidence
+_MODE_CHUNK = 512  # particles per block in grid_modes (memory ~ 3 x chunk x K doubles)
+
+
+@dataclass
+class PosePrediction:
+    """Per-particle output of a pose network (N particles). Rotations: RELION ``A``.
+
+    ``rotations`` (N, 3, 3): the mode; ``confidence`` (N,) in [0, 1] (module doc); ``top_rotations`` (N, K, 3, 3)
+    and ``top_probabilities`` (N, K); ``grid_order`` and ``log_probabilities`` (N, 72 * 8^order) natural-log
+    probabilities on ``healpix_grid(grid_order)`` (None for the quaternion model); ``symmetry`` of the network.
+    """
+
+    rotations: np.ndarray
+    confidence: np.ndarray
+    top_rotations: np.ndarray
+    top_probabilities: np.ndarray
+    grid_order: int | None = None
+    log_probabilities: np.ndarray | None = None
+    symmetry: str = "C1"
+    model: str = "so3grid"
+
+    def __len__(self) -> int:
+        return len(self.rotations)
+
+    def to_particle_set(self, particles: ParticleSet) -> ParticleSet:
+        """A copy of ``particles`` with the predicted mode as rotation (origins kept) and extra columns
+        ``bpDeepConfidence``, ``bpDeepTopProbability`` (probability of the best cell; 1/K for the quaternion
+        model) and ``bpDeepTop2AngleRot/Tilt/Psi`` (the second most probable cell, degrees)."""
+        if len(particles) != len(self):
+            raise ValueError(f"prediction has {len(self)} particles, the set {len(particles)}")
+        extra = dict(particles.extra)
+        extra["bpDeepConfidence"] = np.asarray(self.confidence, dtype=np.float64)
+        extra["bpDeepTopProbability"] = np.asarray(self.top_probabilities[:, 0], dtype=np.float64)
+        if self.top_rotations.shape[1] > 1:
+            angles = matrix_to_euler(self.top_rotations[:, 1])
+            for col, label in enumerate(("Rot", "Tilt", "Psi")):
+                extra[f"bpDeepTop2Angle{label}"] = angles[:, col]
+        origins = particles.origins_A if particles.origins_A is not None else np.zeros((len(particles), 2))
+        return replace(particles, rotations=np.asarray(self.rotations, dtype=np.float64), origins_A=origins,
+                       extra=extra)
+
+
+def network_inputs(network, particles: ParticleSet, images: np.ndarray | None = None,
+                   batch_size: int = 1024) -> torch.Tensor:
+    """Preprocessed network inputs (N, net_box, net_box) for all particles (images read in batches if None)."""
+    cfg = network.config
+    if particles.box != network.box:
+        raise ValueError(f"the network was trained on {network.box} px particles, these are {particles.box} px "
+                         "(re-extract or re-train)")
+    if network.pixel_size and abs(particles.pixel_size - network.pixel_size) > 1e-3 * network.pixel_size:
+        raise ValueError(f"the network was trained at {network.pixel_size:g} Å/px, these particles are "
+                         f"{particles.pixel_size:g} Å/px")
+    if images is not None and len(images) != len(particles):
+        raise ValueError(f"{len(images)} images for {len(particles)} particles")
+    parts = []
+    for s in range(0, len(particles), batch_size):
+        index = np.arange(s, min(s + batch_size, len(particles)))
+        imgs = images[index] if images is not None else read_images(particles, index)
+        parts.append(preprocess_images(imgs, particles, index, cfg.net_box, cfg.ctf_correction))
+    return torch.cat(parts) if parts else torch.zeros((0, cfg.net_box, cfg.net_box))
+
+
+@torch.no_grad()
+def forward_batches(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device,
+                    progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Model outputs for ``inputs`` (N, D, D) in eval mode, batch by batch, concatenated on the CPU."""
+    model.eval()
+    out = []
+    n = len(inputs)
+    for s in range(0, n, batch_size):
+        out.append(model(inputs[s:s + batch_size].to(device)).float().cpu())
+        if progress:
+            progress(min(s + batch_size, n), n)
+    return torch.cat(out) if out else torch.zeros((0,))
+
+
+def grid_modes(log_probs: np.ndarray, grid_rotations: np.ndarray, spacing_deg: float, symmetry: str = "C1",
+               radius_spacings: float = MODE_RADIUS_SPACINGS) -> tuple[np.ndarray, np.ndarray]:
+    """Refined modes (N, 3, 3) and confidences (N,) from log probabilities (N, K) on grid rotations (K, 3, 3).
+
+    Mode: the probability-weighted mean, projected on SO(3), of the cells within ``radius_spacings`` grid
+    spacings (symmetry-aware) of the best cell, each folded to its mate nearest the best cell. Confidence: the
+    probability mass of those cells.
+    """
+    log_probs = np.asarray(log_probs, dtype=np.float64)
+    if len(log_probs) > _MODE_CHUNK:
+        parts = [grid_modes(log_probs[s:s + _MODE_CHUNK], grid_rotations, spacing_deg, symmetry, radius_spacings)
+                 for s in range(0, len(log_probs), _MODE_CHUNK)]
+        return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+    p = np.exp(log_probs - log_probs.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    best = grid_rotations[np.argmax(p, axis=1)]  # (N, 3, 3)
+    group = symmetry_group(symmetry)
+    cos_limit = np.cos(np.radians(min(radius_spacings * spacing_deg, 180.0)))
+    flat_best = best.reshape(len(best), 9)
+    m = np.zeros((len(best), 3, 3))
+    conf = np.zeros(len(best))
+    near_any = np.zeros(p.shape, dtype=bool)
+    for g in group:
+        mates = grid_rotations @ g  # (K, 3, 3): R_k L_g
+        cos = (flat_best @ mates.reshape(-1, 9).T - 1.0) / 2.0  # (N, K): cos of the angle to the best cell
+        near = (cos >= cos_limit) & ~near_any  # each cell counted once (its nearest mate first found)
+        near_any |= near
+        w = np.where(near, p, 0.0)
+        m += np.einsum("nk,kij->nij", w, mates)
+        conf += w.sum(1)
+    return project_to_so3(m), np.clip(conf, 0.0, 1.0)
+
+
+def _top_cells(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (N, k) and probabilities (N, k) of the k most probable cells, most probable first."""
+    k = min(k, log_probs.shape[1])
+    idx = np.argpartition(-log_probs, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(log_probs, idx, axis=1)
+    order = np.argsort(-vals, axis=1)
+    idx = np.take_along_axis(idx, order, axis=1)
+    return idx, np.exp(np.take_along_axis(log_probs, idx, axis=1))
+
+
+def predict_from_inputs(network, inputs: torch.Tensor, top_k: int = 8, batch_size: int = 256, device=None,
+                        progress: Callable[[int, int], None] | None = None) -> PosePrediction:
+    """:func:`predict_poses` on already preprocessed inputs (N, net_box, net_box)."""
+    from ..posterior import choose_device
+
+    dev = choose_device(device if device is not None else network.config.device)
+    model = network.model.to(dev)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if network.config.model == "so3grid":
+        logits = forward_batches(model, inputs, batch_size, dev, progress)
+        log_probs = torch.log_softmax(logits.double(), dim=1).numpy()
+        grid = healpix_grid(network.grid_order)
+        modes, conf = grid_modes(log_probs, grid.rotations, grid.spacing_deg, network.symmetry)
+        idx, probs = _top_cells(log_probs, top_k)
+        return PosePrediction(rotations=modes, confidence=conf, top_rotations=grid.rotations[idx],
+                              top_probabilities=probs, grid_order=network.grid_order,
+                              log_probabilities=log_probs.astype(np.float32), symmetry=network.symmetry,
+                              model="so3grid")
+    angles = np.arange(top_k) * 360.0 / top_k
+    preds = []
+    for j, a in enumerate(angles):
+        x = inputs if a == 0 else rotate_shift_images(inputs, np.full(len(inputs), a))
+        q = forward_batches(model, x, batch_size, dev, progress if j == 0 else None).double().numpy()
+        preds.append(inplane_rotation_matrix(-a) @ quaternion_to_matrix(q))  # turn back: Rz(a)^T R
+    preds = np.stack(preds, axis=1)  # (N, K, 3, 3)
+    group = symmetry_group(network.symmetry)
+    n, k = preds.shape[:2]
+    folded = nearest_symmetry_mate(preds.reshape(-1, 3, 3), np.repeat(preds[:, 0], k, axis=0),
+                                   group).reshape(n, k, 3, 3)
+    conf = np.clip(np.linalg.svd(folded.mean(1), compute_uv=False).sum(1) / 3.0, 0.0, 1.0)
+    return PosePrediction(rotations=preds[:, 0], confidence=conf, top_rotations=folded,
+                          top_probabilities=np.full((n, k), 1.0 / k), grid_order=None, log_probabilities=None,
+                          symmetry=network.symmetry, model="quaternion")
+
+
+def predict_poses(network, particles: ParticleSet, images: np.ndarray | None = None, top_k: int = 8,
+                  batch_size: int = 256, device=None,
+                  progress: Callable[[int, int], None] | None = None) -> PosePrediction:
+    """Predict the pose distribution of every particle with a trained ``network`` (:func:`load_pose_network`).
+
+    ``images`` (N, D, D): the particles' images if in memory (else read from their files). ``top_k``: number of
+    most probable cells (so3grid) or test-time in-plane turns (quaternion) returned. ``device``: None = the
+    network's configured device (cuda when available). ``progress(done, total)`` after each batch. The particles
+    are centred by their origins when they have them (:mod:`.data`); the prediction is the rotation only.
+    """
+    if len(particles) == 0:
+        raise ValueError("no particles to predict")
+    inputs = network_inputs(network, particles, images)
+    return predict_from_inputs(network, inputs, top_k, batch_size, device, progress)

@@ -1,0 +1,376 @@
+"""Supervised training of a pose network on particles with known poses; checkpoints; loading.
+
+Losses:
+
+* ``so3grid``: cross-entropy ``-sum_k t_k log softmax(logits)_k`` against the cell(s) of
+  ``healpix_grid(grid_order)`` containing the true rotation; with a point group every mate ``A @ L_g`` gets mass
+  1/|G| (:func:`.data.grid_targets`; paper 002 "labels are expanded"). Cells: ``GridPrior.cell_index`` (the same
+  cells :func:`.prior_refine.deep_prior_assign` uses as a prior).
+* ``quaternion``: ``min_g 1 - <q_pred, q(A L_g)>²`` (paper 001 eq. 12, minimised over the symmetry mates).
+
+Training: Adam; the particles are split once (seeded) into training and validation sets (``val_fraction``); an
+epoch runs over the shuffled training set with in-plane rotation (uniform 0-360°) and shift (uniform within
+``±shift_augment_px`` px of the network box) augmentation, the labels turned accordingly (:mod:`.data`); after
+each epoch the validation loss and the validation angular errors of the predicted modes (symmetry-aware) are
+logged. The checkpoint ``out_path`` is rewritten atomically whenever the validation loss improves; training stops
+after ``patience`` epochs without improvement or at ``epochs``. A resumable state (model, optimiser, random
+generators, split, history) is written atomically after every epoch to ``<out_path stem>.last.pt`` next to it.
+
+Checkpoint (one ``torch.save`` dict, readable without bayespose's classes): ``format``, ``model`` (type),
+``state_dict``, ``config`` (TrainConfig as dict), ``model_options``, ``box`` (px of the training particles),
+``pixel_size`` (Å/px), ``net_pixel_size``, ``symmetry``, ``grid_order``, ``history``, ``best_epoch``,
+``n_train``, ``n_val``, ``val_idx`` (the held-out particles, indices into the training set),
+``bayespose_version``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..grids import healpix_grid
+from ..io.mrc import read_images
+from ..particles import ParticleSet
+from ..priors import GridPrior
+from ..symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from .data import CTF_CORRECTIONS, grid_targets, inplane_rotation_matrix, preprocess_images, rotate_shift_images, \
+    symmetry_quaternions
+from .models import MODEL_TYPES, build_model
+from .predict import predict_from_inputs
+
+__all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "train_pose_network", "load_pose_network",
+           "last_state_path", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "bayespose-pose-network-1"
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Boxes in px, learning rate per Adam step, angles in degrees.
+
+    ``model``: ``so3grid`` (Image2Sphere-style distribution on a HEALPix grid) or ``quaternion`` (regression).
+    ``net_box``: images are Fourier-cropped to this box before the network (multiple of 4). ``grid_order``:
+    output grid ``healpix_grid(grid_order)`` (72·8^order rotations, spacing 60/2^order degrees) of so3grid.
+    ``ctf_correction``: ``phase_flip`` or ``none``. ``device``: None = cuda when available; ``threads``: CPU
+    threads (None: torch's default). ``lmax`` and the channel counts size the so3grid head; ``shift_augment_px``
+    the random shifts (px of the network box) of the augmentation.
+    """
+
+    model: str = "so3grid"
+    net_box: int = 32
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    val_fraction: float = 0.1
+    patience: int = 5
+    symmetry: str = "C1"
+    grid_order: int = 2
+    augment: bool = True
+    ctf_correction: str = "phase_flip"
+    seed: int = 0
+    device: str | None = None
+    threads: int | None = None
+    lmax: int = 6
+    channels: int = 64
+    s2_channels: int = 32
+    so3_channels: int = 8
+    shift_augment_px: float = 1.0
+    weight_decay: float = 1e-5
+
+    def validate(self) -> None:
+        if self.model not in MODEL_TYPES:
+            raise ValueError(f"unknown model {self.model!r}: choose one of {', '.join(MODEL_TYPES)}")
+        if self.net_box < 8 or self.net_box % 4:
+            raise ValueError(f"net_box must be a multiple of 4 and >= 8 px, got {self.net_box}")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("epochs, batch_size and patience must be >= 1")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.grid_order <= 3:
+            raise ValueError(f"grid_order must be in 0..3 (72·8^order cells), got {self.grid_order}")
+        if self.ctf_correction not in CTF_CORRECTIONS:
+            raise ValueError(f"ctf_correction must be one of {CTF_CORRECTIONS}, got {self.ctf_correction!r}")
+        if not 1 <= self.lmax <= 12:
+            raise ValueError(f"lmax must be in 1..12, got {self.lmax}")
+        if self.shift_augment_px < 0:
+            raise ValueError("shift_augment_px must be >= 0")
+        symmetry_group(self.symmetry)
+
+    def model_options(self) -> dict:
+        if self.model == "so3grid":
+            return dict(lmax=self.lmax, channels=self.channels, s2_channels=self.s2_channels,
+                        so3_channels=self.so3_channels)
+        return dict(channels=self.channels)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Config from a dict (unknown keys ignored, so older/newer checkpoints load)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    """``checkpoint``: path of the best-validation checkpoint; ``history``: one dict per epoch (epoch,
+    train_loss, val_loss, val_mean_error_deg, val_median_error_deg, seconds); ``best_epoch`` (1-based)."""
+
+    checkpoint: Path
+    history: list[dict]
+    best_epoch: int
+
+
+@dataclass
+class PoseNetwork:
+    """A loaded network: ``model`` (torch Module, eval mode), ``config``, ``box`` (px of the training particles),
+    ``pixel_size`` (Å/px), ``symmetry``, ``grid_order``, ``history``, ``metadata`` (the rest of the checkpoint)."""
+
+    model: torch.nn.Module
+    config: TrainConfig
+    box: int
+    pixel_size: float
+    symmetry: str
+    grid_order: int
+    history: list[dict] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def last_state_path(out_path: str | Path) -> Path:
+    """The resumable state written next to checkpoint ``out_path``: ``<stem>.last.pt``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".last.pt")
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _version() -> str:
+    try:
+        from bayespose import __version__
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+class _Task:
+    """Loss and labels of one model type."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        if config.model == "so3grid":
+            self.n_cells = len(healpix_grid(config.grid_order))
+            self.cells = GridPrior(config.grid_order, np.zeros((1, self.n_cells))).cell_index
+
+    def targets(self, rotations: np.ndarray) -> torch.Tensor:
+        if self.config.model == "so3grid":
+            return grid_targets(rotations, self.cells, self.n_cells, self.config.symmetry)
+        return symmetry_quaternions(rotations, self.config.symmetry)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.config.model == "so3grid":
+            return -(target * torch.log_softmax(output, dim=1)).sum(1).mean()
+        dots = torch.einsum("bi,bgi->bg", output, target)
+        return (1.0 - dots ** 2).min(dim=1).values.mean()
+
+
+def _make_model(config: TrainConfig) -> torch.nn.Module:
+    return build_model(config.model, config.net_box, config.grid_order, **config.model_options())
+
+
+def _checkpoint(model, config, particles: ParticleSet, history, best_epoch, train_idx, val_idx) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT, "model": config.model,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config": asdict(config), "model_options": config.model_options(), "box": int(particles.box),
+        "pixel_size": float(particles.pixel_size),
+        "net_pixel_size": float(particles.pixel_size) * particles.box / config.net_box,
+        "symmetry": config.symmetry, "grid_order": int(config.grid_order), "history": list(history),
+        "best_epoch": int(best_epoch), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+        "val_idx": np.asarray(val_idx, dtype=np.int64).tolist(),
+        "bayespose_version": _version(),
+    }
+
+
+def _evaluate(model, task: _Task, network_like, inputs: torch.Tensor, rotations: np.ndarray, batch_size: int,
+              device) -> tuple[float, np.ndarray]:
+    """Validation loss and per-particle angular errors (degrees, symmetry-aware) of the predicted modes."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for s in range(0, len(inputs), batch_size):
+            out = model(inputs[s:s + batch_size].to(device))
+            target = task.targets(rotations[s:s + batch_size]).to(device)
+            total += float(task.loss(out, target)) * len(out)
+    pred = predict_from_inputs(network_like, inputs, top_k=1, batch_size=max(batch_size, 256), device=device)
+    errors = symmetric_geodesic_distance_deg(pred.rotations, rotations, symmetry_group(task.config.symmetry))
+    return total / max(len(inputs), 1), errors
+
+
+def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: str | Path,
+                       images: np.ndarray | None = None, log: Callable[[str], None] | None = print,
+                       progress: Callable[[str], Callable[[int, int], None]] | None = None,
+                       resume: bool = False) -> TrainResult:
+    """Train a pose network on ``particles`` (they must have poses) and write the best checkpoint to ``out_path``.
+
+    ``images`` (N, D, D): the particle images if in memory (else read from their files). ``log``: one line per
+    epoch (None: silent). ``progress(label)`` returns a ``callback(done, total)`` called after each training
+    batch (label ``"epoch E"``). ``resume``: continue from ``<stem>.last.pt`` if present (same data and config;
+    ``epochs`` and ``patience`` may be raised). See the module doc for losses, augmentation and files.
+    """
+    config.validate()
+    if not particles.has_alignment:
+        raise ValueError("training a pose network needs particles with poses (angles); these have none")
+    n = len(particles)
+    if n < 4:
+        raise ValueError(f"need at least 4 particles to train (a training and a validation set), got {n}")
+    if images is not None and len(images) != n:
+        raise ValueError(f"{len(images)} images for {n} particles")
+    from ..posterior import choose_device
+
+    device = choose_device(config.device)
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    out_path = Path(out_path)
+    last_path = last_state_path(out_path)
+    log = log or (lambda _line: None)
+
+    t_setup = time.perf_counter()
+    imgs = images if images is not None else read_images(particles)
+    inputs = preprocess_images(imgs, particles, None, config.net_box, config.ctf_correction)
+    rotations = np.asarray(particles.rotations, dtype=np.float64)
+    task = _Task(config)
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    perm = rng.permutation(n)
+    n_val = min(max(1, int(round(config.val_fraction * n))), n - 1)
+    val_idx, train_idx = np.sort(perm[:n_val]), perm[n_val:]
+    model = _make_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    history: list[dict] = []
+    best_val, best_epoch, bad_epochs, start_epoch = math.inf, 0, 0, 1
+
+    if resume and last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        saved = TrainConfig.from_dict(state["config"])
+        for name in ("model", "net_box", "symmetry", "grid_order", "ctf_correction", "seed", "val_fraction",
+                     "lmax", "channels", "s2_channels", "so3_channels"):
+            if getattr(saved, name) != getattr(config, name):
+                raise ValueError(f"cannot resume {last_path}: {name} was {getattr(saved, name)!r}, now "
+                                 f"{getattr(config, name)!r}")
+        if state["n_particles"] != n:
+            raise ValueError(f"cannot resume {last_path}: it was trained on {state['n_particles']} particles, "
+                             f"now {n}")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        val_idx, train_idx = np.asarray(state["val_idx"]), np.asarray(state["train_idx"])
+        history = list(state["history"])
+        best_val, best_epoch, bad_epochs = state["best_val"], state["best_epoch"], state["bad_epochs"]
+        start_epoch = int(state["epoch"]) + 1
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resuming from {last_path} after epoch {state['epoch']} (best epoch {best_epoch}, "
+            f"val loss {best_val:.4f})")
+    elif resume:
+        log(f"no saved state at {last_path}: starting afresh")
+
+    network_like = PoseNetwork(model=model, config=config, box=particles.box, pixel_size=particles.pixel_size,
+                               symmetry=config.symmetry, grid_order=config.grid_order)
+    val_inputs, val_rot = inputs[val_idx], rotations[val_idx]
+    log(f"training {config.model} on {len(train_idx)} particles, validating on {len(val_idx)} "
+        f"(net box {config.net_box} px, {device}, setup {time.perf_counter() - t_setup:.1f} s)")
+    for epoch in range(start_epoch, config.epochs + 1):
+        if bad_epochs >= config.patience:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        order = rng.permutation(train_idx)
+        callback = progress(f"epoch {epoch}") if progress else None
+        total, count = 0.0, 0
+        n_batches = -(-len(order) // config.batch_size)
+        for b in range(n_batches):
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            if len(idx) < 2 and count:  # BatchNorm needs two samples; a lone last sample is skipped
+                continue
+            x, rot = inputs[idx], rotations[idx]
+            if config.augment:
+                angle = rng.uniform(0.0, 360.0, len(idx))
+                shift = rng.uniform(-config.shift_augment_px, config.shift_augment_px, (len(idx), 2))
+                x = rotate_shift_images(x, angle, shift)
+                rot = inplane_rotation_matrix(angle) @ rot
+            out = model(x.to(device))
+            loss = task.loss(out, task.targets(rot).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+            if callback:
+                callback(b + 1, n_batches)
+        val_loss, errors = _evaluate(model, task, network_like, val_inputs, val_rot, config.batch_size, device)
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss,
+               "val_mean_error_deg": float(np.mean(errors)), "val_median_error_deg": float(np.median(errors)),
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        improved = val_loss < best_val - 1e-7
+        if improved:
+            best_val, best_epoch, bad_epochs = val_loss, epoch, 0
+            _atomic_save(_checkpoint(model, config, particles, history, best_epoch, train_idx, val_idx), out_path)
+        else:
+            bad_epochs += 1
+        log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  val error mean "
+            f"{row['val_mean_error_deg']:.1f}° median {row['val_median_error_deg']:.1f}°  {row['seconds']:.1f} s"
+            + ("  *" if improved else ""))
+        state = {"config": asdict(config), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch, "history": history, "best_val": best_val, "best_epoch": best_epoch,
+                 "bad_epochs": bad_epochs, "val_idx": val_idx, "train_idx": train_idx, "n_particles": n,
+                 "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+        _atomic_save(state, last_path)
+    if bad_epochs >= config.patience:
+        log(f"early stop: no validation improvement for {config.patience} epochs (best epoch {best_epoch})")
+    if not out_path.exists():
+        raise RuntimeError(f"no checkpoint was written to {out_path}")
+    # the checkpoint holds the history up to its best epoch; give it the whole history
+    ckpt = torch.load(out_path, map_location="cpu", weights_only=False)
+    ckpt["history"] = list(history)
+    _atomic_save(ckpt, out_path)
+    return TrainResult(checkpoint=out_path, history=history, best_epoch=best_epoch)
+
+
+def load_pose_network(path: str | Path, device=None) -> PoseNetwork:
+    """Load a checkpoint written by :func:`train_pose_network` (model in eval mode on ``device``; None = the
+    configured device, cuda when available)."""
+    from ..posterior import choose_device
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pose network checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a bayespose pose network checkpoint")
+    config = TrainConfig.from_dict(ckpt["config"])
+    model = build_model(ckpt["model"], config.net_box, ckpt["grid_order"], **ckpt.get("model_options", {}))
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(choose_device(device if device is not None else config.device)).eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict",)}
+    return PoseNetwork(model=model, config=config, box=int(ckpt["box"]), pixel_size=float(ckpt["pixel_size"]),
+                       symmetry=ckpt["symmetry"], grid_order=int(ckpt["grid_order"]),
+                       history=list(ckpt.get("history", [])), metadata=meta)
