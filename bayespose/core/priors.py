@@ -102,6 +102,59 @@ class ViewingDirectionPrior(RotationPrior):
         return flat.reshape((1, -1) if rotations.ndim == 3 else rotations.shape[:2])
 
 
+class DirectionDensityPrior(RotationPrior):
+    """Preferred orientation as a tabulated density of viewing directions, uniform in-plane (the EM M-step prior).
+
+    ``density`` (12 · 4**order,): values on the HEALPix NEST pixels of ``order`` (Nside = 2**order), relative to
+    the uniform distribution on the sphere (normalised here to mean 1, so a constant table is the Haar prior); the
+    pixels have equal areas, so the table is a density w.r.t. the normalised area measure and, with in-plane psi
+    uniform, w.r.t. normalised Haar on SO(3). The viewing direction of a RELION pose ``A`` is its third row
+    ``A^T e_z`` (:func:`rotations.viewing_directions`). ``interpolate``: bilinear interpolation between pixel
+    centres (``healpy.get_interp_val``, exact at the centres), so that the log prior is continuous across pixel
+    edges; else the value of the pixel containing the direction. ``floor``: densities are clipped below at
+    ``floor`` (relative to uniform) so that no direction gets log prior -inf.
+    """
+
+    def __init__(self, order: int, density: np.ndarray, interpolate: bool = True, floor: float = 1e-3):
+        if int(order) != order or not 0 <= order <= 8:
+            raise ValueError(f"direction density order must be an integer in 0..8, got {order!r}")
+        self.order = int(order)
+        density = np.asarray(density, dtype=np.float64)
+        n_pix = 12 * 4 ** self.order
+        if density.shape != (n_pix,):
+            raise ValueError(f"direction density for HEALPix order {order} needs {n_pix} values (NEST pixels), got "
+                             f"shape {density.shape}")
+        if not np.isfinite(density).all() or (density < 0).any() or not density.sum() > 0:
+            raise ValueError("direction density values must be finite, >= 0 and not all zero")
+        if not floor > 0:
+            raise ValueError(f"floor must be > 0, got {floor}")
+        self.density = density / density.mean()
+        self.interpolate = bool(interpolate)
+        self.floor = float(floor)
+        self.name = f"viewing-direction density (HEALPix order {self.order}, {n_pix} pixels)"
+
+    def density_of_directions(self, directions: np.ndarray) -> np.ndarray:
+        """Density (relative to uniform) at unit vectors ``directions`` (..., 3) in volume coordinates."""
+        import healpy
+
+        d = np.asarray(directions, dtype=np.float64)
+        flat = d.reshape(-1, 3)
+        theta, phi = healpy.vec2ang(flat)
+        nside = 2 ** self.order
+        if self.interpolate:
+            values = healpy.get_interp_val(self.density, theta, phi, nest=True)
+        else:
+            values = self.density[healpy.ang2pix(nside, theta, phi, nest=True)]
+        return np.maximum(np.asarray(values, dtype=np.float64), self.floor).reshape(d.shape[:-1])
+
+    def log_density(self, rotations, particle_index=None):
+        rotations = np.asarray(rotations, dtype=np.float64)
+        if rotations.shape[-2:] != (3, 3) or rotations.ndim not in (3, 4):
+            raise ValueError(f"rotations must be (K, 3, 3) or (B, K, 3, 3), got {rotations.shape}")
+        values = np.log(self.density_of_directions(rotations[..., 2, :]))
+        return values[None] if rotations.ndim == 3 else values
+
+
 class GridPrior(RotationPrior):
     """A per-particle prior given as weights on a HEALPix grid (e.g. a pose network's predicted distribution).
 
