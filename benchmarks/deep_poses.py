@@ -18,12 +18,18 @@ Sections:
    ``Rz(a)`` times the prediction for the original image, on half 2 (003: an equivariant model gives 0).
 3. ``symmetry``: the demo 3J9G ring (exactly C2) at SNR 0.1: so3grid trained with ``symmetry="C2"`` (mates share
    the target mass) and naively as ``C1``; errors symmetry-aware (C2) and naive (C1).
-4. ``deep_prior``: deep-prior MMSE (:func:`deep_prior_assign`, cells near the top-8 predicted rotations, prior =
-   the predicted distribution) against the global coarse-to-fine MMSE search on half 2: errors, rotations scored
-   per particle, wall time.
+4. ``deep_prior``: deep-prior MMSE (:func:`deep_prior_assign`, prior = the predicted distribution) against the
+   global coarse-to-fine MMSE search on half 2: the earlier fixed top-8 seeds, the adaptive seeds (cells holding
+   99 % of the predicted mass) and the default (adaptive seeds + fit-z-score check with global fallback): errors,
+   rotations scored per particle, GFLOP, wall time; and the trade-off curve of the fallback rules (fit z-score
+   threshold, network confidence threshold): error against the fraction of particles falling back and the
+   scored rotations (``fig_deep_prior_tradeoff.png``). Run on its own (``--sections deep_prior``) it reuses the
+   simulated stacks and so3grid checkpoints in ``--work`` (trains them with the section-1 settings if missing)
+   and updates the section-4 entries of an existing ``results.json``.
 
     .venv/bin/python benchmarks/deep_poses.py --quick     # a few minutes on 2 cores
     .venv/bin/python benchmarks/deep_poses.py             # the full run (~30 min on 2 cores)
+    .venv/bin/python benchmarks/deep_poses.py --sections deep_prior --work /tmp/deepw/bfull   # section 4 only
 
 Outputs (``--out``, default ``benchmarks/results/deep`` or ``.../deep/quick``): ``README.md`` (tables,
 commands, settings, runtime), ``results.json``, ``fig_errors.png``, ``fig_training.png``.
@@ -47,9 +53,11 @@ import torch
 from bayespose.core.deep import (TrainConfig, deep_prior_assign, load_pose_network, pose_error_metrics,
                                  predict_poses, reprojection_rmse, train_pose_network)
 from bayespose.core.deep.data import inplane_rotation_matrix, rotate_shift_images
+from bayespose.core.deep.prior_refine import AUTO_FALLBACK_Z, final_spacing_deg, fit_zscores
 from bayespose.core.deep.predict import network_inputs, predict_from_inputs
 from bayespose.core.ctf import ctf_2d
 from bayespose.core.io.mrc import read_images, read_map
+from bayespose.core.io.relion_star import read_star
 from bayespose.core.posterior import PoseSearch, assign_poses
 from bayespose.core.reconstruct import FourierAccumulator, fsc, resolution_at
 from bayespose.core.rotations import geodesic_distance_deg
@@ -82,9 +90,13 @@ def train_config(cfg: Config, model: str, symmetry: str = "C1") -> TrainConfig:
                        learning_rate=1e-3, batch_size=32, symmetry=symmetry, seed=cfg.seed, threads=1, device="cpu")
 
 
-def simulate(map_path: Path, n: int, snr: float, seed: int, work: Path):
-    particles = simulate_dataset(map_path, SimulationSpec(n_particles=n, snr=snr, seed=seed),
-                                 work / f"{Path(map_path).stem}_snr{snr}_n{n}")
+def simulate(map_path: Path, n: int, snr: float, seed: int, work: Path, reuse: bool = False):
+    """The simulated set (particles, images); ``reuse``: read the stack of an earlier run in ``work`` if there."""
+    folder = work / f"{Path(map_path).stem}_snr{snr}_n{n}"
+    if reuse and (folder / "particles.star").is_file() and (folder / "particles.mrcs").is_file():
+        particles = read_star(folder / "particles.star")
+        return particles, read_images(particles)
+    particles = simulate_dataset(map_path, SimulationSpec(n_particles=n, snr=snr, seed=seed), folder)
     return particles, read_images(particles)
 
 
@@ -157,36 +169,155 @@ def _subset_prediction(pred, sel):
                       pred.symmetry, pred.model)
 
 
+GLOBAL = "global MMSE (order 2 + 2 levels)"
+TOP8 = "deep-prior MMSE, top-8 cells, no check"
+ADAPTIVE = "deep-prior MMSE, adaptive seeds (99 % mass, <= 128 cells), no check"
+DEFAULT = f"deep-prior MMSE default: adaptive seeds + fit check (z < {AUTO_FALLBACK_Z:g}) + global fallback"
+Z_THRESHOLDS = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, 0.0)
+CONF_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _row(res, truth, seconds: float, n_total: int | None = None) -> dict:
+    """Errors and work of one assignment: rotations scored per particle, GFLOP of scoring, wall seconds."""
+    t = res.timings
+    gflop = t.get("scoring_gflop", t.get("scoring_gflops", 0.0) * t.get("scoring_s", 0.0))
+    return {**pose_error_metrics(res.mmse_rotations, truth), "rotations": t["scored_rotations_per_particle"],
+            "gflop": gflop, "seconds": seconds,
+            "fallback_fraction": (float(np.mean(res.fallback)) if getattr(res, "fallback", None) is not None
+                                  else None)}
+
+
+def _tradeoff(deep_err, glob_err, score, thresholds, deep_rot, glob_rot, deep_s, fit_s, glob_s,
+              below: bool = True) -> list[dict]:
+    """The curve of one fallback rule from the per-particle errors of the deep-prior and global searches (the
+    particles are independent, so a particle that falls back gets exactly its global result): for each threshold
+    the fraction falling back (``score < threshold``), the errors, the rotations scored per particle
+    (deep + fraction x global) and the wall time estimated as deep + fit + fraction x global."""
+    rows = []
+    for thr in thresholds:
+        fb = score < thr if below else score > thr
+        err = np.where(fb, glob_err, deep_err)
+        frac = float(fb.mean())
+        label = thr if np.isfinite(thr) else ("never" if thr < 0 else "always")
+        rows.append({"threshold": label, "fallback_fraction": frac, "mane_deg": float(err.mean()),
+                     "median_deg": float(np.median(err)), "frac_below_10": float((err < 10).mean()),
+                     "rotations": deep_rot + frac * glob_rot, "seconds_estimate": deep_s + fit_s + frac * glob_s})
+    return rows
+
+
 def section_deep_prior(cfg: Config, test, images, pred, volume, out: dict) -> None:
-    """Deep-prior MMSE vs the global MMSE search on the first ``n_deep_prior`` half-2 particles."""
+    """Deep-prior MMSE vs the global MMSE search on the first ``n_deep_prior`` half-2 particles (module doc)."""
     sel = np.arange(min(cfg.n_deep_prior, len(test)))
     sub, imgs = test.subset(sel), images[sel]
+    truth = sub.rotations
     sub_pred = _subset_prediction(pred, sel)
     search = PoseSearch(shift_range_px=0.0, threads=1, device="cpu")
-    rows = {}
-    t0 = time.perf_counter()
-    glob = assign_poses(sub, volume, search, images=imgs)
-    rows["global MMSE (order 2 + 2 levels)"] = (glob, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    res = deep_prior_assign(sub, sub_pred, volume, search, images=imgs, method="cells")
-    rows["deep-prior MMSE (cells)"] = (res, time.perf_counter() - t0)
+    table = {"network mode": {**pose_error_metrics(sub_pred.rotations, truth), "rotations": None, "gflop": None,
+                              "seconds": None, "fallback_fraction": None}}
+    runs = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        res = fn()
+        runs[name] = (res, time.perf_counter() - t0)
+        table[name] = _row(res, truth, runs[name][1])
+        r = table[name]
+        print(f"    [deep prior] {name}: median {r['median_deg']:.2f}° mean {r['mane_deg']:.2f}° rotations/particle "
+              f"{r['rotations']:.0f} {r['gflop']:.1f} GFLOP {r['seconds']:.1f} s", flush=True)
+        return res
+
+    glob = timed(GLOBAL, lambda: assign_poses(sub, volume, search, images=imgs))
+    top8 = timed(TOP8, lambda: deep_prior_assign(sub, sub_pred, volume, search, images=imgs, seed_mass=None,
+                                                 fallback="none"))
+    adaptive = timed(ADAPTIVE, lambda: deep_prior_assign(sub, sub_pred, volume, search, images=imgs,
+                                                         fallback="none"))
+    default = timed(DEFAULT, lambda: deep_prior_assign(sub, sub_pred, volume, search, images=imgs))
     third = np.arange(max(1, len(sel) // 3))  # the per-particle ball lattices are slow on a CPU: fewer particles
     t0 = time.perf_counter()
-    res = deep_prior_assign(sub.subset(third), _subset_prediction(sub_pred, third), volume, search,
-                            images=imgs[third], method="balls")
-    rows[f"deep-prior MMSE (balls, first {len(third)} particles)"] = (res, time.perf_counter() - t0)
-    table = {"network mode": {**pose_error_metrics(sub_pred.rotations, sub.rotations), "rotations": None,
-                              "seconds": None}}
-    for name, (res, sec) in rows.items():
-        rows_idx = third if "balls" in name else sel
-        table[name] = {**pose_error_metrics(res.mmse_rotations, sub.rotations[rows_idx]),
-                       "rotations": res.timings["scored_rotations_per_particle"], "seconds": sec}
-        print(f"    [deep prior] {name}: median {table[name]['median_deg']:.2f}° mean {table[name]['mane_deg']:.2f}° "
-              f"rotations/particle {table[name]['rotations']:.0f} {sec:.1f} s", flush=True)
-    deep = rows["deep-prior MMSE (cells)"][0]
-    table["reconstruction_deep_prior_cells"] = reconstruct_pcc(sub, imgs, deep.mmse_rotations, volume)
+    balls = deep_prior_assign(sub.subset(third), _subset_prediction(sub_pred, third), volume, search,
+                              images=imgs[third], method="balls", seed_mass=None, fallback="none")
+    table[f"deep-prior MMSE (balls around the top 8, first {len(third)} particles, no check)"] = _row(
+        balls, truth[third], time.perf_counter() - t0)
+
+    # trade-off curves: the fit z-score (and, for comparison, the network confidence) of the no-check runs
+    glob_err = geodesic_distance_deg(glob.mmse_rotations, truth)
+    glob_s = runs[GLOBAL][1]
+    curves = {}
+    for seeds, res in (("adaptive seeds", adaptive), ("top-8 cells", top8)):
+        t0 = time.perf_counter()
+        fit = fit_zscores(sub, volume, res.mle_rotations, res.mle_origins_A, res.noise, res.timings["radii_px"][-1],
+                          imgs, tolerance_deg=final_spacing_deg(search) / 2.0)  # as deep_prior_assign
+        fit_s = time.perf_counter() - t0
+        deep_err = geodesic_distance_deg(res.mmse_rotations, truth)
+        wrong = deep_err > 15
+        common = (deep_err, glob_err)
+        work = (res.timings["scored_rotations_per_particle"], glob.timings["scored_rotations_per_particle"],
+                runs[TOP8 if seeds == "top-8 cells" else ADAPTIVE][1], fit_s, glob_s)
+        curves[f"fit z-score, {seeds}"] = _tradeoff(*common, fit.z, (-np.inf,) + Z_THRESHOLDS + (np.inf,), *work)
+        curves[f"network confidence, {seeds}"] = _tradeoff(*common, sub_pred.confidence, CONF_THRESHOLDS, *work)
+        table[f"fit z-score separation, {seeds}"] = {
+            "n_wrong_over_15deg": int(wrong.sum()),
+            "z_wrong_max": float(fit.z[wrong].max()) if wrong.any() else None,
+            "z_right_percentiles_1_5_50": np.percentile(fit.z[~wrong], [1, 5, 50]).tolist(),
+            "confidence_wrong_median": float(np.median(sub_pred.confidence[wrong])) if wrong.any() else None,
+            "confidence_right_median": float(np.median(sub_pred.confidence[~wrong])), "fit_s": fit_s}
+    table["tradeoff"] = curves
+    table["reconstruction_deep_prior_default"] = reconstruct_pcc(sub, imgs, default.mmse_rotations, volume)
+    table["reconstruction_deep_prior_top8"] = reconstruct_pcc(sub, imgs, top8.mmse_rotations, volume)
     table["reconstruction_global"] = reconstruct_pcc(sub, imgs, glob.mmse_rotations, volume)
     out["deep_prior"] = table
+
+
+def section_deep_prior_only(cfg: Config, work: Path, results: dict) -> None:
+    """Section 4 on its own: the half-2 particles and so3grid networks of section 1 from ``work`` (simulated /
+    trained with the section-1 settings when missing)."""
+    volume, _ = read_map(fragment_map_path())
+    for snr in cfg.snrs:
+        particles, images = simulate(fragment_map_path(), cfg.n_particles, snr, 1 + int(snr * 1000), work, reuse=True)
+        h1, h2 = np.flatnonzero(particles.half_set == 1), np.flatnonzero(particles.half_set == 2)
+        checkpoint = work / f"so3grid_snr{snr}.pt"
+        if not checkpoint.is_file():
+            train_pose_network(particles.subset(h1), train_config(cfg, "so3grid"), checkpoint, images=images[h1],
+                               log=lambda line: print(f"  [so3grid {snr}] {line}", flush=True))
+        net = load_pose_network(checkpoint, device="cpu")
+        test = particles.subset(h2)
+        pred = predict_poses(net, test, images=images[h2], top_k=8, device="cpu")
+        entry = results.setdefault("halfset", {}).setdefault(str(snr), {}).setdefault("so3grid", {})
+        print(f"  [deep prior {snr}] {len(h2)} test particles, network {checkpoint}", flush=True)
+        section_deep_prior(cfg, test, images[h2], pred, volume, entry)
+
+
+def plot_tradeoff(results: dict, out: Path) -> None:
+    """fig_deep_prior_tradeoff.png: mean error against rotations scored per particle (% of the global search) for
+    the fallback rules, one panel per SNR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    snrs = [snr for snr, e in results.get("halfset", {}).items() if "tradeoff" in e.get("so3grid", {}).get(
+        "deep_prior", {})]
+    if not snrs:
+        return
+    fig, axes = plt.subplots(1, len(snrs), figsize=(5.2 * len(snrs), 4.0), squeeze=False)
+    for ax, snr in zip(axes[0], snrs):
+        dp = results["halfset"][snr]["so3grid"]["deep_prior"]
+        g = dp[GLOBAL]
+        for (name, rows), style in zip(dp["tradeoff"].items(), ("o-", "o--", "s-", "s--")):
+            x = [100 * r["rotations"] / g["rotations"] for r in rows]
+            ax.plot(x, [r["mane_deg"] for r in rows], style, ms=3, label=name)
+        d = dp[DEFAULT]
+        ax.plot(100 * d["rotations"] / g["rotations"], d["mane_deg"], "k*", ms=12, label="default (measured run)")
+        ax.axhline(g["mane_deg"], color="gray", lw=1, ls=":", label=f"global search ({g['mane_deg']:.1f}°)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rotations scored per particle (% of the global search)")
+        ax.set_ylabel("mean angular error (deg)")
+        ax.set_title(f"SNR {snr}: {dp['network mode']['n']} test particles")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fig_deep_prior_tradeoff.png", dpi=110)
+    plt.close(fig)
 
 
 def section_symmetry(cfg: Config, work: Path, results: dict) -> None:
@@ -246,11 +377,69 @@ def _f(x, fmt=".1f"):
     return "—" if x is None else format(x, fmt)
 
 
+def _pct(x, total) -> str:
+    return "—" if x is None or not total else f"{100 * x / total:.1f} %"
+
+
+def _deep_prior_lines(snr: str, dp: dict | None) -> list[str]:
+    """Section 4 of the report for one SNR: the comparison table, the z-score separation and the trade-off."""
+    if not dp:
+        return []
+    if GLOBAL not in dp:  # an older run's layout
+        return [f"### 4. Deep-prior MMSE, SNR {snr}: results of an older layout, see results.json", ""]
+    g = dp[GLOBAL]
+    lines = [f"### 4. Deep-prior MMSE vs global MMSE, SNR {snr} (first {dp['network mode']['n']} test particles, "
+             "so3grid network)", "",
+             "| poses | MAnE | median | < 5° | < 10° | falls back | rotations scored / particle (% of global) | "
+             "scoring GFLOP | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in dp.items():
+        if not isinstance(r, dict) or "mane_deg" not in r:
+            continue
+        rot = "—" if r["rotations"] is None else f"{r['rotations']:.0f} ({_pct(r['rotations'], g['rotations'])})"
+        fb = "—" if r.get("fallback_fraction") is None else f"{100 * r['fallback_fraction']:.1f} %"
+        lines.append(f"| {name} | {_f(r['mane_deg'], '.2f')} | {_f(r['median_deg'], '.2f')} | "
+                     f"{_f(r['frac_below_5'], '.2f')} | {_f(r['frac_below_10'], '.2f')} | {fb} | {rot} | "
+                     f"{_f(r['gflop'], '.2f')} | {_f(r['seconds'])} |")
+    lines += ["", "Reconstruction of those particles (PCC with the true map): "
+              + ", ".join(f"{k.replace('reconstruction_', '').replace('_', ' ')} {v['pcc']:.3f}"
+                          for k, v in dp.items() if k.startswith("reconstruction")) + ".", ""]
+    for name, sep in dp.items():
+        if name.startswith("fit z-score separation"):
+            lines.append(f"{name}: {sep['n_wrong_over_15deg']} particles > 15° off; their largest z "
+                         f"{_f(sep['z_wrong_max'], '.2f')}; z of the others (1st / 5th / 50th percentile) "
+                         + " / ".join(f"{v:.2f}" for v in sep["z_right_percentiles_1_5_50"])
+                         + f"; median network confidence wrong {_f(sep['confidence_wrong_median'], '.2f')} vs right "
+                         f"{sep['confidence_right_median']:.2f}; fit {sep['fit_s']:.2f} s.")
+    lines += ["", f"#### Trade-off of the fallback rules, SNR {snr}", "",
+              "Falling back = the particle gets its global-search result (computed once above; particles are "
+              "independent). Wall time estimated as deep-prior run + fit + fraction x global run.", "",
+              "| rule | fall back when | falls back | MAnE | median | < 10° | rotations / particle (% of global) "
+              "| wall s (est.) |", "|---|---|---|---|---|---|---|---|"]
+    for rule, rows in dp["tradeoff"].items():
+        if rule == "network confidence, top-8 cells":
+            continue  # in results.json and the figure
+        sign = "z < " if rule.startswith("fit") else "confidence < "
+        for r in rows:
+            when = r["threshold"] if isinstance(r["threshold"], str) else f"{sign}{r['threshold']:g}"
+            lines.append(f"| {rule} | {when} | {100 * r['fallback_fraction']:.1f} % | "
+                         f"{r['mane_deg']:.2f} | {r['median_deg']:.2f} | {r['frac_below_10']:.2f} | "
+                         f"{r['rotations']:.0f} ({_pct(r['rotations'], g['rotations'])}) | "
+                         f"{r['seconds_estimate']:.1f} |")
+    return lines + [""]
+
+
+NOTES_HEADING = "## Notes on this run"
+
+
 def write_report(results: dict, cfg: Config, out: Path, argv: list[str], seconds: float) -> None:
+    """README.md from ``results``; a hand-written part from the ``## Notes on this run`` heading on is kept."""
+    runs = results.get("runs") or {"all": {"command": " ".join(argv), "minutes": seconds / 60}}
+    commands = "; ".join(f"sections {name}: `.venv/bin/python benchmarks/deep_poses.py {run['command']}` — "
+                         f"{run['minutes']:.1f} min" for name, run in runs.items())
     lines = ["# Deep pose prediction: evidence", "",
-             f"Command: `.venv/bin/python benchmarks/deep_poses.py {' '.join(argv)}` — {seconds / 60:.1f} min on "
-             f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
-             f"{torch.__version__}, shared machine (other jobs ran at the same time, timings are indicative).", "",
+             f"Commands: {commands} — on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+             f"torch {torch.__version__}, shared machine (other jobs ran at the same time, timings are indicative).",
+             "",
              f"Settings: {json.dumps(asdict(cfg))}. Networks: so3grid = {asdict(train_config(cfg, 'so3grid'))}; "
              f"quaternion = {asdict(train_config(cfg, 'quaternion'))}.", "",
              "Errors are geodesic angles (degrees) between predicted and true RELION poses on half 2 (never seen "
@@ -271,21 +460,7 @@ def write_report(results: dict, cfg: Config, out: Path, argv: list[str], seconds
                          f"{_f(m['equivariance_median_deg'])}° | {m['best_epoch']} | {_f(m['train_s'], '.0f')} | "
                          f"{_f(m['median_error_low_conf_half'])} / {_f(m['median_error_high_conf_half'])} |")
         lines += [f"| true poses | 0 | 0 | 0 | 1 | 0 | {_f(rt['pcc'], '.3f')} | {_f(rt['fsc05_A'])} | | | | |", ""]
-        dp = entry["so3grid"].get("deep_prior")
-        if dp:
-            lines += [f"### 4. Deep-prior MMSE vs global MMSE, SNR {snr} (first {dp['network mode']['n']} test "
-                      "particles, so3grid network)", "",
-                      "| poses | MAnE | median | < 5° | < 10° | rotations scored / particle | wall s |",
-                      "|---|---|---|---|---|---|---|"]
-            for name, r in dp.items():
-                if name.startswith("reconstruction"):
-                    continue
-                lines.append(f"| {name} | {_f(r['mane_deg'], '.2f')} | {_f(r['median_deg'], '.2f')} | "
-                             f"{_f(r['frac_below_5'], '.2f')} | {_f(r['frac_below_10'], '.2f')} | "
-                             f"{_f(r['rotations'], '.0f')} | {_f(r['seconds'])} |")
-            lines += ["", f"Reconstruction of those particles: deep-prior MMSE poses PCC "
-                      f"{dp['reconstruction_deep_prior_cells']['pcc']:.3f}, global MMSE poses PCC "
-                      f"{dp['reconstruction_global']['pcc']:.3f}.", ""]
+        lines += _deep_prior_lines(snr, entry["so3grid"].get("deep_prior"))
     if "symmetry" in results:
         lines += ["## 3. Symmetric map (3J9G ring, exactly C2), SNR 0.1, so3grid", "",
                   "| trained as | median (C2-aware) | MAnE (C2-aware) | < 10° (C2-aware) | median (naive C1) | "
@@ -296,8 +471,14 @@ def write_report(results: dict, cfg: Config, out: Path, argv: list[str], seconds
                          f"| {_f(b['median_deg'])} | {_f(b['mane_deg'])} |")
         lines.append("")
     lines += ["Figures: `fig_errors.png` (error histograms on half 2), `fig_training.png` (validation median "
-              "error per epoch). All numbers: `results.json`.", ""]
-    (out / "README.md").write_text("\n".join(lines))
+              "error per epoch), `fig_deep_prior_tradeoff.png` (section 4: mean error against scored rotations "
+              "for the fallback rules). All numbers: `results.json`.", ""]
+    readme = out / "README.md"
+    if readme.is_file() and NOTES_HEADING in readme.read_text():
+        old = readme.read_text()
+        lines.append(old[old.index(NOTES_HEADING):].rstrip("\n"))
+        lines.append("")
+    readme.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run (a few minutes)")
     parser.add_argument("--sections", default="halfset,symmetry", help="comma list: halfset (incl. equivariance "
-                        "and deep prior), symmetry")
+                        "and deep prior), symmetry, deep_prior (section 4 alone, reusing --work; updates the "
+                        "existing results.json)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None, help="folder for simulated stacks and checkpoints")
     args = parser.parse_args(argv)
@@ -319,14 +501,30 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict = {"config": asdict(cfg)}
     sections = args.sections.split(",")
+    unknown = set(sections) - {"halfset", "symmetry", "deep_prior"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    only_deep_prior = "deep_prior" in sections and "halfset" not in sections
+    if only_deep_prior and (out / "results.json").is_file():  # update section 4 of the earlier run
+        results = json.loads((out / "results.json").read_text())
+        results.setdefault("runs", {"halfset,symmetry": {"command": "(earlier run)",
+                                                         "minutes": results.get("seconds", 0.0) / 60}})
     if "halfset" in sections:
         section_halfset(cfg, work, results)
+    elif "deep_prior" in sections:
+        section_deep_prior_only(cfg, work, results)
     if "symmetry" in sections:
         section_symmetry(cfg, work, results)
     seconds = time.perf_counter() - t0
-    results["seconds"] = seconds
+    if only_deep_prior:
+        results.setdefault("runs", {})["deep_prior"] = {"command": " ".join(argv), "minutes": seconds / 60}
+    else:
+        results["seconds"] = seconds
+        results["runs"] = {args.sections: {"command": " ".join(argv), "minutes": seconds / 60}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, out)
+    if "halfset" in results and all(m in e for e in results["halfset"].values() for m in ("so3grid", "quaternion")):
+        plot(results, out)
+    plot_tradeoff(results, out)
     write_report(results, cfg, out, argv, seconds)
     print(f"wrote {out} in {seconds / 60:.1f} min", flush=True)
     return 0

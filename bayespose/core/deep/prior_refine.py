@@ -1,21 +1,55 @@
-"""Deep-prior MMSE: Bayesian pose assignment restricted to a pose network's predicted regions.
+"""Deep-prior MMSE: Bayesian pose assignment restricted to a pose network's predicted regions, verified per
+particle, with a global-search fallback for the particles the network got wrong.
 
 DESIGN.md "Deep pose prediction" and paper 002 App. F (local refinement from predicted poses): the network's
 distribution narrows the search to a few regions of SO(3), and the MMSE engine (:mod:`bayespose.core.posterior`)
-scores only there, with the network's distribution as the prior.
+scores only there, with the network's distribution as the prior. Three stages:
 
-Search regions (``method``):
+1. **Seeds** (where to search). ``so3grid`` predictions: the most probable network cells that together hold
+   ``seed_mass`` of the predicted probability (at most ``max_seed_cells`` of them), so an uncertain prediction
+   gets a wider search automatically; with ``seed_mass=None`` the prediction's fixed top-K rotations (``top_k``).
+   ``quaternion`` predictions (no distribution): the top-K test-time-augmentation rotations.
+2. **Search regions** (``method``):
 
-* ``"cells"`` (default): a seeded coarse-to-fine search. The cells of the engine's HEALPix grid
-  (``search.healpix_order``) whose centre lies within ``local_range_deg`` of any of the particle's predicted
-  top-K rotations are scored first, then refined ``search.refine_levels`` times exactly as in the global search
-  (:func:`~bayespose.core.posterior.assign_poses` ``seed_cells``). Every cell is projected once for all particles,
-  so a scored rotation costs what it costs in the global search. Default range: the network grid's spacing
-  (the predicted cells and their neighbours); 20° for the quaternion model.
-* ``"balls"``: local lattices of radius ``local_range_deg`` (step range / 3) around each of the top-K rotations
-  (:func:`assign_poses` ``centers``; the union of the balls, each region scored once). Per-particle rotations
-  are projected per particle, which costs far more per scored rotation on a CPU. Default range: 0.75 grid
-  spacings (a HEALPix cell's corners lie within about 0.7 spacings of its centre), 20° for quaternions.
+   * ``"cells"`` (default): a seeded coarse-to-fine search. The cells of the engine's HEALPix grid
+     (``search.healpix_order``) whose centre lies within ``local_range_deg`` of any seed rotation are scored first,
+     then refined ``search.refine_levels`` times exactly as in the global search
+     (:func:`~bayespose.core.posterior.assign_poses` ``seed_cells``). Every cell is projected once for all
+     particles, so a scored rotation costs what it costs in the global search. Default range: the network grid's
+     spacing (the seed cells and their neighbours); 20° for the quaternion model.
+   * ``"balls"``: local lattices of radius ``local_range_deg`` (step range / 3) around each seed rotation
+     (:func:`assign_poses` ``centers``; the union of the balls, each region scored once). Per-particle rotations
+     are projected per particle, which costs far more per scored rotation on a CPU. Default range: 0.75 grid
+     spacings (a HEALPix cell's corners lie within about 0.7 spacings of its centre), 20° for quaternions.
+
+3. **Verification and fallback** (``fallback``). A network can be confidently wrong (e.g. a view turned by 180°
+   that its low-resolution input does not tell apart): then the true pose is never searched and the MMSE of the
+   searched region is wrong however good the map. Each particle's best searched pose (R, o) (the MLE of the
+   searched set: the question is whether the region holds a pose that explains the data) is checked with the
+   **fit z-score** (:func:`fit_zscores`) ``z = (LLR - E + L) / sqrt(2 E)``, where
+   ``LLR = Σ [2 Re(conj(Y) α C S_o P_R) - α² C² |P_R|²] / σ²`` is the log-likelihood gain of the pose over "no
+   signal", ``E = Σ α² C² |P_R|² / σ²`` the expected signal energy at that pose (α: reference scale, C: CTF,
+   σ²: noise power per shell, sums over the final stage's frequency band; the noise model of the assignment) and
+   ``L`` the expected loss of a pose half the finest grid step away (the grid's own discretisation, which grows
+   with E). At the true pose ``LLR = E + 2 Re<N, αCP>/σ²`` so ``(LLR - E) / sqrt(2E) ~ N(0, 1)``; at a wrong pose
+   R' (true R) ``LLR - E ≈ -Σ α²C²|P_R - P_R'|²/σ² + (E_R - E_R')``, so z falls by the squared distance between
+   the two projections in noise units, a quantity that the noise of the data does not mask (the ``|N|²`` term
+   cancels). Particles with ``z < threshold`` are re-assigned by the global search of :func:`assign_poses`
+   (HEALPix order and refinement of ``search``, uniform prior, the same noise model, shifts around the input
+   origins) and get its result. ``fallback="auto"`` uses ``AUTO_FALLBACK_Z``; ``"none"`` (or None) turns the check
+   off; a number is the threshold itself (higher = more particles fall back). The z-score assumes the noise model
+   and reference scale are right: a scale off by a fraction ε shifts it by about ``-ε sqrt(2E)``.
+
+Measured (benchmarks/deep_poses.py section 4, benchmarks/results/deep/README.md: 300 test particles of the 3J9G
+fragment, 64 px, CTF, so3grid network trained on 1500 others; global search = order 2 + 2 levels): the network
+confidence does not separate right from wrong predictions (the wrong ones are as confident: 180° flips); the fit
+z-score does. Adaptive seeds alone cut the mean error from 17.4° to 4.5° (SNR 0.1) and from 56° to 19° (SNR 0.03)
+at 5-7 % of the global search's scored rotations; with the check at ``AUTO_FALLBACK_Z`` = -1.5 the default
+matches the global search's mean and median error (SNR 0.1: 3.7° / 2.9°, SNR 0.03: 4.4° / 3.1°) with about a
+quarter of its scored rotations (24-28 %) and a third of its scoring FLOPs. Stricter thresholds save work at
+high SNR but lose accuracy at SNR 0.03 (-2.5: mean 6.1°). On a CPU at 64 px without shifts the wall time is not
+lower than the global search's: the seeded per-particle scoring path of the engine costs more per rotation than
+the global search's shared matrix products (see the README).
 
 Priors: ``so3grid`` prediction -> :class:`~bayespose.core.priors.GridPrior` on ``healpix_grid(grid_order)`` with
 the predicted log probabilities (a rotation gets the probability of the network cell containing it);
@@ -28,44 +62,55 @@ Shifts: the shift lattice of ``search`` around each particle's input origin. Sym
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+import time
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import numpy as np
+import torch
 
+from ..ctf import ctf_2d
+from ..forward import prepare_volume, slice_coefficients
 from ..grids import healpix_grid
+from ..io.mrc import read_images
+from ..noise import scoring_frequencies
 from ..particles import ParticleSet
-from ..posterior import PoseAssignment, PoseSearch, assign_poses
+from ..posterior import NoiseModel, PoseAssignment, PoseSearch, assign_poses, choose_device
 from ..priors import GridPrior, IGSO3Prior
 from .predict import PosePrediction
 
-__all__ = ["deep_prior_assign", "default_local_range_deg", "cells_near", "METHODS"]
+__all__ = ["deep_prior_assign", "default_local_range_deg", "cells_near", "seed_rotations", "fit_zscores",
+           "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit", "METHODS",
+           "AUTO_FALLBACK_Z", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS"]
 
 QUATERNION_RANGE_DEG = 20.0
-
-
 METHODS = ("cells", "balls")
+# defaults chosen on benchmarks/deep_poses.py section 4 (README "Deep-prior MMSE: seeds and fallback")
+AUTO_FALLBACK_Z = -1.5
+DEFAULT_SEED_MASS = 0.99
+DEFAULT_MAX_SEED_CELLS = 128
 
 
 def default_local_range_deg(prediction: PosePrediction, method: str = "cells") -> float:
-    """Default radius (degrees) of the searched regions around the predicted rotations (module doc)."""
+    """Default radius (degrees) of the searched regions around the seed rotations (module doc)."""
     if prediction.grid_order is None:
         return QUATERNION_RANGE_DEG
     spacing = healpix_grid(prediction.grid_order).spacing_deg
     return spacing if method == "cells" else 0.75 * spacing
 
 
-def cells_near(rotations: np.ndarray, order: int, range_deg: float, chunk: int = 256) -> np.ndarray:
+def cells_near(rotations: np.ndarray, order: int, range_deg: float, chunk: int | None = None) -> np.ndarray:
     """Cells of ``healpix_grid(order)`` whose centre lies within ``range_deg`` of any of the rotations
     (N, K, 3, 3) of each particle: (N, C) indices, padded with -1 (C = the largest count; the nearest cell of
-    each rotation is always included)."""
+    each rotation is always included). ``chunk``: particles per block (default: about 4 M traces per block)."""
     grid = healpix_grid(order).rotations.reshape(-1, 9)
     cos_limit = 1.0 + 2.0 * math.cos(math.radians(range_deg))  # trace at the limit angle
     n, k = rotations.shape[:2]
+    chunk = chunk or max(1, 4_000_000 // (k * len(grid)))
     rows = []
     for s in range(0, n, chunk):
         r = rotations[s:s + chunk].reshape(-1, 9)
-        trace = (r @ grid.T).reshape(-1, k, len(grid))  # tr(R^T G) = cos-related, (B, K, G)
+        trace = (r @ grid.T).reshape(-1, k, len(grid))  # tr(R^T G) = 1 + 2 cos(angle), (B, K, G)
         near = (trace >= cos_limit).any(1)
         nearest = np.argmax(trace, axis=2)  # (B, K)
         near[np.repeat(np.arange(len(near)), k), nearest.ravel()] = True
@@ -74,26 +119,17 @@ def cells_near(rotations: np.ndarray, order: int, range_deg: float, chunk: int =
     return np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows])
 
 
-def deep_prior_assign(particles: ParticleSet, prediction: PosePrediction, volume: np.ndarray,
-                      search: PoseSearch | None = None, images: np.ndarray | None = None,
-                      progress: Callable[[int, int], None] | None = None,
-                      local_range_deg: float | None = None, top_k: int | None = None,
-                      method: str = "cells") -> PoseAssignment:
-    """MMSE pose assignment of ``particles`` against ``volume`` restricted to the network's predicted regions.
+def seed_rotations(prediction: PosePrediction, seed_mass: float | None = DEFAULT_SEED_MASS,
+                   max_seed_cells: int = DEFAULT_MAX_SEED_CELLS,
+                   top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rotations (N, C, 3, 3) around which each particle is searched and their count per particle (N,).
 
-    ``search``: grid, refinement, shift and noise settings (``healpix_order``/``refine_levels`` for ``cells``;
-    ``local_step_deg`` (default range / 3) for ``balls``; ``symmetry`` default the prediction's).
-    ``local_range_deg``: radius of the regions around the predicted rotations (default
-    :func:`default_local_range_deg`). ``top_k``: use only the first ``top_k`` predicted rotations (default: all
-    in the prediction). ``method``: ``cells`` or ``balls`` (module doc). Returns the
-    :class:`~bayespose.core.posterior.PoseAssignment`; ``timings["scored_rotations_per_particle"]`` and
-    ``timings["total_s"]`` measure the work (compare with a global :func:`assign_poses`).
+    With ``seed_mass`` in (0, 1] and a grid prediction (``log_probabilities`` set): per particle the most probable
+    cells of ``healpix_grid(prediction.grid_order)`` until their summed probability reaches ``seed_mass``, at most
+    ``max_seed_cells`` (at least 1); rows are padded by repeating the most probable cell (a repeated centre adds
+    no region). Otherwise (``seed_mass`` None, or a quaternion prediction): the prediction's ``top_rotations``,
+    the first ``top_k`` of them when given.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    n = len(particles)
-    if len(prediction) != n:
-        raise ValueError(f"prediction has {len(prediction)} particles, the set {n}")
     centres = np.asarray(prediction.top_rotations, dtype=np.float64)
     if centres.ndim != 4 or centres.shape[-2:] != (3, 3):
         raise ValueError(f"prediction.top_rotations must be (N, K, 3, 3), got {centres.shape}")
@@ -101,6 +137,203 @@ def deep_prior_assign(particles: ParticleSet, prediction: PosePrediction, volume
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         centres = centres[:, :top_k]
+    if seed_mass is None or prediction.log_probabilities is None:
+        return centres, np.full(len(centres), centres.shape[1])
+    if not 0 < seed_mass <= 1:
+        raise ValueError(f"seed_mass must be in (0, 1] (a fraction of the predicted probability), got {seed_mass}")
+    if max_seed_cells < 1:
+        raise ValueError(f"max_seed_cells must be >= 1, got {max_seed_cells}")
+    log_p = np.asarray(prediction.log_probabilities, dtype=np.float64)
+    cap = min(int(max_seed_cells), log_p.shape[1])
+    top = np.argpartition(-log_p, cap - 1, axis=1)[:, :cap] if cap < log_p.shape[1] else np.tile(
+        np.arange(log_p.shape[1]), (len(log_p), 1))
+    top_logp = np.take_along_axis(log_p, top, axis=1)
+    order = np.argsort(-top_logp, axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    p = np.exp(np.take_along_axis(top_logp, order, axis=1) - np.logaddexp.reduce(log_p, axis=1, keepdims=True))
+    counts = np.minimum((np.cumsum(p, axis=1) < seed_mass).sum(1) + 1, cap)
+    cells = np.where(np.arange(cap)[None] < counts[:, None], top, top[:, :1])
+    return healpix_grid(int(prediction.grid_order)).rotations[cells], counts
+
+
+@dataclass
+class PoseFit:
+    """Per-particle fit of given poses (N,): ``llr`` log-likelihood gain over "no signal" (nats), ``energy`` the
+    expected signal energy ``Σ α² C² |P|² / σ²`` (nats), ``grid_loss`` the expected log-likelihood lost by a pose
+    ``tolerance_deg`` away (nats; 0 without tolerance), ``z = (llr - energy + grid_loss) / sqrt(2 energy)``
+    (~N(0, 1) at the true pose when ``grid_loss`` is 0; module doc), ``radius_px`` the Fourier radius of the
+    sums."""
+
+    llr: np.ndarray
+    energy: np.ndarray
+    z: np.ndarray
+    radius_px: float
+    grid_loss: np.ndarray | None = None
+
+
+def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarray, origins_A: np.ndarray | None,
+                noise: NoiseModel, radius_px: float, images: np.ndarray | None = None, device=None,
+                batch_size: int = 256, tolerance_deg: float = 0.0, n_axes: int = 3, seed: int = 0) -> PoseFit:
+    """The fit z-score of one pose per particle (module doc, stage 3) under the assignment's noise model.
+
+    ``rotations`` (N, 3, 3) RELION ``A``; ``origins_A`` (N, 2) rlnOriginX/Y in Å (None: zeros); ``noise`` the
+    :class:`~bayespose.core.posterior.NoiseModel` of the assignment (noise power per shell in unnormalised DFT
+    units, reference scale α); ``radius_px``: Fourier radius (px of the particle box) of the scored band, e.g.
+    ``result.timings["radii_px"][-1]``. The sums run over the non-redundant half plane, DC excluded, as the
+    engine's. ``tolerance_deg`` > 0: the poses come from a grid whose best point lies up to about this far from
+    the truth (half the finest grid step), so the z-score is credited with the expected loss of such an offset,
+    ``grid_loss = mean_a Σ α² C² |P_R - P_R·exp(δ a)|² / σ²`` over ``n_axes`` random unit axes ``a`` (seeded),
+    ``δ = tolerance_deg``; without it, at high SNR (large E) a right pose on a coarse grid would look wrong.
+    Cost: ``1 + n_axes`` projections per particle (with a tolerance), about what scoring as many rotations costs.
+    """
+    n = len(particles)
+    rotations = np.asarray(rotations, dtype=np.float64)
+    if rotations.shape != (n, 3, 3):
+        raise ValueError(f"need one rotation (3, 3) per particle, got {rotations.shape} for {n} particles")
+    if not radius_px > 0:
+        raise ValueError(f"the Fourier radius must be > 0 px, got {radius_px}")
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.shape != (particles.box,) * 3:
+        raise ValueError(f"map box {volume.shape} does not match the particle box {particles.box} px")
+    dev = choose_device(device)
+    prepared = prepare_volume(volume, device=dev)
+    box, px = particles.box, particles.pixel_size
+    freqs = scoring_frequencies(box, min(radius_px, box / 2.0))
+    kx, ky = freqs.kx.to(dev), freqs.ky.to(dev)
+    sigma2 = torch.as_tensor(noise.noise_power, dtype=torch.float32, device=dev)[freqs.shell.to(dev)]
+    sigma2 = torch.clamp(sigma2, min=float(sigma2.max()) * 1e-6)  # as the engine
+    origins_px = np.zeros((n, 2)) if origins_A is None else np.asarray(origins_A, dtype=np.float64) / px
+    if tolerance_deg < 0 or n_axes < 1:
+        raise ValueError(f"tolerance must be >= 0 degrees and n_axes >= 1, got {tolerance_deg}, {n_axes}")
+    turns = _random_turns(n, n_axes, tolerance_deg, seed) if tolerance_deg > 0 else None  # (A, N, 3, 3)
+    llr, energy, loss = np.zeros(n), np.zeros(n), np.zeros(n)
+    for s in range(0, n, batch_size):
+        index = np.arange(s, min(n, s + batch_size))
+        imgs = images[index] if images is not None else read_images(particles, index)
+        y = freqs.select(torch.fft.rfft2(torch.as_tensor(np.asarray(imgs, dtype=np.float32), device=dev)))
+        ctf = (freqs.select(ctf_2d(particles.ctf.subset(index), px, box, rfft=True, device=dev))
+               if particles.ctf is not None else torch.ones_like(y.real))
+        model = noise.scale * ctf * slice_coefficients(prepared, rotations[index], kx, ky)  # α C P_R
+        shift = torch.as_tensor(origins_px[index], dtype=torch.float32, device=dev)
+        angle = (-2.0 * math.pi / box) * (shift[:, :1] * kx + shift[:, 1:] * ky)  # centres Y (moves it by +o)
+        y_centred = y * torch.polar(torch.ones_like(angle), angle)
+        e = model.abs() ** 2 / sigma2
+        llr[index] = (2.0 * (y_centred * model.conj()).real / sigma2 - e).sum(1).double().cpu().numpy()
+        energy[index] = e.sum(1).double().cpu().numpy()
+        if turns is not None:
+            for turn in turns:
+                moved = noise.scale * ctf * slice_coefficients(prepared, rotations[index] @ turn[index], kx, ky)
+                loss[index] += ((model - moved).abs() ** 2 / sigma2).sum(1).double().cpu().numpy() / len(turns)
+    z = (llr - energy + loss) / np.sqrt(2.0 * np.maximum(energy, 1e-12))
+    return PoseFit(llr=llr, energy=energy, z=z, radius_px=float(freqs.radius), grid_loss=loss)
+
+
+def _random_turns(n: int, n_axes: int, angle_deg: float, seed: int) -> np.ndarray:
+    """(n_axes, n, 3, 3) rotations by ``angle_deg`` about random unit axes (seeded)."""
+    from scipy.spatial.transform import Rotation
+
+    axes = np.random.default_rng(seed).standard_normal((n_axes * n, 3))
+    axes *= math.radians(angle_deg) / np.linalg.norm(axes, axis=1, keepdims=True)
+    return Rotation.from_rotvec(axes).as_matrix().reshape(n_axes, n, 3, 3)
+
+
+def final_spacing_deg(search: PoseSearch, method: str = "cells") -> float:
+    """Angular step (degrees) of the finest grid a deep-prior search scores: the HEALPix spacing halved
+    ``refine_levels`` times (``cells``), or the local lattice step (``balls``)."""
+    if method == "balls":
+        return float(search.local_step_deg or search.local_range_deg / 4.0)
+    return healpix_grid(search.healpix_order).spacing_deg / 2 ** search.refine_levels
+
+
+def fallback_threshold(fallback: str | float | None) -> float | None:
+    """The z threshold of a ``fallback`` setting: ``"auto"`` -> ``AUTO_FALLBACK_Z``, ``"none"``/None -> None (no
+    check), a number (or a numeric string) -> itself."""
+    if fallback is None:
+        return None
+    if isinstance(fallback, str):
+        word = fallback.strip().lower()
+        if word == "auto":
+            return AUTO_FALLBACK_Z
+        if word in ("none", "off", "no"):
+            return None
+        try:
+            fallback = float(word)
+        except ValueError:
+            raise ValueError(f"fallback must be 'auto', 'none' or a z threshold (a number), got {fallback!r}") \
+                from None
+    if isinstance(fallback, bool) or not isinstance(fallback, (int, float)) or not math.isfinite(fallback):
+        raise ValueError(f"fallback must be 'auto', 'none' or a finite z threshold, got {fallback!r}")
+    return float(fallback)
+
+
+@dataclass
+class DeepPriorAssignment(PoseAssignment):
+    """A :class:`~bayespose.core.posterior.PoseAssignment` of deep-prior MMSE with the verification results:
+    ``fit_z`` (N,) fit z-score of each particle's best searched pose (the MLE of the deep-prior search),
+    ``fallback`` (N,) bool: re-assigned by the global search (its rows hold the global result), ``seed_counts``
+    (N,) seed rotations per particle. ``timings`` adds ``deep_s``, ``fit_s``, ``fallback_s``,
+    ``fallback_particles``, ``deep_scored_rotations_per_particle`` (the deep-prior search alone),
+    ``fallback_scored_rotations`` (total of the global re-assignment) and ``scoring_gflop`` (GFLOP of all
+    scoring); ``scored_rotations_per_particle``, ``setup_s``, ``scoring_s`` and ``total_s`` count both searches
+    (rotations per input particle)."""
+
+    fit_z: np.ndarray | None = None
+    fallback: np.ndarray | None = None
+    seed_counts: np.ndarray | None = None
+
+    def to_particle_set(self, particles: ParticleSet, estimator: str = "mmse") -> ParticleSet:
+        """:meth:`PoseAssignment.to_particle_set` plus columns ``bpDeepFitZ`` and ``bpDeepFallback`` (1: the
+        particle's pose comes from the global search)."""
+        out = super().to_particle_set(particles, estimator)
+        if self.fit_z is not None:
+            out.extra["bpDeepFitZ"] = np.asarray(self.fit_z, dtype=np.float64)
+        if self.fallback is not None:
+            out.extra["bpDeepFallback"] = np.asarray(self.fallback, dtype=np.int64)
+        return out
+
+
+_PER_PARTICLE = ("mmse_rotations", "mmse_origins_A", "map_rotations", "map_origins_A", "mle_rotations",
+                 "mle_origins_A", "pmax", "n_significant", "expected_error_deg", "concentration", "log_evidence")
+
+
+def deep_prior_assign(particles: ParticleSet, prediction: PosePrediction, volume: np.ndarray,
+                      search: PoseSearch | None = None, images: np.ndarray | None = None,
+                      progress: Callable[[int, int], None] | None = None,
+                      local_range_deg: float | None = None, top_k: int | None = None,
+                      method: str = "cells", seed_mass: float | str | None = "auto",
+                      max_seed_cells: int = DEFAULT_MAX_SEED_CELLS,
+                      fallback: str | float | None = "auto", noise: NoiseModel | None = None) -> DeepPriorAssignment:
+    """MMSE pose assignment of ``particles`` against ``volume`` restricted to the network's predicted regions,
+    with a global-search fallback for the particles whose deep-prior pose does not fit (module doc).
+
+    ``search``: grid, refinement, shift and noise settings (``healpix_order``/``refine_levels`` for ``cells`` and
+    for the fallback; ``local_step_deg`` (default range / 3) for ``balls``; ``symmetry`` default the
+    prediction's). ``local_range_deg``: radius of the regions around the seed rotations (default
+    :func:`default_local_range_deg`). Seeds (:func:`seed_rotations`): the cells holding ``seed_mass`` of the
+    predicted probability, at most ``max_seed_cells``; ``seed_mass=None``: the prediction's top-K rotations (the
+    first ``top_k`` when given); ``"auto"``: ``DEFAULT_SEED_MASS`` for ``cells``, the top-K for ``balls`` (every
+    seed there adds a whole per-particle lattice). ``method``: ``cells`` or ``balls``. ``fallback``: ``"auto"``
+    (z < ``AUTO_FALLBACK_Z``), ``"none"``/None, or a z threshold (:func:`fallback_threshold`). ``noise``: a given
+    noise model and reference scale (default: estimated from up to 1000 of the particles, as
+    :func:`assign_poses`; the fit z-score shifts by about ``-ε·sqrt(2E)`` for a scale off by a fraction ε, so
+    sets of a few dozen particles, whose scale estimate is a few % off, are better given one from more).
+    Returns a :class:`DeepPriorAssignment`; ``timings["scored_rotations_per_particle"]`` and ``timings["total_s"]``
+    measure the whole work (compare with a global :func:`assign_poses`).
+    """
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    threshold = fallback_threshold(fallback)
+    n = len(particles)
+    if len(prediction) != n:
+        raise ValueError(f"prediction has {len(prediction)} particles, the set {n}")
+    if images is not None and len(images) != n:
+        raise ValueError(f"{len(images)} images for {n} particles")
+    if isinstance(seed_mass, str):
+        if seed_mass != "auto":
+            raise ValueError(f"seed_mass must be a fraction in (0, 1], None or 'auto', got {seed_mass!r}")
+        seed_mass = DEFAULT_SEED_MASS if method == "cells" else None
+    centres, counts = seed_rotations(prediction, seed_mass, max_seed_cells, top_k)
     range_deg = float(local_range_deg) if local_range_deg is not None else default_local_range_deg(prediction,
                                                                                                    method)
     if not 0 < range_deg <= 90:
@@ -111,12 +344,72 @@ def deep_prior_assign(particles: ParticleSet, prediction: PosePrediction, volume
         prior = GridPrior(int(prediction.grid_order), prediction.log_probabilities)
     else:
         prior = IGSO3Prior(np.asarray(prediction.rotations, dtype=np.float64), math.radians(range_deg) / 3.0)
-    if method == "cells":
-        search = replace(search, local_range_deg=None, symmetry=symmetry)
-        seeds = cells_near(centres, search.healpix_order, range_deg)
-        return assign_poses(particles, volume, search, prior, images=images, progress=progress, seed_cells=seeds)
-    search = replace(search, local_range_deg=range_deg, local_step_deg=search.local_step_deg or range_deg / 3.0,
-                     symmetry=symmetry)
     # the engine centres the shift lattice on the input origins (zeros when the particles have none)
     target = particles if particles.origins_A is not None else replace(particles, origins_A=np.zeros((n, 2)))
-    return assign_poses(target, volume, search, prior, images=images, progress=progress, centers=centres)
+    if method == "cells":
+        deep_search = replace(search, local_range_deg=None, symmetry=symmetry)
+        seeds = cells_near(centres, deep_search.healpix_order, range_deg)
+        deep = assign_poses(target, volume, deep_search, prior, images=images, noise=noise, progress=progress,
+                            seed_cells=seeds)
+    else:
+        deep_search = replace(search, local_range_deg=range_deg,
+                              local_step_deg=search.local_step_deg or range_deg / 3.0, symmetry=symmetry)
+        deep = assign_poses(target, volume, deep_search, prior, images=images, noise=noise, progress=progress,
+                            centers=centres)
+    t_deep = time.perf_counter() - t_start
+    result = DeepPriorAssignment(**{f.name: getattr(deep, f.name) for f in fields(PoseAssignment)},
+                                 fallback=np.zeros(n, dtype=bool), seed_counts=counts)
+    timings = dict(deep.timings)
+    timings.update(scoring_gflop=_gflop(deep.timings), deep_s=t_deep, fit_s=0.0, fallback_s=0.0,
+                   fallback_particles=0, fallback_scored_rotations=0.0,
+                   deep_scored_rotations_per_particle=deep.timings["scored_rotations_per_particle"])
+    result.timings = timings
+    if threshold is None:
+        timings["total_s"] = time.perf_counter() - t_start
+        return result
+    t0 = time.perf_counter()
+    # the best-fitting searched pose (the MLE of the searched set, prior left out): does the region hold the data?
+    fit = fit_zscores(target, volume, deep.mle_rotations, deep.mle_origins_A, deep.noise,
+                      deep.timings["radii_px"][-1], images, search.device,
+                      tolerance_deg=final_spacing_deg(deep_search, method) / 2.0)
+    result.fit_z = fit.z
+    timings["fit_s"] = time.perf_counter() - t0
+    rows = np.flatnonzero(fit.z < threshold)
+    if len(rows):
+        t0 = time.perf_counter()
+        glob = _global_assign(target, rows, volume, replace(search, local_range_deg=None, symmetry=symmetry),
+                              images, deep.noise, progress, n)
+        for name in _PER_PARTICLE:
+            getattr(result, name)[rows] = getattr(glob, name)
+        result.fallback[rows] = True
+        timings.update(fallback_s=time.perf_counter() - t0, fallback_particles=int(len(rows)),
+                       fallback_scored_rotations=glob.timings["scored_rotations_per_particle"] * len(rows),
+                       setup_s=deep.timings["setup_s"] + glob.timings["setup_s"],
+                       scoring_s=deep.timings["scoring_s"] + glob.timings["scoring_s"])
+        timings["scoring_gflop"] = _gflop(deep.timings) + _gflop(glob.timings)
+        timings["scoring_gflops"] = timings["scoring_gflop"] / max(timings["scoring_s"], 1e-9)
+    timings["scored_rotations_per_particle"] = (timings["deep_scored_rotations_per_particle"]
+                                                + timings["fallback_scored_rotations"] / n)
+    timings["total_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _gflop(timings: dict) -> float:
+    """Floating-point work (GFLOP) of one :func:`assign_poses` run from its timings (rate x seconds)."""
+    return float(timings.get("scoring_gflops", 0.0)) * float(timings.get("scoring_s", 0.0))
+
+
+def _global_assign(particles: ParticleSet, rows: np.ndarray, volume: np.ndarray, search: PoseSearch,
+                   images: np.ndarray | None, noise: NoiseModel,
+                   progress: Callable[[int, int], None] | None, n_total: int) -> PoseAssignment:
+    """The global coarse-to-fine search (uniform prior, given noise model) of the particles ``rows``, with the
+    shift lattice around their input origins (all coarse cells as seeds when the origins are not all zero, which
+    is the global search centred there; the plain global search otherwise). ``progress`` continues after the
+    ``n_total`` particles of the first pass."""
+    sub = particles.subset(rows)
+    imgs = images[rows] if images is not None else None
+    report = (lambda done, total: progress(n_total + done, n_total + total)) if progress else None
+    if sub.origins_A is None or not np.any(sub.origins_A):
+        return assign_poses(sub, volume, search, images=imgs, noise=noise, progress=report)
+    every = np.tile(np.arange(len(healpix_grid(search.healpix_order))), (len(rows), 1))
+    return assign_poses(sub, volume, search, images=imgs, noise=noise, progress=report, seed_cells=every)

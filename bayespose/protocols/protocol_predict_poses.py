@@ -1,0 +1,397 @@
+"""Scipion protocol ``bayespose - predict poses``: the poses of particles from a trained pose network, optionally
+refined by MMSE with the network's predicted distribution as the prior (thin wrapper over
+:func:`bayespose.core.deep.predict_poses` and :func:`bayespose.core.deep.deep_prior_assign`, the same functions as
+``bayespose predict``).
+
+Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; the reference volume ->
+``extra/reference.mrc`` when refining), ``predictStep`` (writes ``extra/prediction.npz`` and
+``extra/predicted_particles.star``), ``refineStep`` (only with a reference: deep-prior MMSE, writes
+``extra/assignment.npz`` in the format of 'assign poses (MMSE)' and ``extra/refined_particles.star``) and
+``createOutputStep`` (the input particles with the predicted or refined projection alignment and ``_bp...``
+attributes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pyworkflow.protocol.params as params
+from pwem.objects import SetOfParticles
+from pwem.protocols import EMProtocol
+from pyworkflow.constants import BETA
+
+from ..convert import SCIPION_ID, fill_set_of_particles, particles_from_scipion
+from ..core.io.mrc import read_map, write_map
+from ..core.io.relion_star import read_star, write_star
+from ..core.particles import ParticleSet
+from ..core.rotations import matrix_to_euler
+from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from .protocol_assign_poses import PIXEL_SIZE_RTOL, load_assignment, output_attributes, save_assignment
+from .protocol_simulate import volume_file
+from .protocol_train_network import add_gpu_params, gpu_device, progress_logger
+
+INPUT_STAR = "input_particles.star"
+REFERENCE_MAP = "reference.mrc"
+PREDICTION_NPZ = "prediction.npz"
+PREDICTED_STAR = "predicted_particles.star"
+RESULT_NPZ = "assignment.npz"
+REFINED_STAR = "refined_particles.star"
+NETWORK_PIXEL_RTOL = 1e-3  # particles and network: pixel sizes within 0.1 % (what predict_poses accepts)
+
+
+# ------------------------------------------------------------------------------------------ result file (npz)
+def save_prediction(path: str, prediction, particles: ParticleSet, symmetry: str) -> None:
+    """Write a :class:`bayespose.core.deep.PosePrediction` (without the full grid distribution, which is recomputed
+    for one particle on demand) to ``path`` (npz): the mode ``rotations`` (N, 3, 3) RELION ``A``, ``confidence``,
+    ``top_rotations`` (N, K, 3, 3), ``top_probabilities`` (N, K), the ``bpDeep*`` columns of
+    ``prediction.to_particle_set`` (as ``col_<name>``), the Scipion ids, the input rotations (empty when the input
+    had no alignment), the grid order (-1 for the quaternion model) and the symmetry."""
+    columns = prediction.to_particle_set(replace(particles, extra={})).extra
+    arrays = {f"col_{name}": np.asarray(values) for name, values in columns.items()
+              if name.startswith("bpDeep") and np.issubdtype(np.asarray(values).dtype, np.number)}
+    arrays.update(rotations=np.asarray(prediction.rotations, dtype=np.float64),
+                  confidence=np.asarray(prediction.confidence, dtype=np.float64),
+                  top_rotations=np.asarray(prediction.top_rotations, dtype=np.float64),
+                  top_probabilities=np.asarray(prediction.top_probabilities, dtype=np.float64),
+                  scipion_id=np.asarray(particles.extra.get(SCIPION_ID, np.arange(1, len(particles) + 1))),
+                  input_rotations=particles.rotations if particles.rotations is not None else np.zeros((0, 3, 3)),
+                  grid_order=np.int64(-1 if prediction.grid_order is None else prediction.grid_order),
+                  symmetry=np.str_(symmetry))
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_prediction(path: str) -> dict:
+    """Read :func:`save_prediction`'s file: arrays by name, ``symmetry`` as str, ``grid_order`` as int or None,
+    ``input_rotations`` None when the input had no alignment, ``columns`` {name: (N,)} of the bpDeep* columns."""
+    with np.load(path) as data:
+        out = {key: data[key] for key in data.files}
+    out["symmetry"] = str(out["symmetry"])
+    order = int(out["grid_order"])
+    out["grid_order"] = None if order < 0 else order
+    if len(out["input_rotations"]) == 0:
+        out["input_rotations"] = None
+    out["columns"] = {key[4:]: out.pop(key) for key in list(out) if key.startswith("col_")}
+    return out
+
+
+def prediction_attributes(data: dict) -> dict[str, np.ndarray]:
+    """The ``_bp`` attributes (names without the prefix) of a prediction (:func:`load_prediction`'s dict): the
+    engine's bpDeep* columns (e.g. DeepConfidence, DeepTopProbability), DeepRot/Tilt/Psi (the mode, RELION degrees)
+    and, when the input was aligned, DeepAngleToInputDeg (symmetry-aware angle between the mode and the input
+    pose, degrees)."""
+    attrs = {name[2:]: np.asarray(values, dtype=np.int64 if np.issubdtype(np.asarray(values).dtype, np.integer)
+                                  else np.float64) for name, values in data["columns"].items()}
+    attrs.setdefault("DeepConfidence", np.asarray(data["confidence"], dtype=np.float64))
+    angles = matrix_to_euler(data["rotations"])
+    for col, label in enumerate(("Rot", "Tilt", "Psi")):
+        attrs[f"Deep{label}"] = angles[:, col]
+    if data["input_rotations"] is not None:
+        attrs["DeepAngleToInputDeg"] = symmetric_geodesic_distance_deg(
+            data["rotations"], data["input_rotations"], symmetry_group(data["symmetry"]))
+    return attrs
+
+
+class ProtBayesposePredictPoses(EMProtocol):
+    """Predict the poses of particles with a trained pose network ('train pose network'), and optionally refine them
+    by Bayesian (MMSE) assignment against a reference map with the network's predicted distribution as the prior.
+
+    Without a reference the output alignment is the most probable pose of the predicted distribution, with its
+    confidence (the probability mass near it). With a reference, every particle's posterior is computed on a local
+    grid around its top-K predicted poses, with the predicted distribution as the rotation prior, and the MMSE pose
+    becomes the alignment: network speed, Bayesian accuracy and uncertainty. The particles need the network's box
+    and pixel size (within 0.1 %).
+    """
+
+    _label = "predict poses"
+    _devStatus = BETA
+    _references = ["Klee2023", "Balanov2026", "SanchezGarcia2023"]
+    _possibleOutputs = {"outputParticles": SetOfParticles}
+
+    # ------------------------------------------------------------------------------------------------- form
+    def _defineParams(self, form):
+        add_gpu_params(form)
+        form.addSection(label="Input")
+        form.addParam("inputModel", params.PointerParam, pointerClass="BayesposePoseNetwork", important=True,
+                      label="Pose network",
+                      help="A network from 'bayespose - train pose network'. Its box, pixel size and symmetry "
+                           "are shown in the summary of that protocol.")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
+                      label="Particles",
+                      help="Particles to predict, with the network's box and pixel size (within 0.1 %). Their "
+                           "alignment, if any, is only used to report the angle between the predicted and the "
+                           "input poses (e.g. against a refinement or a simulation's ground truth).")
+        form.addParam("topK", params.IntParam, default=8, validators=[params.Positive], label="Top-K poses",
+                      help="Number of most probable poses of each particle's predicted distribution that are kept "
+                           "(and searched around by the MMSE refinement). More = safer against multi-modal "
+                           "predictions, slower refinement.")
+
+        form.addSection(label="MMSE refinement")
+        form.addParam("doRefine", params.BooleanParam, default=False, label="Refine with a reference map?",
+                      help="Yes: deep-prior MMSE, the Bayesian posterior on a local grid around the top-K "
+                           "predicted poses with the predicted distribution as the prior; the output poses are the "
+                           "MMSE poses with their uncertainty (_bpExpectedErrorDeg, _bpMaxProb, ...). No: the "
+                           "network's most probable pose.")
+        form.addParam("inputVolume", params.PointerParam, pointerClass="Volume", condition="doRefine",
+                      allowsNull=True, label="Reference map",
+                      help="Map with the particles' box and pixel size (within 1 %); its intensity scale is "
+                           "fitted to the particles.")
+        form.addParam("localRange", params.FloatParam, default=0.0, condition="doRefine",
+                      expertLevel=params.LEVEL_ADVANCED, label="Local range (°)",
+                      help="Half-width of the local grid around each top-K pose, degrees; 0 = the engine's "
+                           "default (about the spacing of the network's output grid).")
+        form.addParam("shiftRange", params.FloatParam, default=3.0, condition="doRefine",
+                      expertLevel=params.LEVEL_ADVANCED, label="Shift search range (px)",
+                      help="Candidate origins within this radius (pixels) of the input origin.")
+        form.addParam("shiftStep", params.FloatParam, default=1.0, condition="doRefine",
+                      expertLevel=params.LEVEL_ADVANCED, label="Shift step (px)",
+                      help="Spacing of the candidate origins (pixels); the MMSE shift is the posterior mean.")
+        form.addParam("maxResolution", params.FloatParam, default=0.0, condition="doRefine",
+                      expertLevel=params.LEVEL_ADVANCED, label="Maximum resolution (Å)",
+                      help="Highest resolution used in the likelihood, in Å; 0 = Nyquist.")
+        form.addParam("seedMass", params.FloatParam, default=0.99, condition="doRefine",
+                      expertLevel=params.LEVEL_ADVANCED, label="Searched fraction of the predicted probability",
+                      help="The MMSE search starts from the most probable cells of the network's prediction that "
+                           "together hold this fraction of its probability (at most 128 cells), so uncertain "
+                           "particles get wider searches; 0 = only the top-K predicted poses.")
+        form.addParam("doFallback", params.BooleanParam, default=True, condition="doRefine",
+                      label="Global search for poorly fitting particles?",
+                      help="Yes: after the deep-prior MMSE, each particle's best searched pose is checked against "
+                           "the data (fit z-score: the log-likelihood gain of that pose minus what the true pose "
+                           "would give, in standard deviations; ~N(0, 1) at the true pose). Particles below the "
+                           "threshold — typically a network that was confidently wrong, e.g. a view turned by "
+                           "180° — are re-assigned by the global search (uniform prior). No: keep every "
+                           "deep-prior result (faster, but the network's mistakes stay).")
+        form.addParam("fallbackZ", params.FloatParam, default=-1.5, condition="doRefine and doFallback",
+                      expertLevel=params.LEVEL_ADVANCED, label="Fallback threshold (fit z-score)",
+                      help="Particles whose fit z-score is below this value are re-assigned by the global "
+                           "search (the z-score is credited with the loss of a pose half a grid step off). -1.5 (the "
+                           "default) was measured on simulated data to reach the global search's accuracy with "
+                           "about a quarter of its scored rotations; higher = more particles fall back (safer, "
+                           "slower).")
+
+        form.addParallelSection(threads=2, mpi=0)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.predictStep, needsGPU=True)
+        if self.refines():
+            self._insertFunctionStep(self.refineStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def convertInputStep(self):
+        """Input particles -> extra/input_particles.star; reference -> extra/reference.mrc (when refining)."""
+        particles = particles_from_scipion(self.inputParticles.get())
+        write_star(self._getExtraPath(INPUT_STAR), particles)
+        if self.refines():
+            volume = self.inputVolume.get()
+            data, _ = read_map(volume_file(volume))
+            write_map(self._getExtraPath(REFERENCE_MAP), data, volume.getSamplingRate())
+        self.info(f"{len(particles)} particles ({particles.box} px, {particles.pixel_size:.4f} Å/px), CTF: "
+                  f"{'yes' if particles.has_ctf else 'no'}, input alignment: "
+                  f"{'yes' if particles.has_alignment else 'no'}")
+
+    def predictStep(self):
+        """The network's predicted distribution of every particle (one call of :func:`predict_poses`)."""
+        from ..core.deep import predict_poses
+
+        self._setThreads()
+        particles = read_star(self._getExtraPath(INPUT_STAR))
+        network = self.loadNetwork()
+        prediction = predict_poses(network, particles, top_k=self.topK.get(), device=gpu_device(self),
+                                   progress=progress_logger(self, "predicting")("predicting"))
+        save_prediction(self._getExtraPath(PREDICTION_NPZ), prediction, particles, str(network.symmetry).upper())
+        write_star(self._getExtraPath(PREDICTED_STAR), prediction.to_particle_set(particles))
+        self.info(f"predicted {len(particles)} particles; median confidence {np.median(prediction.confidence):.3f}")
+
+    def refineStep(self):
+        """Deep-prior MMSE (one call of :func:`deep_prior_assign`), saved like 'assign poses (MMSE)'."""
+        from ..core.deep import deep_prior_assign, predict_poses
+
+        self._setThreads()
+        particles = read_star(self._getExtraPath(INPUT_STAR))
+        volume, _ = read_map(self._getExtraPath(REFERENCE_MAP))
+        network = self.loadNetwork()
+        # the full predicted distribution (the prior) is recomputed rather than stored: N x grid floats
+        prediction = predict_poses(network, particles, top_k=self.topK.get(), device=gpu_device(self))
+        search = self.poseSearch(str(network.symmetry).upper())
+        local = self.localRange.get()
+        seed_mass = self.seedMass.get()
+        result = deep_prior_assign(particles, prediction, volume, search, progress=progress_logger(self, "refining")(
+            "refining"), local_range_deg=local if local and local > 0 else None,
+            seed_mass=seed_mass if seed_mass and seed_mass > 0 else None,
+            fallback=self.fallbackZ.get() if self.doFallback.get() else "none")
+        save_assignment(self._getExtraPath(RESULT_NPZ), result, particles, "mmse", search.symmetry)
+        write_star(self._getExtraPath(REFINED_STAR), result.to_particle_set(particles, "mmse"))
+        self.info(f"deep-prior MMSE: {result.n_rotations} rotations x {result.n_shifts} shifts per particle on the "
+                  f"first grid; median expected error {np.median(result.expected_error_deg):.2f}°; "
+                  f"{result.timings.get('fallback_particles', 0)} particles re-assigned by the global search; "
+                  f"{result.timings.get('scored_rotations_per_particle', 0.0):.0f} rotations scored per particle; "
+                  f"{result.timings.get('total_s', 0.0):.1f} s")
+
+    def createOutputStep(self):
+        """The input particles with the predicted (or MMSE) poses and ``_bp`` attributes."""
+        particles = read_star(self._getExtraPath(INPUT_STAR))
+        prediction = load_prediction(self._getExtraPath(PREDICTION_NPZ))
+        attributes = prediction_attributes(prediction)
+        rotations, origins = prediction["rotations"], particles.origins_A
+        if self.refines():
+            data = load_assignment(self._getExtraPath(RESULT_NPZ))
+            attributes.update(output_attributes(data))
+            refined = read_star(self._getExtraPath(REFINED_STAR)).extra  # the fit check of deep_prior_assign
+            for column, name, kind in (("bpDeepFitZ", "DeepFitZ", np.float64),
+                                       ("bpDeepFallback", "DeepFallback", np.int64)):
+                if column in refined:
+                    attributes[name] = np.asarray(refined[column], dtype=kind)
+            rotations, origins = data["mmse_rotations"], data["mmse_origins_A"]
+            attributes["DeepToMmseDeg"] = symmetric_geodesic_distance_deg(
+                prediction["rotations"], rotations, symmetry_group(prediction["symmetry"]))
+        poses = replace(particles, rotations=rotations, origins_A=origins,
+                        extra={SCIPION_ID: np.asarray(prediction["scipion_id"], dtype=np.int64)})
+        output = self._createSetOfParticles()
+        fill_set_of_particles(output, poses, template_set=self.inputParticles.get(), attributes=attributes)
+        self._defineOutputs(outputParticles=output)
+        self._defineTransformRelation(self.inputParticles, output)
+        self._defineSourceRelation(self.inputModel, output)
+        if self.refines():
+            self._defineSourceRelation(self.inputVolume, output)
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def refines(self) -> bool:
+        """True when the deep-prior MMSE refinement runs (a reference map is selected)."""
+        return bool(self.doRefine.get()) and self.inputVolume.get() is not None
+
+    def loadNetwork(self, device: str | None = None):
+        """The input model's :class:`bayespose.core.deep.PoseNetwork` (on ``device``, default the protocol's)."""
+        from ..core.deep import load_pose_network
+
+        return load_pose_network(self.inputModel.get().getFileName(), device=device or gpu_device(self))
+
+    def poseSearch(self, symmetry: str):
+        """The form's refinement settings as a :class:`PoseSearch` (shifts px, resolution Å)."""
+        from ..core.posterior import PoseSearch
+
+        max_res = self.maxResolution.get()
+        return PoseSearch(max_resolution_A=max_res if max_res and max_res > 0 else None,
+                          shift_range_px=self.shiftRange.get(), shift_step_px=self.shiftStep.get(),
+                          symmetry=symmetry, device=gpu_device(self), threads=self._threads())
+
+    def _threads(self) -> int:
+        return max(int(self.numberOfThreads.get() or 1), 1)
+
+    def _setThreads(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._threads())
+
+    def particleDistribution(self, row: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """Recompute the predicted distribution of the particle in row ``row`` (0-based, order of the input star):
+        ``(rotations (K, 3, 3), probabilities (K,), grid order or None)`` — the whole output grid for the so3grid
+        model, the top-K poses for the quaternion model."""
+        from ..core.deep import predict_poses
+        from ..core.deep_plots import distribution_on_grid
+        from ..core.grids import healpix_grid
+
+        particles = read_star(self._getExtraPath(INPUT_STAR))
+        if not 0 <= row < len(particles):
+            raise ValueError(f"particle row {row} is out of range (the run has {len(particles)} particles)")
+        prediction = predict_poses(self.loadNetwork("cpu"), particles.subset([row]), top_k=self.topK.get(),
+                                   device="cpu")
+        logp = None if prediction.log_probabilities is None else prediction.log_probabilities[0]
+        grid = healpix_grid(prediction.grid_order).rotations if logp is not None else None
+        rotations, probabilities = distribution_on_grid(logp, grid, prediction.top_rotations[0],
+                                                        prediction.top_probabilities[0])
+        return rotations, probabilities, prediction.grid_order
+
+    # ------------------------------------------------------------------------------------------------ infos
+    def _validate(self):
+        errors = []
+        model, parts = self.inputModel.get(), self.inputParticles.get()
+        if model is None or parts is None:
+            return ["Select the pose network and the particles."]
+        if not model.getFileName() or not os.path.isfile(model.getFileName()):
+            errors.append(f"The network checkpoint {model.getFileName()} does not exist.")
+        if parts.getSize() == 0:
+            errors.append("The input particle set is empty.")
+        pdim, p_px = parts.getDim(), parts.getSamplingRate()
+        if model.getBox() and pdim is not None and pdim[0] != model.getBox():
+            errors.append(f"The network was trained on {model.getBox()} px particles but these have {pdim[0]} px; "
+                          "re-extract or resize them.")
+        if model.getSamplingRate() and p_px and abs(model.getSamplingRate() - p_px) > (
+                NETWORK_PIXEL_RTOL * model.getSamplingRate()):
+            errors.append(f"The network was trained at {model.getSamplingRate():.4f} Å/px but the particles have "
+                          f"{p_px:.4f} Å/px (more than 0.1 % apart): the network would see the molecule at another "
+                          "magnification. Rescale the particles.")
+        if self.doRefine.get():
+            errors += self._validateVolume(parts)
+        return errors
+
+    def _validateVolume(self, parts) -> list[str]:
+        volume = self.inputVolume.get()
+        if volume is None:
+            return ["Select the reference map for the MMSE refinement (or set 'Refine with a reference map?' to "
+                    "No)."]
+        errors = []
+        vdim, pdim = volume.getDim(), parts.getDim()
+        if vdim is None or len(set(vdim)) != 1:
+            errors.append(f"The reference map must be a cubic box, got dimensions {vdim}.")
+        elif pdim is not None and pdim[0] != vdim[0]:
+            errors.append(f"The box of the particles ({pdim[0]} px) differs from the box of the reference map "
+                          f"({vdim[0]} px); resize one of them.")
+        p_px, v_px = parts.getSamplingRate(), volume.getSamplingRate()
+        if p_px and v_px and abs(p_px - v_px) > PIXEL_SIZE_RTOL * p_px:
+            errors.append(f"The pixel size of the particles ({p_px:.4f} Å/px) differs from the reference map's "
+                          f"({v_px:.4f} Å/px) by more than 1 %; rescale the map.")
+        if not (self.shiftStep.get() or 0) > 0:
+            errors.append("The shift step must be > 0 pixels.")
+        if (self.shiftRange.get() or 0) < 0:
+            errors.append("The shift search range must be >= 0 pixels.")
+        if not 0 <= (self.seedMass.get() or 0) <= 1:
+            errors.append("The searched fraction of the predicted probability must be in [0, 1] (0 = top-K).")
+        return errors
+
+    def _warnings(self):
+        import torch
+
+        warnings = []
+        if self.usesGpu() and not torch.cuda.is_available():
+            warnings.append("A GPU was requested but torch sees no CUDA device: the run will use the CPU.")
+        parts = self.inputParticles.get()
+        if self.doRefine.get() and parts is not None and not parts.hasCTF():
+            warnings.append("The particles have no CTF: the MMSE refinement scores them without CTF.")
+        return warnings
+
+    def _summary(self):
+        if not hasattr(self, "outputParticles"):
+            return ["Output particles not ready yet."]
+        data = load_prediction(self._getExtraPath(PREDICTION_NPZ))
+        n = len(data["confidence"])
+        lines = [f"{n} particles predicted by {self.getObjectTag('inputModel')} (top {self.topK.get()}); median "
+                 f"confidence {np.median(data['confidence']):.3f}"]
+        attrs = prediction_attributes(data)
+        if "DeepAngleToInputDeg" in attrs:
+            lines.append(f"network vs input poses: median angle {np.median(attrs['DeepAngleToInputDeg']):.2f}° "
+                         f"(symmetry {data['symmetry']})")
+        if self.refines():
+            result = load_assignment(self._getExtraPath(RESULT_NPZ))
+            lines.append(f"deep-prior MMSE: median expected error {np.median(result['expected_error_deg']):.2f}°, "
+                         f"median pmax {np.median(result['pmax']):.3f}")
+            if result["input_rotations"] is not None:
+                lines.append(f"MMSE vs input poses: median angle "
+                             f"{np.median(output_attributes(result)['AngleToInputDeg']):.2f}°")
+        return lines
+
+    def _methods(self):
+        if not hasattr(self, "outputParticles"):
+            return []
+        text = (f"The poses of {self.outputParticles.getSize()} particles of {self.getObjectTag('inputParticles')} "
+                f"were predicted with the pose network {self.getObjectTag('inputModel')} of bayespose "
+                "[Klee2023]")
+        if self.refines():
+            text += (f" and refined against {self.getObjectTag('inputVolume')} by Bayesian MMSE assignment "
+                     "[Balanov2026] on a local grid around the top "
+                     f"{self.topK.get()} predicted poses, with the predicted distribution as the rotation prior")
+        return [text + f", giving {self.getObjectTag('outputParticles')}."]

@@ -1,0 +1,294 @@
+"""Scipion protocol ``bayespose - train pose network``: supervised training of a pose-prediction network on aligned
+particles (thin wrapper over :func:`bayespose.core.deep.train_pose_network`, the same function as
+``bayespose train``).
+
+Steps: ``convertInputStep`` (Scipion particles -> ``extra/train_particles.star``), ``trainStep`` (writes the
+best-validation checkpoint ``extra/pose_network.pt`` and a resumable last state next to it; a continued run resumes
+from it) and ``createOutputStep`` (a :class:`bayespose.objects.BayesposePoseNetwork` pointing at the checkpoint).
+"""
+
+from __future__ import annotations
+
+import pyworkflow.protocol.params as params
+from pwem.protocols import EMProtocol
+from pyworkflow.constants import BETA
+
+from ..convert import particles_from_scipion
+from ..core.io.relion_star import read_star, write_star
+from ..core.symmetry import symmetry_group
+from ..objects import BayesposePoseNetwork
+
+MODEL_CHOICES = ["so3grid", "quaternion"]
+MODEL_SO3GRID, MODEL_QUATERNION = range(2)
+CTF_CHOICES = ["phase_flip", "none"]
+CTF_PHASE_FLIP, CTF_NONE = range(2)
+MAX_GRID_ORDER = 3
+
+TRAIN_STAR = "train_particles.star"
+CHECKPOINT = "pose_network.pt"
+
+
+def gpu_device(protocol) -> str:
+    """``cuda:<first GPU id>`` when the protocol allows the GPU and torch sees one, else ``cpu``."""
+    import torch
+
+    if protocol.usesGpu() and torch.cuda.is_available():
+        gpus = protocol.getGpuList()
+        return f"cuda:{gpus[0] if gpus else 0}"
+    return "cpu"
+
+
+def add_gpu_params(form) -> None:
+    """The hidden GPU parameters Scipion's GUI and queue system read (``useGpu``, ``gpuList``)."""
+    form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?",
+                   help="Run the network (and the MMSE scoring) on the GPU when torch sees a CUDA device; else on "
+                        "the CPU, with a warning before the run. The results are the same up to float rounding.")
+    form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU id",
+                   help="Which GPU to use (CUDA device index; only the first one listed is used).")
+
+
+def network_log(protocol):
+    """A ``log(message)`` callable writing to the protocol's log."""
+    return lambda message: protocol.info(str(message))
+
+
+def progress_logger(protocol, what: str):
+    """``progress(label) -> callback(done, total)`` that logs every 10 % to the protocol's log."""
+
+    def factory(label: str):
+        reported = set()
+
+        def callback(done: int, total: int) -> None:
+            decile = 10 * done // max(total, 1)
+            if decile not in reported:
+                reported.add(decile)
+                protocol.info(f"{label or what}: {done}/{total}")
+
+        return callback
+
+    return factory
+
+
+class ProtBayesposeTrainPoseNetwork(EMProtocol):
+    """Train a network that predicts each particle's pose from its image, on particles whose poses are known (a
+    3D refinement, or a simulation).
+
+    The default model (Image2Sphere-style) encodes the image, projects its features onto a hemisphere and outputs
+    a probability distribution over SO(3) on a HEALPix x in-plane grid through spherical and SO(3) convolutions
+    (e3nn); it is trained with cross-entropy on the nearest grid rotation, symmetry mates sharing the target. The
+    baseline regresses one unit quaternion. Images are Fourier-cropped to the network box and, by default,
+    phase-flipped with their CTF. A fraction of the particles is held out: training stops when their loss no longer
+    improves, and the weights of the best validation epoch are kept.
+
+    Output: a pose network (outputModel) for 'predict poses' on new particles with the same box and pixel size,
+    e.g. the other half set or a new dataset of the same sample.
+    """
+
+    _label = "train pose network"
+    _devStatus = BETA
+    _references = ["Klee2023", "Chheda2024", "SanchezGarcia2023", "Lian2022"]
+    _possibleOutputs = {"outputModel": BayesposePoseNetwork}
+
+    # ------------------------------------------------------------------------------------------------- form
+    def _defineParams(self, form):
+        add_gpu_params(form)
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      pointerCondition="hasAlignmentProj", important=True, label="Aligned particles",
+                      help="Particles with a 3D projection alignment (e.g. from a RELION / cryoSPARC refinement "
+                           "or a simulation): their poses are the training targets. The images must be MRC stacks. "
+                           "Predictions later need particles with the same box and pixel size.")
+        form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry",
+                      help="Point group of the particles in RELION's notation: c1 (none), cN, dN, t, o, i (= i2), "
+                           "i1..i4. Symmetry-equivalent poses share the training target and the errors are measured "
+                           "to the nearest symmetry mate.")
+        form.addParam("modelType", params.EnumParam, choices=MODEL_CHOICES, default=MODEL_SO3GRID,
+                      display=params.EnumParam.DISPLAY_HLIST, label="Model",
+                      help="so3grid: predicts a full distribution over SO(3) on a HEALPix x in-plane grid "
+                           "(Image2Sphere-style e3nn head, Klee 2023); its distribution can serve as the prior of "
+                           "the MMSE refinement in 'predict poses'. quaternion: regression of one unit quaternion "
+                           "(baseline; its 'confidence' is a stand-in, not a probability).")
+        form.addParam("netBox", params.IntParam, default=32, validators=[params.Positive], label="Network box (px)",
+                      help="The images are Fourier-cropped to this box before the network (a multiple of 4, at "
+                           "most the particle box): smaller is faster, and the network only needs low resolution to "
+                           "find the pose. The effective pixel size is pixel size x particle box / network box.")
+        form.addParam("gridOrder", params.IntParam, default=2, expertLevel=params.LEVEL_ADVANCED,
+                      label="Output grid (HEALPix order)", condition=f"modelType=={MODEL_SO3GRID}",
+                      help="Resolution of the predicted distribution: HEALPix order 0-3 (spacing 60°, 30°, 15°, "
+                           "7.5°; 72 x 8^order rotations). The MMSE refinement recovers finer poses from it.")
+
+        form.addSection(label="Training")
+        form.addParam("epochs", params.IntParam, default=30, validators=[params.Positive], label="Maximum epochs",
+                      help="Passes over the training particles (training may stop earlier, see patience).")
+        form.addParam("batchSize", params.IntParam, default=64, validators=[params.Positive], label="Batch size",
+                      help="Particles per optimisation step. Larger batches use more (GPU) memory.")
+        form.addParam("learningRate", params.FloatParam, default=1e-3, validators=[params.Positive],
+                      label="Learning rate", help="Step size of the Adam optimiser.")
+        form.addParam("valFraction", params.FloatParam, default=0.1, label="Validation fraction",
+                      help="Fraction of the particles held out (random, fixed by the seed) to measure the "
+                           "validation loss and angular error each epoch, in (0, 1).")
+        form.addParam("patience", params.IntParam, default=5, validators=[params.Positive],
+                      expertLevel=params.LEVEL_ADVANCED, label="Early-stopping patience (epochs)",
+                      help="Stop when the validation loss has not improved for this many epochs; the weights of "
+                           "the best epoch are kept.")
+        form.addParam("augment", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+                      label="In-plane augmentation?",
+                      help="Rotate the training images in-plane by random angles (and the target poses with "
+                           "them), which teaches the network that in-plane rotation only changes psi.")
+        form.addParam("ctfCorrection", params.EnumParam, choices=CTF_CHOICES, default=CTF_PHASE_FLIP,
+                      expertLevel=params.LEVEL_ADVANCED, label="CTF correction",
+                      help="phase_flip: flip the phases of the images with their CTF before the network (needs "
+                           "particles with CTF; particles without CTF are used as they are). none: raw images.")
+        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed",
+                      help="Seed of the validation split, the initialisation and the batch order.")
+
+        form.addParallelSection(threads=2, mpi=0)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.trainStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def convertInputStep(self):
+        """Input particles -> extra/train_particles.star."""
+        particles = particles_from_scipion(self.inputParticles.get())
+        write_star(self._getExtraPath(TRAIN_STAR), particles)
+        self.info(f"{len(particles)} training particles ({particles.box} px, {particles.pixel_size:.4f} Å/px), "
+                  f"CTF: {'yes' if particles.has_ctf else 'no'}")
+
+    def trainStep(self):
+        """Train the network (one call of :func:`train_pose_network`); a continued run resumes from the last
+        saved epoch."""
+        from ..core.deep import last_state_path, train_pose_network
+
+        particles = read_star(self._getExtraPath(TRAIN_STAR))
+        config = self.trainConfig(has_ctf=particles.has_ctf)
+        checkpoint = self.checkpointPath()
+        resume = last_state_path(checkpoint).exists()  # left by an interrupted run that is continued
+        self.info(f"training {config.model} on {len(particles)} particles: net box {config.net_box} px, "
+                  f"{config.epochs} epochs max, batch {config.batch_size}, lr {config.learning_rate:g}, device "
+                  f"{config.device}, {config.threads} thread(s){', resuming' if resume else ''}")
+        result = train_pose_network(particles, config, checkpoint, log=network_log(self),
+                                    progress=progress_logger(self, "training"), resume=resume)
+        self.info(f"best epoch {result.best_epoch} of {len(result.history)}; checkpoint {result.checkpoint}")
+
+    def createOutputStep(self):
+        """A BayesposePoseNetwork pointing at the checkpoint, with its metadata."""
+        from ..core.deep import load_pose_network
+
+        network = load_pose_network(self.checkpointPath(), device="cpu")
+        output = BayesposePoseNetwork(filename=self.checkpointPath())
+        output.setInfo(**network_info(network, self.inputParticles.get().getSize()))
+        self._defineOutputs(outputModel=output)
+        self._defineSourceRelation(self.inputParticles, output)
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def checkpointPath(self) -> str:
+        """extra/pose_network.pt."""
+        return self._getExtraPath(CHECKPOINT)
+
+    def trainConfig(self, has_ctf: bool = True):
+        """The form as a :class:`bayespose.core.deep.TrainConfig` (same fields as ``bayespose train``)."""
+        from ..core.deep import TrainConfig
+
+        ctf = CTF_CHOICES[self.ctfCorrection.get()] if has_ctf else "none"
+        return TrainConfig(model=MODEL_CHOICES[self.modelType.get()], net_box=self.netBox.get(),
+                           epochs=self.epochs.get(), batch_size=self.batchSize.get(),
+                           learning_rate=self.learningRate.get(), val_fraction=self.valFraction.get(),
+                           patience=self.patience.get(), symmetry=self.symmetryGroup.get().strip().upper(),
+                           grid_order=self.gridOrder.get(), augment=bool(self.augment.get()), ctf_correction=ctf,
+                           seed=self.seed.get(), device=gpu_device(self),
+                           threads=max(int(self.numberOfThreads.get() or 1), 1))
+
+    def history(self) -> list[dict]:
+        """The training history stored in the checkpoint (rows: epoch, train_loss, val_loss, val_mean_error_deg,
+        val_median_error_deg, seconds)."""
+        from ..core.deep import load_pose_network
+
+        return list(load_pose_network(self.checkpointPath(), device="cpu").history)
+
+    # ------------------------------------------------------------------------------------------------ infos
+    def _validate(self):
+        errors = []
+        parts = self.inputParticles.get()
+        if parts is None:
+            return ["Select the input particles."]
+        if parts.getSize() == 0:
+            errors.append("The input particle set is empty.")
+        if not parts.hasAlignmentProj():
+            errors.append("The input particles have no 3D projection alignment: the network learns from known "
+                          "poses. Use particles from a 3D refinement (or a simulation).")
+        try:
+            symmetry_group(self.symmetryGroup.get() or "")
+        except ValueError as exc:
+            errors.append(f"Symmetry: {exc}")
+        dim = parts.getDim()
+        if dim is not None and dim[0] and self.netBox.get() and self.netBox.get() > dim[0]:
+            errors.append(f"The network box ({self.netBox.get()} px) is larger than the particle box ({dim[0]} px); "
+                          "images are only cropped, not padded.")
+        if self.netBox.get() is None or self.netBox.get() < 8 or self.netBox.get() % 4:
+            errors.append("The network box must be a multiple of 4 and at least 8 px.")
+        if not 0 < (self.valFraction.get() or 0) < 1:
+            errors.append("The validation fraction must be in (0, 1).")
+        if parts.getSize() and parts.getSize() < 4:
+            errors.append("At least 4 particles are needed (a training and a validation set).")
+        if self.modelType.get() == MODEL_SO3GRID and not 0 <= (self.gridOrder.get() or 0) <= MAX_GRID_ORDER:
+            errors.append(f"The output grid order must be in 0..{MAX_GRID_ORDER}.")
+        return errors
+
+    def _warnings(self):
+        import torch
+
+        warnings = []
+        if self.usesGpu() and not torch.cuda.is_available():
+            warnings.append("A GPU was requested but torch sees no CUDA device: training will use the CPU (slow "
+                            "for large sets).")
+        parts = self.inputParticles.get()
+        if parts is not None and self.ctfCorrection.get() == CTF_PHASE_FLIP and not parts.hasCTF():
+            warnings.append("The particles have no CTF: they are used without CTF correction.")
+        return warnings
+
+    def _summary(self):
+        if not hasattr(self, "outputModel"):
+            return ["Pose network not ready yet."]
+        model = self.outputModel
+        lines = [f"{model.getModelType()} network trained on {model.getNumberOfParticles()} particles "
+                 f"({model.getBox()} px, {model.getSamplingRate():.3f} Å/px, network box {model.getNetBox()} px, "
+                 f"symmetry {model.getSymmetry()})"]
+        if model.getBestEpoch() is not None:
+            error = model.getValMedianErrorDeg()
+            lines.append(f"best epoch {model.getBestEpoch()}"
+                         + (f": validation median angular error {error:.2f}°" if error is not None else ""))
+        return lines
+
+    def _methods(self):
+        if not hasattr(self, "outputModel"):
+            return []
+        model = self.outputModel
+        head = ("an Image2Sphere-style SO(3) grid head [Klee2023] (HEALPix order "
+                f"{model.getGridOrder()}) trained with cross-entropy" if model.getModelType() == "so3grid"
+                else "a unit-quaternion regression head [Lian2022]")
+        return [f"A pose-prediction network with {head} was trained with bayespose on the "
+                f"{model.getNumberOfParticles()} aligned particles of {self.getObjectTag('inputParticles')} "
+                f"(images Fourier-cropped to {model.getNetBox()} px, {100 * self.valFraction.get():g} % held out "
+                f"for validation and early stopping), giving {self.getObjectTag('outputModel')}."]
+
+
+def network_info(network, n_particles: int | None = None) -> dict:
+    """The :class:`BayesposePoseNetwork` attributes of a loaded :class:`bayespose.core.deep.PoseNetwork`."""
+    history = list(network.history or [])
+    best_epoch = network.metadata.get("best_epoch") if isinstance(network.metadata, dict) else None
+    if best_epoch is None and history:
+        valid = [row for row in history if row.get("val_loss") is not None]
+        best_epoch = min(valid, key=lambda row: row["val_loss"])["epoch"] if valid else history[-1]["epoch"]
+    best = next((row for row in history if row.get("epoch") == best_epoch), None)
+    median = best.get("val_median_error_deg") if best else None
+    info = dict(modelType=str(network.config.model), box=int(network.box), pixelSize=float(network.pixel_size),
+                netBox=int(network.config.net_box), symmetry=str(network.symmetry).upper(),
+                gridOrder=int(network.grid_order) if network.grid_order is not None else None,
+                bestEpoch=int(best_epoch) if best_epoch is not None else None,
+                valMedianErrorDeg=float(median) if median is not None else None)
+    if n_particles is not None:
+        info["nParticles"] = int(n_particles)
+    return info
