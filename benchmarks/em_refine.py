@@ -194,10 +194,16 @@ def section_truth(args, work: Path, truth: np.ndarray, px: float, start: np.ndar
         cfg = RefineConfig(iterations=args.iterations, mode=mode, threads=args.threads)
         run = run_bayespose(particles, images, truth, px, cfg, folder / f"bayespose_{mode}", f"bayespose {mode}")
         res = run.pop("_result")
+        if cfg.final_full_resolution:  # the map of the last iteration, before the final full-resolution pass
+            last = folder / f"bayespose_{mode}" / f"it{len(res.history):03d}_map.mrc"
+            run["last_iteration_vs_truth"] = fsc_vs(read_map(last)[0], truth, px)
+            run["last_iteration_resolution_A"] = res.history[-1].resolution_A
         run["poses"] = pose_errors(res.particles.rotations, res.particles.origins_A / px, particles.rotations,
                                    particles.origins_px)
         runs[mode] = run
-    if not args.no_relion:
+    if args.reuse_relion:
+        runs["relion"] = args.previous_relion
+    elif not args.no_relion:
         rel = run_relion(folder, folder / "particles.star", start_path, 0.9 * particles.box * px, args.threads)
         if rel is not None and not rel.get("failed"):
             rot, org = relion_poses(rel.pop("table"), folder / "particles.star", particles)
@@ -271,8 +277,12 @@ def plots(results: dict, out: Path) -> None:
         for key, style in (("start", ":"), ("oracle", "--"), ("soft", "-"), ("hard", "-"), ("relion", "-.")):
             if key in runs and "vs_truth" in runs[key]:
                 v = runs[key]["vs_truth"]
-                ax.plot(v["freq"][1:], v["curve"][1:], style, label=f"{runs[key]['label']} "
-                        f"({v['fsc05_A']:.1f} Å)")
+                line, = ax.plot(v["freq"][1:], v["curve"][1:], style, label=f"{runs[key]['label']} "
+                                f"({v['fsc05_A']:.1f} Å)")
+                if "last_iteration_vs_truth" in runs[key]:  # before the final full-resolution pass
+                    v = runs[key]["last_iteration_vs_truth"]
+                    ax.plot(v["freq"][1:], v["curve"][1:], ":", color=line.get_color(), lw=1,
+                            label=f"{runs[key]['label']}, last iteration ({v['fsc05_A']:.1f} Å)")
         ax.axhline(0.5, color="grey", lw=0.5)
         ax.set_xlabel("spatial frequency (1/Å)")
         ax.set_ylabel("FSC against the true map")
@@ -339,10 +349,17 @@ def write_report(results: dict, out: Path, argv: list[str], total_s: float) -> N
                   "| run | FSC 0.5 vs truth (Å) | FSC 0.143 vs truth (Å) | corr. | reported (Å) | mean / median "
                   "error (°) | < 5° | shift err (px) | iterations | wall (s) | other cores |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for key in ("start", "oracle", "soft", "hard", "relion"):
             r = sec["runs"].get(key)
             if r is None:
                 continue
+            if "last_iteration_vs_truth" in r:  # the same run's last-iteration map, before the final pass
+                rows.append({"label": f"{r['label']}, last iteration (before the final pass)",
+                             "vs_truth": r["last_iteration_vs_truth"],
+                             "reported_resolution_A": r.get("last_iteration_resolution_A")})
+            rows.append(r)
+        for r in rows:
             if r.get("failed"):
                 lines.append(f"| {r['label']} | failed | | | | | | | | {r['wall_s']:.0f} | |")
                 continue
@@ -398,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-relion", action="store_true", help="skip RELION auto-refine")
+    parser.add_argument("--reuse-relion", action="store_true",
+                        help="section truth: take RELION's numbers from OUT/results.json instead of running it")
     args = parser.parse_args(argv)
     args.n, args.snr = (300, 0.05) if args.quick else (500, 0.05)
     args.n_prior, args.snr_prior = (300, 0.02) if args.quick else (600, 0.02)
@@ -413,7 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     start_path = work / "start30.mrc"
     write_map(start_path, start, px)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    args.previous_relion = previous.get("truth", {}).get("runs", {}).get("relion")
+    if args.reuse_relion and "truth" in sections and args.previous_relion is None:
+        parser.error(f"--reuse-relion: no RELION run in {out / 'results.json'}")
     results: dict = {"threads": args.threads, "quick": args.quick}
+    # sections not re-run keep their previous numbers (and figures, and README text)
+    for name in ("truth", "prior", "noise"):
+        if name not in sections and name in previous:
+            results[name] = previous[name]
     t0 = time.perf_counter()
     if "truth" in sections:
         results["truth"] = section_truth(args, work, truth, px, start, start_path)

@@ -81,7 +81,9 @@ def test_refine_writes_all_outputs(data, refined):
     values = np.array([float(r["fsc"]) for r in rows])
     first_below = int(np.flatnonzero((values < 0.143) & (freq > 0))[0]) if np.any(values < 0.143) else len(freq) - 1
     assert freq[first_below - 1] - 1e-9 <= 1 / summary["resolution_A"] <= freq[first_below] + 1e-9
-    assert history[-1]["resolution_A"] == pytest.approx(summary["resolution_A"])
+    # the reported resolution is the final full-resolution pass's (inserted to Nyquist), not the last iteration's:
+    # the same data and poses, so within a few per cent of it
+    assert history[-1]["resolution_A"] == pytest.approx(summary["resolution_A"], rel=0.1)
     prior = np.load(refined / "prior.npy")
     assert prior.mean() == pytest.approx(1.0) and np.all(prior > 0)
 

@@ -33,13 +33,25 @@ Then: FSC between the half maps (optionally masked) gives the resolution (0.143)
 ``--low_resol_join_halves``, which keeps the two halves in the same frame). The next iteration scores up to the
 resolution + ``extra_shells`` Fourier shells, with the angular sampling that resolution needs at the particle's
 radius (``resolution / radius`` rad). Convergence: stop when the resolution has not improved for 2 iterations and
-the mean pose change is below the current angular step. Units: Å, degrees, RELION ``A`` rotations, origins
+the mean pose change is below the current angular step.
+
+**Final full-resolution pass** (``final_full_resolution``, default on; RELION's final iteration): every iteration
+inserts data only up to its scored band (resolution + ``extra_shells``), so the last iteration's map has no signal
+beyond it. After the last iteration (converged or not) each particle's data are inserted once more at ALL
+frequencies up to Nyquist (``D // 2`` Fourier px; the noise power per shell is known for all shells) at the last
+E-step's joint weights (rotation posteriors kept per particle; the shift weights re-scored on that E-step's band
+against the same references), for both halves; the FSC of these unregularised full-resolution half maps gives the
+final FSC / resolution and τ² (:func:`.reconstruct.tau2_from_fsc`), then the Wiener half maps and the combined map
+(whole-map τ²). It is not an iteration (no history entry, no pose update). Units: Å, degrees, RELION ``A`` rotations, origins
 ``rlnOriginX/Y`` (px inside, Å in the outputs).
 
 Files (``out_dir``), written atomically per iteration: ``it###_half{1,2}.mrc`` (the Wiener-filtered half maps,
 unmasked), ``it###_map.mrc`` (both halves, the final map of a run stopped there), ``it###_state.npz`` (everything
 needed to continue: iteration, resolution, τ², noise power, prior density, sampling, per-particle poses and
-statistics, FSC) and ``history.json``. ``refine(..., resume=True)`` continues from the last complete iteration.
+statistics, FSC) and ``history.json``; after the final pass ``final_half{1,2}.mrc``, ``final_map.mrc`` and
+``final_state.npz`` (iteration, resolution, FSC, τ²; written last). ``refine(..., resume=True)`` continues from the
+last complete iteration; a resumed finished run returns the saved final maps, or, if the final pass is missing,
+recomputes the joint-weight supports with one E-step against the saved references and redoes the final pass.
 """
 
 from __future__ import annotations
@@ -74,6 +86,7 @@ from .symmetry import symmetric_geodesic_distance_deg, symmetry_group
 MODES = ("soft", "hard")
 PRIOR_MODES = ("uniform", "estimate")
 STATE_VERSION = 1
+FINAL_STATE = "final_state.npz"  # written last by the final full-resolution pass
 
 
 @dataclass
@@ -108,6 +121,9 @@ class RefineConfig:
     candidate_mass: float = 0.999  # posterior mass of the candidate rotations re-scored with the shifts
     max_candidates: int = 32  # per particle; broader coarse posteriors take the shared-grid path
     local_search: bool = False  # switch to local searches once the global search has converged (see below)
+    # after the last iteration, reconstruct both halves from ALL frequencies up to Nyquist at the converged joint
+    # weights (RELION's final iteration); the result's maps, FSC and resolution are then those of this pass
+    final_full_resolution: bool = True
     local_range_deg: float | None = None  # local search half-width (default: 3 angular steps)
     solvent_flatten: bool = True  # soft spherical mask of the particle diameter on the references (no user mask)
     join_halves_below_A: float | None = 40.0  # average the half maps below this resolution (None: never)
@@ -271,12 +287,20 @@ class _HalfMStep:
     """
 
     def __init__(self, particles: ParticleSet, images: np.ndarray | None, prepared, noise: NoiseModel, radius: float,
-                 centers_px: np.ndarray, config: RefineConfig, device: torch.device):
+                 centers_px: np.ndarray, config: RefineConfig, device: torch.device,
+                 insert_radius: float | None = None):
         self.p, self.images, self.prepared, self.noise = particles, images, prepared, noise
         self.config, self.device = config, device
         self.box = particles.box
-        self.freqs: ScoringFrequencies = scoring_frequencies(self.box, radius)
-        self.radius = radius
+        # data are inserted up to ``insert_radius`` (default ``radius``); the joint weights are always scored up to
+        # ``radius`` (the final full-resolution pass inserts to Nyquist at the weights of the last E-step's band)
+        self.freqs: ScoringFrequencies = scoring_frequencies(self.box, radius if insert_radius is None
+                                                             else max(insert_radius, radius))
+        self.radius = self.freqs.radius
+        r = torch.sqrt(self.freqs.kx ** 2 + self.freqs.ky ** 2)
+        self.scored = None if insert_radius is None else (r <= radius).to(device)
+        self.score_kx = (self.freqs.kx if self.scored is None else self.freqs.kx[self.scored.cpu()]).to(device)
+        self.score_ky = (self.freqs.ky if self.scored is None else self.freqs.ky[self.scored.cpu()]).to(device)
         self.centers = np.asarray(centers_px, dtype=np.float64)
         self.deltas = shift_lattice(config.shift_range_px, config.shift_step_px)
         shell = self.freqs.shell
@@ -304,8 +328,15 @@ class _HalfMStep:
         z = ((ctf / self.sigma2) * y)[:, None, :] * phase
         return y, ctf, z, origins
 
+    def _scored(self, values: torch.Tensor) -> torch.Tensor:
+        """(..., M) on the inserted frequencies -> (..., M_s) on the scored ones."""
+        return values if self.scored is None else values[..., self.scored]
+
     def _noise_from(self, y, ctf, proj_best, origins_best) -> None:
-        """Residual power per shell at the best (rotation, shift) of each particle of a batch."""
+        """Residual power per shell at the best (rotation, shift) of each particle of a batch (not in the
+        full-resolution pass: its projections cover the scored band only)."""
+        if self.scored is not None:
+            return
         phase = _phase(self.freqs, torch.as_tensor(origins_best, dtype=torch.float32, device=self.device))
         resid = y - self.noise.scale * ctf * proj_best * torch.conj(phase)
         shell = self.freqs.shell.numpy()
@@ -344,10 +375,12 @@ class _HalfMStep:
                 probs[i, :len(p)] = p
             y, ctf, z, origins = self._batch(r_b)
             j = z.shape[1]
-            proj = slice_coefficients(self.prepared, rots.reshape(-1, 3, 3), self.freqs.kx.to(dev),
-                                      self.freqs.ky.to(dev)).view(b, width, m)
+            proj = slice_coefficients(self.prepared, rots.reshape(-1, 3, 3), self.score_kx, self.score_ky)
+            m_s = proj.shape[-1]
+            proj = proj.view(b, width, m_s)
             z_real = torch.view_as_real(z).reshape(b, j, 2 * m)
-            cross = (2.0 * alpha) * torch.bmm(z_real, torch.view_as_real(proj).reshape(b, width, 2 * m)
+            z_scored = torch.view_as_real(self._scored(z)).reshape(b, j, 2 * m_s)
+            cross = (2.0 * alpha) * torch.bmm(z_scored, torch.view_as_real(proj).reshape(b, width, 2 * m_s)
                                               .transpose(1, 2))  # (B, J, W)
             log_pj = torch.log_softmax(cross, dim=1)  # p(j | i, k)
             p_t = torch.as_tensor(probs, dtype=torch.float32, device=dev)
@@ -379,8 +412,9 @@ class _HalfMStep:
         dev, m = self.device, len(self.freqs)
         k_total = len(grid_rotations)
         alpha = self.noise.scale
-        proj = slice_coefficients(self.prepared, grid_rotations, self.freqs.kx.to(dev), self.freqs.ky.to(dev))
-        proj_real = torch.view_as_real(proj).reshape(k_total, 2 * m)
+        proj = slice_coefficients(self.prepared, grid_rotations, self.score_kx, self.score_ky)
+        m_s = proj.shape[-1]
+        proj_real = torch.view_as_real(proj).reshape(k_total, 2 * m_s)
         numerator = torch.zeros((k_total, 2 * m), device=dev)
         weight = torch.zeros((k_total, m), device=dev)
         for s in range(0, len(rows), self.config.batch_size):
@@ -389,7 +423,8 @@ class _HalfMStep:
             y, ctf, z, origins = self._batch(r_b)
             j = z.shape[1]
             z_real = torch.view_as_real(z).reshape(b * j, 2 * m)
-            cross = (2.0 * alpha) * (z_real @ proj_real.T).view(b, j, k_total)
+            z_scored = torch.view_as_real(self._scored(z)).reshape(b * j, 2 * m_s)
+            cross = (2.0 * alpha) * (z_scored @ proj_real.T).view(b, j, k_total)
             p_t = torch.as_tensor(p_rows[s:s + b], dtype=torch.float32, device=dev)
             log_joint = torch.log(p_t)[:, None, :] + torch.log_softmax(cross, dim=1)
             w = torch.exp(log_joint)  # (B, J, K)
@@ -448,11 +483,32 @@ def _empty_results(n: int) -> dict:
     return out
 
 
-def _run_half(particles: ParticleSet, images: np.ndarray | None, reference: np.ndarray, noise: NoiseModel,
-              sampling: _Sampling, radius: float, prior: RotationPrior | None, config: RefineConfig,
-              device: torch.device, progress) -> tuple[PoseAssignment, _HalfMStep, dict, dict]:
-    """E-step (assign_poses) + joint weights + M-step sums for one half set; returns the assignment, the M-step
-    (accumulator, noise sums, best poses), the marginals and path statistics."""
+@dataclass
+class _Support:
+    """One half set's joint-weight support from an E-step: what its M-step needs, kept after the last iteration
+    for the final full-resolution pass. ``radius``: the scored band (Fourier px); ``rows`` / ``cand_rot`` /
+    ``cand_p``: candidate-path particles (half indexing) with their candidate rotations and rotation posteriors;
+    ``broad_rows`` / ``broad_p`` (R, K): shared-grid particles and their posteriors on ``grid`` (K, 3, 3)."""
+
+    particles: ParticleSet
+    images: np.ndarray | None
+    reference: np.ndarray
+    noise: NoiseModel
+    radius: float
+    centers: np.ndarray
+    rows: list
+    cand_rot: list
+    cand_p: list
+    broad_rows: list
+    broad_p: list
+    grid: np.ndarray | None
+
+
+def _e_step(particles: ParticleSet, images: np.ndarray | None, reference: np.ndarray, noise: NoiseModel,
+            sampling: _Sampling, radius: float, prior: RotationPrior | None, config: RefineConfig,
+            device: torch.device, progress) -> tuple[PoseAssignment, _Support, dict]:
+    """E-step (assign_poses) of one half set and its candidate support; returns the assignment (with the
+    marginals), the support and path statistics."""
     box, px = particles.box, particles.pixel_size
     search = PoseSearch(healpix_order=sampling.order, refine_levels=sampling.levels,
                         max_resolution_A=box * px / radius, shift_range_px=config.shift_range_px,
@@ -466,34 +522,83 @@ def _run_half(particles: ParticleSet, images: np.ndarray | None, reference: np.n
                           progress=e_progress, seed=config.seed)
     local = sampling.local_range_deg is not None
     centers = particles.origins_px if (local and particles.origins_A is not None) else np.zeros((n, 2))
-    prepared = prepare_volume(reference, device=device)
-    mstep = _HalfMStep(particles, images, prepared, noise, radius, centers, config, device)
     grid = None if local else healpix_grid(sampling.order).rotations
-    broad_rows, broad_p, rows, cand_rot, cand_p, ncand = [], [], [], [], [], np.zeros(n)
+    support = _Support(particles, images, reference, noise, radius, centers, [], [], [], [], [], grid)
+    ncand = np.zeros(n)
     for i in range(n):
         rotations, probs = result.marginals[i]
         rot, p, needed = _candidates(rotations, probs, config.candidate_mass, config.max_candidates)
         if (needed > config.max_candidates and config.mode == "soft" and grid is not None
                 and len(rotations) == len(grid) and np.array_equal(rotations, grid)):
-            broad_rows.append(i)
-            broad_p.append(probs / probs.sum())
+            support.broad_rows.append(i)
+            support.broad_p.append(probs / probs.sum())
             ncand[i] = len(grid)
         else:
-            rows.append(i)
-            cand_rot.append(rot)
-            cand_p.append(p)
+            support.rows.append(i)
+            support.cand_rot.append(rot)
+            support.cand_p.append(p)
             ncand[i] = len(p)
+    return result, support, {"ncand": ncand, "broad": len(support.broad_rows)}
+
+
+def _m_step(support: _Support, config: RefineConfig, device: torch.device, progress,
+            insert_radius: float | None = None) -> _HalfMStep:
+    """Joint weights and M-step sums of one half set on its support; data inserted up to ``insert_radius``
+    (Fourier px; default: the scored band)."""
+    prepared = prepare_volume(support.reference, device=device)
+    mstep = _HalfMStep(support.particles, support.images, prepared, support.noise, support.radius, support.centers,
+                       config, device, insert_radius=insert_radius)
+    n = len(support.particles)
     m_progress = progress("M-step") if progress else None
-    if rows:
-        mstep.candidates(np.asarray(rows), cand_rot, cand_p)
+    if support.rows:
+        mstep.candidates(np.asarray(support.rows), support.cand_rot, support.cand_p)
         if m_progress:
-            m_progress(len(rows), n)
-    if broad_rows:
-        mstep.shared(np.asarray(broad_rows), grid, np.stack(broad_p))
+            m_progress(len(support.rows), n)
+    if support.broad_rows:
+        mstep.shared(np.asarray(support.broad_rows), support.grid, np.stack(support.broad_p))
         if m_progress:
             m_progress(n, n)
-    stats = {"ncand": ncand, "broad": len(broad_rows)}
-    return result, mstep, result.marginals, stats
+    return mstep
+
+
+def _run_half(particles: ParticleSet, images: np.ndarray | None, reference: np.ndarray, noise: NoiseModel,
+              sampling: _Sampling, radius: float, prior: RotationPrior | None, config: RefineConfig,
+              device: torch.device, progress) -> tuple[PoseAssignment, _HalfMStep, dict, dict, _Support]:
+    """E-step (assign_poses) + joint weights + M-step sums for one half set; returns the assignment, the M-step
+    (accumulator, noise sums, best poses), the marginals, path statistics and the support."""
+    result, support, stats = _e_step(particles, images, reference, noise, sampling, radius, prior, config, device,
+                                     progress)
+    mstep = _m_step(support, config, device, progress)
+    return result, mstep, result.marginals, stats, support
+
+
+@dataclass
+class _Maps:
+    """Half maps, combined map, FSC and τ² from the two half accumulators of an M-step."""
+
+    half_maps: list
+    combined: np.ndarray
+    freq: np.ndarray
+    fsc: np.ndarray
+    resolution: float
+    tau2: torch.Tensor
+
+
+def _maps_from(accumulators: list, pixel_size: float, mask: np.ndarray | None) -> _Maps:
+    """FSC of the unregularised half maps (a small ridge only: τ² of a previous cut-off would be zero beyond it,
+    and the FSC of two zeroed shells would measure crop leakage) -> resolution (FSC 0.143, at least Nyquist) and
+    τ² (RELION's rule); the Wiener half maps with that τ² and the combined map with the whole-map τ²."""
+    provisional = [acc.reconstruct(tau2=None).cpu().numpy() for acc in accumulators]
+    freq_t, fsc_t = fsc(provisional[0], provisional[1], pixel_size, mask=mask)
+    freq, fsc_values = freq_t.cpu().numpy(), fsc_t.cpu().numpy()
+    resolution = max(resolution_at(freq, fsc_values), 2 * pixel_size)
+    mean_weight = 0.5 * (accumulators[0].mean_weight_per_shell() + accumulators[1].mean_weight_per_shell())
+    tau2 = tau2_from_fsc(fsc_values, mean_weight[:len(fsc_values)])
+    half_maps = [acc.reconstruct(tau2=tau2).cpu().numpy() for acc in accumulators]
+    both = accumulators[0] + accumulators[1]
+    combined = both.reconstruct(tau2=tau2_from_fsc(fsc_values, both.mean_weight_per_shell()[:len(fsc_values)],
+                                                   whole_map=True)).cpu().numpy()
+    return _Maps(half_maps, combined, freq, fsc_values, float(resolution), tau2)
 
 
 # ------------------------------------------------------------------------------------------------ state files
@@ -543,8 +648,10 @@ def refine(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
     line per iteration (None: silent). ``progress(label)`` returns a ``callback(done, total)`` for each half set's
     E-step and M-step (labels ``"iteration I half H E-step"`` / ``"... M-step"``). ``mask``: (D, D, D) in [0, 1],
     applied to the half maps before they become references and used for the FSC. ``resume``: continue from the
-    last complete iteration in ``out_dir`` (same particles and config). Returns the final map, half maps, FSC,
-    particles with MMSE poses (hard mode: MAP poses), and the viewing-direction prior.
+    last complete iteration in ``out_dir`` (same particles and config). Returns the final map, half maps, FSC and
+    resolution (those of the final full-resolution pass unless ``config.final_full_resolution`` is False; the
+    per-iteration maps stay in ``out_dir``), particles with MMSE poses (hard mode: MAP poses), and the
+    viewing-direction prior.
     """
     config = config or RefineConfig()
     config.validate()
@@ -640,7 +747,7 @@ def refine(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
         radius = min(box * px / resolution + config.extra_shells, nyquist)
         sampling = _sampling(config, resolution, diameter, local)
         prior = DirectionDensityPrior(config.prior_order, prior_density) if config.prior_mode == "estimate" else None
-        accumulators, mass, broad = [], np.zeros(12 * 4 ** config.prior_order), 0
+        accumulators, mass, broad, supports = [], np.zeros(12 * 4 ** config.prior_order), 0, []
         noise_sum = noise_count = 0.0
         for h in range(2):
             rows = index[h]
@@ -649,10 +756,11 @@ def refine(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
                 half = replace(half, rotations=per["mmse_rot"][rows], origins_A=per["mmse_org"][rows] * px)
             label = f"iteration {it} half {h + 1}"
             sub_progress = (lambda tag, _label=label: progress(f"{_label} {tag}")) if progress else None
-            result, mstep, marginals, stats = _run_half(half, images[rows] if images is not None else None,
-                                                        references[h], noise, sampling, radius, prior, config,
-                                                        device, sub_progress)
+            result, mstep, marginals, stats, support = _run_half(half, images[rows] if images is not None else None,
+                                                                 references[h], noise, sampling, radius, prior,
+                                                                 config, device, sub_progress)
             accumulators.append(mstep.accumulator)
+            supports.append(support)
             if config.prior_mode == "estimate":
                 mass += _direction_mass(marginals, config.prior_order)
             noise_sum, noise_count = noise_sum + mstep.noise_sum, noise_count + mstep.noise_count
@@ -664,21 +772,12 @@ def refine(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
             per["experr"][rows], per["conc"][rows] = result.expected_error_deg, result.concentration
             per["logz"][rows], per["ncand"][rows] = result.log_evidence, stats["ncand"]
             del marginals, result
-        # M-step map: FSC of the unregularised half maps (a small ridge only: the previous tau² is zero beyond the
-        # previous cut-off, and the FSC of two zeroed shells would measure crop leakage), then the new tau² for the
-        # references
-        provisional = [acc.reconstruct(tau2=None).cpu().numpy() for acc in accumulators]
-        freq_t, fsc_t = fsc(provisional[0], provisional[1], px, mask=mask)
-        freq, fsc_values = freq_t.cpu().numpy(), fsc_t.cpu().numpy()
-        resolution = max(resolution_at(freq, fsc_values), 2 * px)
-        mean_weight = 0.5 * (accumulators[0].mean_weight_per_shell() + accumulators[1].mean_weight_per_shell())
-        tau2 = tau2_from_fsc(fsc_values, mean_weight[:len(fsc_values)])
-        half_maps = [acc.reconstruct(tau2=tau2).cpu().numpy() for acc in accumulators]
+        # M-step map: FSC of the unregularised half maps, then the new tau² for the references
+        maps = _maps_from(accumulators, px, mask)
+        half_maps, combined, tau2 = maps.half_maps, maps.combined, maps.tau2
+        freq, fsc_values, resolution = maps.freq, maps.fsc, maps.resolution
         references = references_from(half_maps)
-        both = accumulators[0] + accumulators[1]
-        combined = both.reconstruct(tau2=tau2_from_fsc(fsc_values, both.mean_weight_per_shell()[:len(fsc_values)],
-                                                       whole_map=True)).cpu().numpy()
-        del accumulators, both
+        del accumulators, maps
         # M-step noise and prior
         updated = noise_count > 0
         noise = NoiseModel(np.where(updated, noise_sum / np.maximum(noise_count, 1), noise.noise_power), 1.0,
@@ -726,10 +825,89 @@ def refine(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
 
     if freq is None:  # no iteration ran (iterations already done): nothing to report beyond the start
         raise ValueError("no EM iteration ran: increase iterations")
+    if config.final_full_resolution:
+        final_maps = _load_final(out_dir, it) if (resume and it == start_it) else None
+        if final_maps is None:
+            if it == start_it:  # resumed a finished run whose final pass is missing: recompute the supports once
+                supports = _recompute_supports(particles, images, index, references, noise, per, config, resolution,
+                                               diameter, local, prior_density, device, progress, it, px)
+            final_maps = _final_pass(supports, config, device, box, px, mask, progress, it, out_dir, log)
+        half_maps, combined = final_maps.half_maps, final_maps.combined
+        freq, fsc_values, resolution = final_maps.freq, final_maps.fsc, final_maps.resolution
     final = _final_particles(particles, halves, per, px, config.mode)
     return RefineResult(combined, (half_maps[0], half_maps[1]), np.asarray(freq), np.asarray(fsc_values),
                         float(resolution), final, np.asarray(prior_density), config.prior_order, history,
                         bool(converged), np.asarray(noise.noise_power))
+
+
+def _recompute_supports(particles: ParticleSet, images: np.ndarray | None, index: list, references: list,
+                        noise: NoiseModel, per: dict, config: RefineConfig, resolution: float, diameter: float,
+                        local: bool, prior_density: np.ndarray, device: torch.device, progress, it: int,
+                        px: float) -> list:
+    """The joint-weight supports of both halves from one more E-step against the saved references (a resumed,
+    finished run: the last E-step's weights live in memory only)."""
+    box = particles.box
+    radius = min(box * px / resolution + config.extra_shells, resolution_to_radius(box, px, None))
+    sampling = _sampling(config, resolution, diameter, local)
+    prior = DirectionDensityPrior(config.prior_order, prior_density) if config.prior_mode == "estimate" else None
+    supports = []
+    for h in range(2):
+        rows = index[h]
+        half = particles.subset(rows)
+        if local:
+            half = replace(half, rotations=per["mmse_rot"][rows], origins_A=per["mmse_org"][rows] * px)
+        label = f"final after iteration {it} half {h + 1}"
+        sub_progress = (lambda tag, _label=label: progress(f"{_label} {tag}")) if progress else None
+        supports.append(_e_step(half, images[rows] if images is not None else None, references[h], noise, sampling,
+                                radius, prior, config, device, sub_progress)[1])
+    return supports
+
+
+def _final_pass(supports: list, config: RefineConfig, device: torch.device, box: int, px: float,
+                mask: np.ndarray | None, progress, it: int, out_dir: Path | None,
+                log: Callable[[str], None] | None) -> _Maps:
+    """RELION's final reconstruction: each half's data inserted at ALL frequencies up to Nyquist (``D // 2``
+    Fourier px) at the last E-step's joint weights (scored on that E-step's band), the FSC and resolution of
+    these unregularised full-resolution half maps, the half maps with τ² from that FSC and the combined map
+    (whole-map τ²). Written to ``final_half{1,2}.mrc``, ``final_map.mrc`` and ``final_state.npz``."""
+    t0 = time.perf_counter()
+    accumulators = []
+    for h, support in enumerate(supports):
+        label = f"final half {h + 1}"
+        sub_progress = (lambda tag, _label=label: progress(f"{_label} {tag}")) if progress else None
+        accumulators.append(_m_step(support, config, device, sub_progress, insert_radius=float(box // 2))
+                            .accumulator)
+    maps = _maps_from(accumulators, px, mask)
+    if log:
+        log(f"final reconstruction to Nyquist ({2 * px:.1f} Å) at the weights of iteration {it}: resolution "
+            f"{maps.resolution:.1f} Å (FSC 0.143), {time.perf_counter() - t0:.1f} s")
+    if out_dir is not None:
+        for h in range(2):
+            write_map(out_dir / f"final_half{h + 1}.mrc", maps.half_maps[h], px)
+        write_map(out_dir / "final_map.mrc", maps.combined, px)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, version=STATE_VERSION, iteration=it, resolution=maps.resolution,
+                         fsc_frequencies=maps.freq, fsc=maps.fsc, tau2=maps.tau2.numpy())
+
+        _atomic_write_bytes(out_dir / FINAL_STATE, write)  # last: marks the final files complete
+    return maps
+
+
+def _load_final(out_dir: Path | None, it: int) -> _Maps | None:
+    """The final full-resolution maps of a run finished after iteration ``it``, or None if absent or stale."""
+    if out_dir is None or not (out_dir / FINAL_STATE).is_file():
+        return None
+    names = ["final_half1.mrc", "final_half2.mrc", "final_map.mrc"]
+    if not all((out_dir / name).is_file() for name in names):
+        return None
+    state = dict(np.load(out_dir / FINAL_STATE, allow_pickle=False))
+    if int(state["iteration"]) != it:
+        return None
+    half_maps = [read_map(out_dir / name)[0] for name in names[:2]]
+    return _Maps(half_maps, read_map(out_dir / names[2])[0], state["fsc_frequencies"], state["fsc"],
+                 float(state["resolution"]), torch.as_tensor(state["tau2"]))
 
 
 def _noise_without_scale(particles: ParticleSet, images: np.ndarray | None, config: RefineConfig) -> NoiseModel:
