@@ -206,27 +206,44 @@ def _check_map_matches(volume, map_pixel_size: float, particles, map_path: Path)
                        f"{particles.pixel_size:.4f} Å/px (more than 1 % apart)")
 
 
+def _read_particles_and_map(particles_path: Path, map_path: Path):
+    """``(particles, map)`` read from a RELION star file and an MRC map, with :func:`_check_map_matches`'s checks
+    (same box; pixel sizes within 1 %) and a note on stderr when the map header has no pixel size (Å/px); the
+    particles' pixel size is then assumed."""
+    from .core.io.mrc import read_map
+    from .core.io.relion_star import read_star
+
+    particles = read_star(particles_path)
+    volume, map_px = read_map(map_path)
+    _check_map_matches(volume, map_px, particles, map_path)
+    if map_px <= 0:
+        sys.stderr.write(f"note: {map_path} has no pixel size in its header; assuming the particles' "
+                         f"{particles.pixel_size:.4f} Å/px\n")
+    return particles, volume
+
+
+def _read_mask(mask_path: Path, shape: tuple[int, ...]):
+    """The mask (MRC) at ``mask_path``; a one-line error when its shape (voxels) differs from the map's ``shape``."""
+    from .core.io.mrc import read_map
+
+    mask, _ = read_map(mask_path)
+    if mask.shape != shape:
+        raise CliError(f"the mask {mask_path} has shape {mask.shape}, the map {shape}")
+    return mask
+
+
 def _run_assign(args) -> int:
     from dataclasses import replace
 
     import numpy as np
 
-    from .core.io.mrc import read_map
-    from .core.io.relion_star import read_star, write_star
+    from .core.io.relion_star import write_star
     from .core.posterior import PoseSearch, assign_poses
     from .core.priors import prior_from_spec
 
-    particles = read_star(args.particles)
-    volume, map_px = read_map(args.map)
-    _check_map_matches(volume, map_px, particles, args.map)
-    if map_px <= 0:
-        sys.stderr.write(f"note: {args.map} has no pixel size in its header; assuming the particles' "
-                         f"{particles.pixel_size:.4f} Å/px\n")
+    particles, volume = _read_particles_and_map(args.particles, args.map)
     if args.mask is not None:
-        mask, _ = read_map(args.mask)
-        if mask.shape != volume.shape:
-            raise CliError(f"the mask {args.mask} has shape {mask.shape}, the map {volume.shape}")
-        volume = volume * mask
+        volume = volume * _read_mask(args.mask, volume.shape)
     if args.prior.strip().lower().startswith("local") and not particles.has_alignment:
         raise CliError(f"--prior {args.prior} searches around the input poses, but {args.particles} has no "
                        "rlnAngleRot/Tilt/Psi columns")
@@ -625,16 +642,9 @@ def _run_refine(args) -> int:
     import numpy as np
 
     from .core.em import RefineConfig, refine
-    from .core.io.mrc import read_map
-    from .core.io.relion_star import read_star
     from .core.refine_outputs import write_refine_outputs
 
-    particles = read_star(args.particles)
-    volume, map_px = read_map(args.map)
-    _check_map_matches(volume, map_px, particles, args.map)
-    if map_px <= 0:
-        sys.stderr.write(f"note: {args.map} has no pixel size in its header; assuming the particles' "
-                         f"{particles.pixel_size:.4f} Å/px\n")
+    particles, volume = _read_particles_and_map(args.particles, args.map)
     if args.no_ctf:
         particles = replace(particles, ctf=None)
     elif not particles.has_ctf:
@@ -645,9 +655,7 @@ def _run_refine(args) -> int:
     engine = inspect.signature(refine).parameters
     extra_args = {}
     if args.mask is not None:
-        mask, _ = read_map(args.mask)
-        if mask.shape != volume.shape:
-            raise CliError(f"the mask {args.mask} has shape {mask.shape}, the map {volume.shape}")
+        mask = _read_mask(args.mask, volume.shape)
         if not np.any(mask > 0):
             raise CliError(f"the mask {args.mask} is empty (no voxel > 0)")
         if "mask" not in engine:

@@ -18,7 +18,7 @@ from pwem.objects import SetOfParticles
 from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
-from ..convert import SCIPION_ID, fill_set_of_particles, particles_from_scipion
+from ..convert import SCIPION_ID, particles_from_scipion
 from ..core.io.mrc import read_map, write_map
 from ..core.io.relion_star import read_star, write_star
 from ..core.particles import ParticleSet
@@ -26,6 +26,9 @@ from ..core.posterior import ESTIMATORS, NoiseModel, PoseAssignment, PoseSearch,
 from ..core.priors import PriorSpec, prior_from_spec
 from ..core.rotations import matrix_to_euler
 from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from ._common import (add_gpu_params, decile_logger, define_output_particles,
+                      describe_particles, geometry_errors, gpu_device, n_threads, no_gpu_warnings,
+                      output_particles, symmetry_errors)
 from .protocol_simulate import volume_file
 
 ESTIMATOR_CHOICES = ["MMSE", "MAP", "MLE"]
@@ -33,7 +36,6 @@ PRIOR_CHOICES = ["uniform", "isotropic Gaussian (IGSO3)", "preferred orientation
 PRIOR_UNIFORM, PRIOR_IGSO3, PRIOR_PREFERRED, PRIOR_LOCAL = range(4)
 MAX_HEALPIX_ORDER = 4
 MAX_REFINE_LEVELS = 3
-PIXEL_SIZE_RTOL = 0.01  # particles and map must agree within 1 %
 
 INPUT_STAR = "input_particles.star"
 REFERENCE_MAP = "reference.mrc"
@@ -97,11 +99,8 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
 
     # ------------------------------------------------------------------------------------------------- form
     def _defineParams(self, form):
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?",
-                       help="Score on the GPU when torch sees a CUDA device (else the CPU is used, with a warning "
-                            "before the run). The results are the same; the GPU is faster for large grids.")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU id",
-                       help="Which GPU to use (CUDA device index; only the first one listed is used).")
+        add_gpu_params(form, "Score on the GPU when torch sees a CUDA device (else the CPU is used, with a warning "
+                             "before the run). The results are the same; the GPU is faster for large grids.")
 
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
@@ -211,8 +210,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
             data = data * mask
             self.info(f"map multiplied by the mask {volume_file(self.inputMask.get())}")
         write_map(self._getExtraPath(REFERENCE_MAP), data, volume.getSamplingRate())
-        self.info(f"{len(particles)} particles ({particles.box} px, {particles.pixel_size:.4f} Å/px), "
-                  f"CTF: {'yes' if particles.has_ctf else 'no'}, input alignment: "
+        self.info(f"{describe_particles(particles)}, input alignment: "
                   f"{'yes' if particles.has_alignment else 'no'}")
 
     def assignStep(self):
@@ -239,13 +237,9 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         data = load_assignment(self._getExtraPath(RESULT_NPZ))
         estimator = data["estimator"]
         poses = replace(particles, rotations=data[f"{estimator}_rotations"],
-                        origins_A=data[f"{estimator}_origins_A"],
-                        extra={SCIPION_ID: np.asarray(data["scipion_id"], dtype=np.int64)})
-        output = self._createSetOfParticles()
-        fill_set_of_particles(output, poses, template_set=self.inputParticles.get(),
-                              attributes=output_attributes(data))
-        self._defineOutputs(outputParticles=output)
-        self._defineTransformRelation(self.inputParticles, output)
+                        origins_A=data[f"{estimator}_origins_A"])
+        output = output_particles(self, poses, data["scipion_id"], output_attributes(data))
+        define_output_particles(self, output)
         self._defineSourceRelation(self.inputVolume, output)
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -270,12 +264,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
 
     def device(self) -> str:
         """``cuda:<first GPU id>`` when the GPU is allowed and torch sees one, else ``cpu``."""
-        import torch
-
-        if self.usesGpu() and torch.cuda.is_available():
-            gpus = self.getGpuList()
-            return f"cuda:{gpus[0] if gpus else 0}"
-        return "cpu"
+        return gpu_device(self)
 
     def poseSearch(self, local_range_deg: float | None = None) -> PoseSearch:
         """The form's sampling as a :class:`PoseSearch` (angles °, shifts px, resolution Å)."""
@@ -286,7 +275,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
                           shift_range_px=self.shiftRange.get(), shift_step_px=self.shiftStep.get(),
                           symmetry=self.symmetryGroup.get().strip().upper(), local_range_deg=local_range_deg,
                           local_step_deg=step if local_range_deg is not None and step and step > 0 else None,
-                          device=self.device(), threads=max(int(self.numberOfThreads.get() or 1), 1))
+                          device=self.device(), threads=n_threads(self))
 
     def _describeSearch(self, search: PoseSearch) -> str:
         if search.local_range_deg is not None:
@@ -299,15 +288,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
                 f"symmetry {search.symmetry}")
 
     def _progressLogger(self):
-        reported = set()
-
-        def progress(done: int, total: int) -> None:
-            decile = 10 * done // max(total, 1)
-            if decile not in reported:
-                reported.add(decile)
-                self.info(f"assigned {done}/{total} particles")
-
-        return progress
+        return decile_logger(self, lambda done, total: f"assigned {done}/{total} particles")
 
     def particlePosterior(self, row: int, coarse: bool = False):
         """Recompute the rotation posterior of the particle in row ``row`` (0-based, order of the input star) with
@@ -349,32 +330,12 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         if self.prior.get() == PRIOR_LOCAL and not parts.hasAlignmentProj():
             errors.append("The local prior searches around each particle's input pose, but the input particles "
                           "have no projection alignment (3D poses). Use a global prior or aligned particles.")
-        try:
-            symmetry_group(self.symmetryGroup.get() or "")
-        except ValueError as exc:
-            errors.append(f"Symmetry: {exc}")
+        errors += symmetry_errors(self.symmetryGroup.get() or "")
         errors += self._validateSampling(parts)
         return errors
 
     def _validateGeometry(self, parts, volume) -> list[str]:
-        errors = []
-        vdim = volume.getDim()
-        pdim = parts.getDim()
-        if vdim is None or len(set(vdim)) != 1:
-            errors.append(f"The reference map must be a cubic box, got dimensions {vdim}.")
-        elif pdim is not None and pdim[0] != vdim[0]:
-            errors.append(f"The box of the particles ({pdim[0]} px) differs from the box of the reference map "
-                          f"({vdim[0]} px); resize one of them.")
-        p_px, v_px = parts.getSamplingRate(), volume.getSamplingRate()
-        if not p_px or not v_px:
-            errors.append(f"Missing pixel size: particles {p_px} Å/px, map {v_px} Å/px.")
-        elif abs(p_px - v_px) > PIXEL_SIZE_RTOL * p_px:
-            errors.append(f"The pixel size of the particles ({p_px:.4f} Å/px) differs from the reference map's "
-                          f"({v_px:.4f} Å/px) by more than 1 %; rescale the map.")
-        mask = self.inputMask.get()
-        if mask is not None and vdim is not None and mask.getDim() != vdim:
-            errors.append(f"The mask box {mask.getDim()} differs from the reference map box {vdim}.")
-        return errors
+        return geometry_errors(parts, volume, "reference map", mask=self.inputMask.get())
 
     def _validateSampling(self, parts) -> list[str]:
         errors = []
@@ -401,11 +362,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         return errors
 
     def _warnings(self):
-        import torch
-
-        if self.usesGpu() and not torch.cuda.is_available():
-            return ["A GPU was requested but torch sees no CUDA device: the run will use the CPU."]
-        return []
+        return no_gpu_warnings(self)
 
     def _summary(self):
         if not hasattr(self, "outputParticles"):

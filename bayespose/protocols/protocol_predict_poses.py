@@ -22,15 +22,17 @@ from pwem.objects import SetOfParticles
 from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
-from ..convert import SCIPION_ID, fill_set_of_particles, particles_from_scipion
+from ..convert import SCIPION_ID, particles_from_scipion
 from ..core.io.mrc import read_map, write_map
 from ..core.io.relion_star import read_star, write_star
 from ..core.particles import ParticleSet
 from ..core.rotations import matrix_to_euler
 from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from .protocol_assign_poses import PIXEL_SIZE_RTOL, load_assignment, output_attributes, save_assignment
+from ._common import (add_gpu_params, define_output_particles, describe_particles, geometry_errors, gpu_device,
+                      n_threads, no_gpu_warnings, output_particles)
+from .protocol_assign_poses import load_assignment, output_attributes, save_assignment
 from .protocol_simulate import volume_file
-from .protocol_train_network import add_gpu_params, gpu_device, progress_logger
+from .protocol_train_network import GPU_HELP, progress_logger
 
 INPUT_STAR = "input_particles.star"
 REFERENCE_MAP = "reference.mrc"
@@ -112,7 +114,7 @@ class ProtBayesposePredictPoses(EMProtocol):
 
     # ------------------------------------------------------------------------------------------------- form
     def _defineParams(self, form):
-        add_gpu_params(form)
+        add_gpu_params(form, GPU_HELP)
         form.addSection(label="Input")
         form.addParam("inputModel", params.PointerParam, pointerClass="BayesposePoseNetwork", important=True,
                       label="Pose network",
@@ -190,8 +192,7 @@ class ProtBayesposePredictPoses(EMProtocol):
             volume = self.inputVolume.get()
             data, _ = read_map(volume_file(volume))
             write_map(self._getExtraPath(REFERENCE_MAP), data, volume.getSamplingRate())
-        self.info(f"{len(particles)} particles ({particles.box} px, {particles.pixel_size:.4f} Å/px), CTF: "
-                  f"{'yes' if particles.has_ctf else 'no'}, input alignment: "
+        self.info(f"{describe_particles(particles)}, input alignment: "
                   f"{'yes' if particles.has_alignment else 'no'}")
 
     def predictStep(self):
@@ -249,12 +250,9 @@ class ProtBayesposePredictPoses(EMProtocol):
             rotations, origins = data["mmse_rotations"], data["mmse_origins_A"]
             attributes["DeepToMmseDeg"] = symmetric_geodesic_distance_deg(
                 prediction["rotations"], rotations, symmetry_group(prediction["symmetry"]))
-        poses = replace(particles, rotations=rotations, origins_A=origins,
-                        extra={SCIPION_ID: np.asarray(prediction["scipion_id"], dtype=np.int64)})
-        output = self._createSetOfParticles()
-        fill_set_of_particles(output, poses, template_set=self.inputParticles.get(), attributes=attributes)
-        self._defineOutputs(outputParticles=output)
-        self._defineTransformRelation(self.inputParticles, output)
+        poses = replace(particles, rotations=rotations, origins_A=origins)
+        output = output_particles(self, poses, prediction["scipion_id"], attributes)
+        define_output_particles(self, output)
         self._defineSourceRelation(self.inputModel, output)
         if self.refines():
             self._defineSourceRelation(self.inputVolume, output)
@@ -280,7 +278,7 @@ class ProtBayesposePredictPoses(EMProtocol):
                           symmetry=symmetry, device=gpu_device(self), threads=self._threads())
 
     def _threads(self) -> int:
-        return max(int(self.numberOfThreads.get() or 1), 1)
+        return n_threads(self)
 
     def _setThreads(self) -> None:
         import torch
@@ -334,17 +332,7 @@ class ProtBayesposePredictPoses(EMProtocol):
         if volume is None:
             return ["Select the reference map for the MMSE refinement (or set 'Refine with a reference map?' to "
                     "No)."]
-        errors = []
-        vdim, pdim = volume.getDim(), parts.getDim()
-        if vdim is None or len(set(vdim)) != 1:
-            errors.append(f"The reference map must be a cubic box, got dimensions {vdim}.")
-        elif pdim is not None and pdim[0] != vdim[0]:
-            errors.append(f"The box of the particles ({pdim[0]} px) differs from the box of the reference map "
-                          f"({vdim[0]} px); resize one of them.")
-        p_px, v_px = parts.getSamplingRate(), volume.getSamplingRate()
-        if p_px and v_px and abs(p_px - v_px) > PIXEL_SIZE_RTOL * p_px:
-            errors.append(f"The pixel size of the particles ({p_px:.4f} Å/px) differs from the reference map's "
-                          f"({v_px:.4f} Å/px) by more than 1 %; rescale the map.")
+        errors = geometry_errors(parts, volume, "reference map", require_pixel_size=False)
         if not (self.shiftStep.get() or 0) > 0:
             errors.append("The shift step must be > 0 pixels.")
         if (self.shiftRange.get() or 0) < 0:
@@ -354,11 +342,7 @@ class ProtBayesposePredictPoses(EMProtocol):
         return errors
 
     def _warnings(self):
-        import torch
-
-        warnings = []
-        if self.usesGpu() and not torch.cuda.is_available():
-            warnings.append("A GPU was requested but torch sees no CUDA device: the run will use the CPU.")
+        warnings = no_gpu_warnings(self)
         parts = self.inputParticles.get()
         if self.doRefine.get() and parts is not None and not parts.hasCTF():
             warnings.append("The particles have no CTF: the MMSE refinement scores them without CTF.")

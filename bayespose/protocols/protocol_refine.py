@@ -22,13 +22,15 @@ from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
-from ..convert import SCIPION_ID, fill_set_of_particles, particles_from_scipion
+from ..convert import SCIPION_ID, particles_from_scipion
 from ..core.em import RefineConfig, refine
 from ..core.io.mrc import read_map, write_map
 from ..core.io.relion_star import read_star, write_star
 from ..core.refine_outputs import (FIGURES, HALF_FILES, MAP_FILE, PRIOR_NPY, RefineOutputs, read_refine_outputs,
                                    write_refine_outputs)
 from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from ._common import (add_gpu_params, define_output_particles, describe_particles, geometry_errors, gpu_device,
+                      n_threads, no_gpu_warnings, output_particles, symmetry_errors)
 from .protocol_simulate import volume_file
 
 MODES = ("soft", "hard")  # RefineConfig.mode, in the order of MODE_CHOICES
@@ -38,7 +40,6 @@ PRIOR_CHOICES = ["uniform", "estimate (preferred orientation)"]
 MAX_HEALPIX_ORDER = 6
 _DEFAULTS = RefineConfig()  # the form's defaults are the engine's
 MIN_PER_HALF = 10
-PIXEL_SIZE_RTOL = 0.01  # particles and map must agree within 1 %
 
 INPUT_STAR = "input_particles.star"
 INITIAL_MAP = "initial.mrc"
@@ -90,11 +91,8 @@ class ProtBayesposeRefine(ProtRefine3D):
 
     # ------------------------------------------------------------------------------------------------- form
     def _defineParams(self, form):
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?",
-                       help="Compute on the GPU when torch sees a CUDA device (else the CPU is used, with a "
-                            "warning before the run). The results are the same; the GPU is faster.")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU id",
-                       help="Which GPU to use (CUDA device index; only the first one listed is used).")
+        add_gpu_params(form, "Compute on the GPU when torch sees a CUDA device (else the CPU is used, with a "
+                             "warning before the run). The results are the same; the GPU is faster.")
 
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
@@ -193,8 +191,7 @@ class ProtBayesposeRefine(ProtRefine3D):
         if self.inputMask.get() is not None:
             mask, _ = read_map(volume_file(self.inputMask.get()))
             write_map(self._getExtraPath(MASK_MAP), mask, volume.getSamplingRate())
-        self.info(f"{len(particles)} particles ({particles.box} px, {particles.pixel_size:.4f} Å/px), CTF: "
-                  f"{'yes' if particles.has_ctf else 'no'}, RELION half sets: "
+        self.info(f"{describe_particles(particles)}, RELION half sets: "
                   f"{'yes' if particles.half_set is not None else 'no (random split)'}")
 
     def refineStep(self):
@@ -226,7 +223,6 @@ class ProtBayesposeRefine(ProtRefine3D):
     def createOutputStep(self):
         """outputVolume (with half maps), outputFSC and outputParticles (MMSE poses + ``_bp`` attributes)."""
         out = self.results()
-        input_set = self.inputParticles.get()
         px = out.pixel_size
 
         vol = Volume()
@@ -242,15 +238,12 @@ class ProtBayesposeRefine(ProtRefine3D):
             raise ValueError(f"{out.path('particles.star')} has no {SCIPION_ID} column to match the input particles")
         inputs = read_star(self._getExtraPath(INPUT_STAR))
         attrs = output_attributes(particles, inputs.rotations, self.symmetry())
-        poses = replace(particles, extra={SCIPION_ID: np.asarray(particles.extra[SCIPION_ID], dtype=np.int64)})
-        output = self._createSetOfParticles()
-        fill_set_of_particles(output, poses, template_set=input_set, attributes=attrs)
+        output = output_particles(self, particles, particles.extra[SCIPION_ID], attrs)
 
         self._defineOutputs(outputVolume=vol)
         self._defineSourceRelation(self.inputParticles, vol)
         self._defineSourceRelation(self.inputVolume, vol)
-        self._defineOutputs(outputParticles=output)
-        self._defineTransformRelation(self.inputParticles, output)
+        define_output_particles(self, output)
         self._defineOutputs(outputFSC=fsc)
         self._defineSourceRelation(vol, fsc)
 
@@ -261,12 +254,7 @@ class ProtBayesposeRefine(ProtRefine3D):
 
     def device(self) -> str:
         """``cuda:<first GPU id>`` when the GPU is allowed and torch sees one, else ``cpu``."""
-        import torch
-
-        if self.usesGpu() and torch.cuda.is_available():
-            gpus = self.getGpuList()
-            return f"cuda:{gpus[0] if gpus else 0}"
-        return "cpu"
+        return gpu_device(self)
 
     def refineConfig(self) -> RefineConfig:
         """The form as a :class:`RefineConfig` (Å, degrees, px)."""
@@ -278,7 +266,7 @@ class ProtBayesposeRefine(ProtRefine3D):
                             prior_pseudocount=self.priorPseudocount.get(), prior_order=self.priorOrder.get(),
                             initial_lowpass_A=self.initialLowPass.get(),
                             particle_diameter_A=diameter if diameter and diameter > 0 else None,
-                            device=self.device(), threads=max(int(self.numberOfThreads.get() or 1), 1),
+                            device=self.device(), threads=n_threads(self),
                             seed=self.seed.get())
 
     def results(self) -> RefineOutputs:
@@ -310,31 +298,12 @@ class ProtBayesposeRefine(ProtRefine3D):
                           "CTF?' for simulated / CTF-corrected particles.")
         if parts.hasCTF() and parts.isPhaseFlipped() and not self.ignoreCtf.get():
             errors.append("The input particles are phase-flipped; the model needs the original images.")
-        try:
-            symmetry_group(self.symmetry())
-        except ValueError as exc:
-            errors.append(f"Symmetry: {exc}")
+        errors += symmetry_errors(self.symmetry())
         errors += self._validateSampling(parts)
         return errors
 
     def _validateGeometry(self, parts, volume) -> list[str]:
-        errors = []
-        vdim, pdim = volume.getDim(), parts.getDim()
-        if vdim is None or len(set(vdim)) != 1:
-            errors.append(f"The initial volume must be a cubic box, got dimensions {vdim}.")
-        elif pdim is not None and pdim[0] != vdim[0]:
-            errors.append(f"The box of the particles ({pdim[0]} px) differs from the box of the initial volume "
-                          f"({vdim[0]} px); resize one of them.")
-        p_px, v_px = parts.getSamplingRate(), volume.getSamplingRate()
-        if not p_px or not v_px:
-            errors.append(f"Missing pixel size: particles {p_px} Å/px, volume {v_px} Å/px.")
-        elif abs(p_px - v_px) > PIXEL_SIZE_RTOL * p_px:
-            errors.append(f"The pixel size of the particles ({p_px:.4f} Å/px) differs from the initial volume's "
-                          f"({v_px:.4f} Å/px) by more than 1 %; rescale the volume.")
-        mask = self.inputMask.get()
-        if mask is not None and vdim is not None and mask.getDim() != vdim:
-            errors.append(f"The mask box {mask.getDim()} differs from the initial volume box {vdim}.")
-        return errors
+        return geometry_errors(parts, volume, "initial volume", mask=self.inputMask.get())
 
     def _validateSampling(self, parts) -> list[str]:
         errors = []
@@ -363,11 +332,7 @@ class ProtBayesposeRefine(ProtRefine3D):
         return errors
 
     def _warnings(self):
-        import torch
-
-        if self.usesGpu() and not torch.cuda.is_available():
-            return ["A GPU was requested but torch sees no CUDA device: the run will use the CPU."]
-        return []
+        return no_gpu_warnings(self)
 
     def _summary(self):
         if not hasattr(self, "outputVolume"):

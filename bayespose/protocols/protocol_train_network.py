@@ -15,8 +15,9 @@ from pyworkflow.constants import BETA
 
 from ..convert import particles_from_scipion
 from ..core.io.relion_star import read_star, write_star
-from ..core.symmetry import symmetry_group
 from ..objects import BayesposePoseNetwork
+from ._common import add_gpu_params, decile_logger, describe_particles, gpu_device, n_threads, no_gpu_warnings, \
+    symmetry_errors
 
 MODEL_CHOICES = ["so3grid", "quaternion"]
 MODEL_SO3GRID, MODEL_QUATERNION = range(2)
@@ -26,25 +27,8 @@ MAX_GRID_ORDER = 3
 
 TRAIN_STAR = "train_particles.star"
 CHECKPOINT = "pose_network.pt"
-
-
-def gpu_device(protocol) -> str:
-    """``cuda:<first GPU id>`` when the protocol allows the GPU and torch sees one, else ``cpu``."""
-    import torch
-
-    if protocol.usesGpu() and torch.cuda.is_available():
-        gpus = protocol.getGpuList()
-        return f"cuda:{gpus[0] if gpus else 0}"
-    return "cpu"
-
-
-def add_gpu_params(form) -> None:
-    """The hidden GPU parameters Scipion's GUI and queue system read (``useGpu``, ``gpuList``)."""
-    form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?",
-                   help="Run the network (and the MMSE scoring) on the GPU when torch sees a CUDA device; else on "
-                        "the CPU, with a warning before the run. The results are the same up to float rounding.")
-    form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU id",
-                   help="Which GPU to use (CUDA device index; only the first one listed is used).")
+GPU_HELP = ("Run the network (and the MMSE scoring) on the GPU when torch sees a CUDA device; else on the CPU, with "
+            "a warning before the run. The results are the same up to float rounding.")
 
 
 def network_log(protocol):
@@ -56,15 +40,7 @@ def progress_logger(protocol, what: str):
     """``progress(label) -> callback(done, total)`` that logs every 10 % to the protocol's log."""
 
     def factory(label: str):
-        reported = set()
-
-        def callback(done: int, total: int) -> None:
-            decile = 10 * done // max(total, 1)
-            if decile not in reported:
-                reported.add(decile)
-                protocol.info(f"{label or what}: {done}/{total}")
-
-        return callback
+        return decile_logger(protocol, lambda done, total: f"{label or what}: {done}/{total}")
 
     return factory
 
@@ -91,7 +67,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
 
     # ------------------------------------------------------------------------------------------------- form
     def _defineParams(self, form):
-        add_gpu_params(form)
+        add_gpu_params(form, GPU_HELP)
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
                       pointerCondition="hasAlignmentProj", important=True, label="Aligned particles",
@@ -154,8 +130,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         """Input particles -> extra/train_particles.star."""
         particles = particles_from_scipion(self.inputParticles.get())
         write_star(self._getExtraPath(TRAIN_STAR), particles)
-        self.info(f"{len(particles)} training particles ({particles.box} px, {particles.pixel_size:.4f} Å/px), "
-                  f"CTF: {'yes' if particles.has_ctf else 'no'}")
+        self.info(describe_particles(particles, "training particles"))
 
     def trainStep(self):
         """Train the network (one call of :func:`train_pose_network`); a continued run resumes from the last
@@ -199,7 +174,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
                            patience=self.patience.get(), symmetry=self.symmetryGroup.get().strip().upper(),
                            grid_order=self.gridOrder.get(), augment=bool(self.augment.get()), ctf_correction=ctf,
                            seed=self.seed.get(), device=gpu_device(self),
-                           threads=max(int(self.numberOfThreads.get() or 1), 1))
+                           threads=n_threads(self))
 
     def history(self) -> list[dict]:
         """The training history stored in the checkpoint (rows: epoch, train_loss, val_loss, val_mean_error_deg,
@@ -219,10 +194,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         if not parts.hasAlignmentProj():
             errors.append("The input particles have no 3D projection alignment: the network learns from known "
                           "poses. Use particles from a 3D refinement (or a simulation).")
-        try:
-            symmetry_group(self.symmetryGroup.get() or "")
-        except ValueError as exc:
-            errors.append(f"Symmetry: {exc}")
+        errors += symmetry_errors(self.symmetryGroup.get() or "")
         dim = parts.getDim()
         if dim is not None and dim[0] and self.netBox.get() and self.netBox.get() > dim[0]:
             errors.append(f"The network box ({self.netBox.get()} px) is larger than the particle box ({dim[0]} px); "
@@ -238,12 +210,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         return errors
 
     def _warnings(self):
-        import torch
-
-        warnings = []
-        if self.usesGpu() and not torch.cuda.is_available():
-            warnings.append("A GPU was requested but torch sees no CUDA device: training will use the CPU (slow "
-                            "for large sets).")
+        warnings = no_gpu_warnings(self, "training will use the CPU (slow for large sets).")
         parts = self.inputParticles.get()
         if parts is not None and self.ctfCorrection.get() == CTF_PHASE_FLIP and not parts.hasCTF():
             warnings.append("The particles have no CTF: they are used without CTF correction.")

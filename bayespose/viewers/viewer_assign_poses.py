@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 import pyworkflow.protocol.params as params
-from pwem.viewers.plotter import EmPlotter
-from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer
+from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
 from ..core.assign_plots import plot_direction_posterior, plot_estimator_difference, plot_uncertainty_histograms
 from ..core.plots import plot_pose_distribution
 from ..protocols import ProtBayesposeAssignPoses
 from ..protocols.protocol_assign_poses import PRIOR_LOCAL, RESULT_NPZ, load_assignment
+from ._common import ExtraFigureMixin, particle_row, unknown_particle_views
 
 STAGE_CHOICES = ["final (refined) cells", "coarse global grid (whole sphere)"]
 STAGE_FINAL, STAGE_COARSE = range(2)
 
 
-class BayesposeAssignPosesViewer(ProtocolViewer):
+class BayesposeAssignPosesViewer(ExtraFigureMixin, ProtocolViewer):
     """Results of a pose assignment: where the poses are, how certain they are, how MMSE and MAP differ, and the
     posterior of a chosen particle."""
 
@@ -61,12 +61,6 @@ class BayesposeAssignPosesViewer(ProtocolViewer):
     def _results(self) -> dict:
         return load_assignment(self.protocol._getExtraPath(RESULT_NPZ))
 
-    def _png(self, name: str) -> str:
-        return self.protocol._getExtraPath(f"viewer_{name}.png")
-
-    def _title(self, what: str) -> str:
-        return f"{self.protocol.getRunName()}: {what}"
-
     def _nside(self, coarse: bool) -> int:
         """HEALPix nside matching the angular spacing of the plotted grid (spacing ~ 60° / nside)."""
         prot = self.protocol
@@ -76,10 +70,6 @@ class BayesposeAssignPosesViewer(ProtocolViewer):
         order = prot.healpixOrder.get() + (0 if coarse else prot.refineLevels.get())
         return 2 ** min(order, 6)
 
-    @staticmethod
-    def _view(fig):
-        return [EmPlotter(figure=fig)]
-
     # ------------------------------------------------------------------------------------------------ views
     def _showPoses(self, paramName=None):
         data = self._results()
@@ -87,32 +77,26 @@ class BayesposeAssignPosesViewer(ProtocolViewer):
         fig = plot_pose_distribution(data[f"{estimator}_rotations"], None,
                                      title=self._title(f"{estimator.upper()} poses"),
                                      reference=data["input_rotations"])
-        fig.savefig(self._png("poses"), dpi=110)
-        return self._view(fig)
+        return self._saveAndView(fig, "poses")
 
     def _showUncertainty(self, paramName=None):
         data = self._results()
         fig = plot_uncertainty_histograms(data["expected_error_deg"], data["pmax"], None,
                                           title=self._title(f"uncertainty of {len(data['pmax'])} particles"))
-        fig.savefig(self._png("uncertainty"), dpi=110)
-        return self._view(fig)
+        return self._saveAndView(fig, "uncertainty")
 
     def _showDifference(self, paramName=None):
         data = self._results()
         fig = plot_estimator_difference(data["mmse_rotations"], data["map_rotations"], None, symmetry=data["symmetry"],
                                         title=self._title("MMSE vs MAP rotation"))
-        fig.savefig(self._png("mmse_vs_map"), dpi=110)
-        return self._view(fig)
+        return self._saveAndView(fig, "mmse_vs_map")
 
     def _showPosterior(self, paramName=None):
         data = self._results()
-        ids = np.asarray(data["scipion_id"], dtype=np.int64)
         wanted = int(self.particleId.get())
-        rows = np.flatnonzero(ids == wanted)
-        if len(rows) == 0:
-            return [MessageView(f"No particle with id {wanted} in this run (ids {ids.min()}..{ids.max()}).",
-                                title="Unknown particle")]
-        row = int(rows[0])
+        row = particle_row(data["scipion_id"], wanted)
+        if row is None:
+            return unknown_particle_views(data["scipion_id"], wanted)
         coarse = self.posteriorStage.get() == STAGE_COARSE
         rotations, probabilities, result = self.protocol.particlePosterior(row, coarse=coarse)
         markers = {"MMSE": data["mmse_rotations"][row], "MAP": data["map_rotations"][row]}
@@ -123,5 +107,4 @@ class BayesposeAssignPosesViewer(ProtocolViewer):
                                        title=self._title(f"posterior of particle {wanted} ({stage}; pmax "
                                                          f"{data['pmax'][row]:.3f}, expected error "
                                                          f"{data['expected_error_deg'][row]:.2f}°)"))
-        fig.savefig(self._png(f"posterior_{wanted}{'_coarse' if coarse else ''}"), dpi=110)
-        return self._view(fig)
+        return self._saveAndView(fig, f"posterior_{wanted}{'_coarse' if coarse else ''}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pyworkflow.protocol.params as params
 from pwem.viewers.plotter import EmPlotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer, Viewer
@@ -22,6 +21,7 @@ from ..objects import BayesposePoseNetwork
 from ..protocols import ProtBayesposePredictPoses, ProtBayesposeTrainPoseNetwork
 from ..protocols.protocol_assign_poses import load_assignment
 from ..protocols.protocol_predict_poses import PREDICTION_NPZ, RESULT_NPZ, load_prediction
+from ._common import ExtraFigureMixin, particle_row, unknown_particle_views
 
 
 def training_curves_png(checkpoint: str | Path, png_path: str | Path, title: str = ""):
@@ -56,7 +56,7 @@ class BayesposeTrainingViewer(Viewer):
         return [EmPlotter(figure=fig)]
 
 
-class BayesposePredictPosesViewer(ProtocolViewer):
+class BayesposePredictPosesViewer(ExtraFigureMixin, ProtocolViewer):
     """Results of a pose prediction: the pose distribution, the errors against the input alignment and the predicted
     distribution of a chosen particle."""
 
@@ -94,24 +94,13 @@ class BayesposePredictPosesViewer(ProtocolViewer):
     def _assignment(self) -> dict | None:
         return load_assignment(self.protocol._getExtraPath(RESULT_NPZ)) if self.protocol.refines() else None
 
-    def _png(self, name: str) -> str:
-        return self.protocol._getExtraPath(f"viewer_{name}.png")
-
-    def _title(self, what: str) -> str:
-        return f"{self.protocol.getRunName()}: {what}"
-
-    @staticmethod
-    def _view(fig):
-        return [EmPlotter(figure=fig)]
-
     # ------------------------------------------------------------------------------------------------ views
     def _showPoses(self, paramName=None):
         data, refined = self._prediction(), self._assignment()
         rotations = refined["mmse_rotations"] if refined is not None else data["rotations"]
         what = "deep-prior MMSE poses" if refined is not None else "network poses (mode)"
         fig = plot_pose_distribution(rotations, None, title=self._title(what), reference=data["input_rotations"])
-        fig.savefig(self._png("poses"), dpi=110)
-        return self._view(fig)
+        return self._saveAndView(fig, "poses")
 
     def _showErrors(self, paramName=None):
         from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
@@ -127,18 +116,14 @@ class BayesposePredictPosesViewer(ProtocolViewer):
                                                                         data["input_rotations"], group)
         fig = plot_angular_errors(errors, None, title=self._title(f"angle to the input poses ({len(data['rotations'])} "
                                                                   f"particles, symmetry {data['symmetry']})"))
-        fig.savefig(self._png("errors"), dpi=110)
-        return self._view(fig)
+        return self._saveAndView(fig, "errors")
 
     def _showDistribution(self, paramName=None):
         data, refined = self._prediction(), self._assignment()
-        ids = np.asarray(data["scipion_id"], dtype=np.int64)
         wanted = int(self.particleId.get())
-        rows = np.flatnonzero(ids == wanted)
-        if len(rows) == 0:
-            return [MessageView(f"No particle with id {wanted} in this run (ids {ids.min()}..{ids.max()}).",
-                                title="Unknown particle")]
-        row = int(rows[0])
+        row = particle_row(data["scipion_id"], wanted)
+        if row is None:
+            return unknown_particle_views(data["scipion_id"], wanted)
         rotations, probabilities, order = self.protocol.particleDistribution(row)
         markers = {"network mode": data["rotations"][row]}
         if refined is not None:
@@ -149,5 +134,4 @@ class BayesposePredictPosesViewer(ProtocolViewer):
         fig = plot_predicted_distribution(rotations, probabilities, None, nside=nside, markers=markers,
                                           title=self._title(f"predicted distribution of particle {wanted} "
                                                             f"(confidence {data['confidence'][row]:.3f})"))
-        fig.savefig(self._png(f"distribution_{wanted}"), dpi=110)
-        return self._view(fig)
+        return self._saveAndView(fig, f"distribution_{wanted}")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 
 import pyworkflow.protocol.params as params
-from pwem.viewers import ChimeraView, EmPlotter, EmProtocolViewer
+from pwem.viewers import ChimeraView, EmProtocolViewer
 from pyworkflow.viewer import DESKTOP_TKINTER, MessageView
 
 from ..core import refine_plots
 from ..core.refine_outputs import HALF_FILES, MAP_FILE, RefineOutputs
 from ..protocols import ProtBayesposeRefine
+from ._common import ExtraFigureMixin
 
 VOLUME_CHOICES = ["slices (Scipion volume viewer)", "ChimeraX"]
 VOLUME_SLICES, VOLUME_CHIMERA = range(2)
@@ -69,7 +70,7 @@ def save_refine_figures(protocol, prefix: str = "viewer_") -> dict[str, str]:
     return paths
 
 
-class BayesposeRefineViewer(EmProtocolViewer):
+class BayesposeRefineViewer(ExtraFigureMixin, EmProtocolViewer):
     """Results of an EM refinement: resolution (FSC), convergence, estimated prior vs final poses, the maps."""
 
     _label = "bayespose refine viewer"
@@ -109,14 +110,8 @@ class BayesposeRefineViewer(EmProtocolViewer):
     def _refineOutputs(self) -> RefineOutputs:
         return self.protocol.results()
 
-    def _png(self, name: str) -> str:
-        return self.protocol._getExtraPath(f"viewer_{name}.png")
-
     def _figure(self, name: str):
-        fig = FIGURE_FUNCTIONS[name](self._refineOutputs(), None,
-                                     title=f"{self.protocol.getRunName()}: {name}")
-        fig.savefig(self._png(name), dpi=110)
-        return [EmPlotter(figure=fig)]
+        return self._saveAndView(FIGURE_FUNCTIONS[name](self._refineOutputs(), None, title=self._title(name)), name)
 
     def _mapFiles(self) -> list[str]:
         choice = self.whichMaps.get()

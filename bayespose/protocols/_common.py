@@ -1,0 +1,127 @@
+"""Helpers shared by the bayespose Scipion protocols (assign poses, refine, train / predict with a pose network):
+the hidden GPU parameters, the compute device and thread count, the particles-vs-volume geometry checks of
+``_validate``, and the creation of the output particle set.
+
+Units: boxes in px, pixel sizes in Å/px; poses are RELION ``A`` matrices (see :mod:`bayespose.core.rotations`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import pyworkflow.protocol.params as params
+
+from ..convert import SCIPION_ID, fill_set_of_particles
+from ..core.particles import ParticleSet
+from ..core.symmetry import symmetry_group
+
+PIXEL_SIZE_RTOL = 0.01  # particles and map must agree within 1 %
+NO_GPU_WARNING = "A GPU was requested but torch sees no CUDA device: "
+
+
+# ------------------------------------------------------------------------------------------------- form / device
+def add_gpu_params(form, use_help: str) -> None:
+    """The hidden GPU parameters Scipion's GUI and queue system read (``useGpu`` with help ``use_help``,
+    ``gpuList``)."""
+    form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?", help=use_help)
+    form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU id",
+                   help="Which GPU to use (CUDA device index; only the first one listed is used).")
+
+
+def gpu_device(protocol) -> str:
+    """``cuda:<first GPU id>`` when the protocol allows the GPU and torch sees one, else ``cpu``."""
+    import torch
+
+    if protocol.usesGpu() and torch.cuda.is_available():
+        gpus = protocol.getGpuList()
+        return f"cuda:{gpus[0] if gpus else 0}"
+    return "cpu"
+
+
+def n_threads(protocol) -> int:
+    """The protocol's number of threads (at least 1)."""
+    return max(int(protocol.numberOfThreads.get() or 1), 1)
+
+
+def no_gpu_warnings(protocol, consequence: str = "the run will use the CPU.") -> list[str]:
+    """``[warning]`` when the GPU is requested but torch sees no CUDA device (``consequence`` ends the sentence),
+    else ``[]``."""
+    import torch
+
+    if protocol.usesGpu() and not torch.cuda.is_available():
+        return [NO_GPU_WARNING + consequence]
+    return []
+
+
+def decile_logger(protocol, message: Callable[[int, int], str]) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that logs ``message(done, total)`` to the protocol's log once per 10 %."""
+    reported = set()
+
+    def progress(done: int, total: int) -> None:
+        decile = 10 * done // max(total, 1)
+        if decile not in reported:
+            reported.add(decile)
+            protocol.info(message(done, total))
+
+    return progress
+
+
+def describe_particles(particles: ParticleSet, noun: str = "particles") -> str:
+    """``"<N> <noun> (<box> px, <pixel size> Å/px), CTF: yes|no"`` for the run log."""
+    return (f"{len(particles)} {noun} ({particles.box} px, {particles.pixel_size:.4f} Å/px), CTF: "
+            f"{'yes' if particles.has_ctf else 'no'}")
+
+
+# ------------------------------------------------------------------------------------------------------ validate
+def symmetry_errors(symmetry: str) -> list[str]:
+    """``["Symmetry: <reason>"]`` when ``symmetry`` is not a RELION point group, else ``[]``."""
+    try:
+        symmetry_group(symmetry)
+    except ValueError as exc:
+        return [f"Symmetry: {exc}"]
+    return []
+
+
+def geometry_errors(parts, volume, noun: str, mask=None, require_pixel_size: bool = True) -> list[str]:
+    """The errors of a Scipion particle set ``parts`` against a volume ``volume`` called ``noun`` in the messages
+    (e.g. ``"reference map"``, ``"initial volume"``; its last word is the short name): the volume box must be cubic
+    and equal to the particle box (px); the pixel sizes (Å/px) must agree within :data:`PIXEL_SIZE_RTOL` (a missing
+    one is an error only with ``require_pixel_size``); an optional ``mask`` (VolumeMask) must have the volume's
+    dimensions."""
+    short = noun.split()[-1]
+    errors = []
+    vdim, pdim = volume.getDim(), parts.getDim()
+    if vdim is None or len(set(vdim)) != 1:
+        errors.append(f"The {noun} must be a cubic box, got dimensions {vdim}.")
+    elif pdim is not None and pdim[0] != vdim[0]:
+        errors.append(f"The box of the particles ({pdim[0]} px) differs from the box of the {noun} "
+                      f"({vdim[0]} px); resize one of them.")
+    p_px, v_px = parts.getSamplingRate(), volume.getSamplingRate()
+    if not p_px or not v_px:
+        if require_pixel_size:
+            errors.append(f"Missing pixel size: particles {p_px} Å/px, {short} {v_px} Å/px.")
+    elif abs(p_px - v_px) > PIXEL_SIZE_RTOL * p_px:
+        errors.append(f"The pixel size of the particles ({p_px:.4f} Å/px) differs from the {noun}'s "
+                      f"({v_px:.4f} Å/px) by more than 1 %; rescale the {short}.")
+    if mask is not None and vdim is not None and mask.getDim() != vdim:
+        errors.append(f"The mask box {mask.getDim()} differs from the {noun} box {vdim}.")
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+def output_particles(protocol, poses: ParticleSet, scipion_ids: np.ndarray,
+                     attributes: dict[str, np.ndarray]):
+    """A new SetOfParticles of ``protocol``: its ``inputParticles`` with the projection alignment of ``poses``
+    (RELION ``A``, origins Å), matched by ``scipion_ids``, and the ``_bp<name>`` ``attributes``."""
+    poses = replace(poses, extra={SCIPION_ID: np.asarray(scipion_ids, dtype=np.int64)})
+    output = protocol._createSetOfParticles()
+    fill_set_of_particles(output, poses, template_set=protocol.inputParticles.get(), attributes=attributes)
+    return output
+
+
+def define_output_particles(protocol, output) -> None:
+    """Register ``output`` as ``outputParticles``, transformed from the protocol's ``inputParticles``."""
+    protocol._defineOutputs(outputParticles=output)
+    protocol._defineTransformRelation(protocol.inputParticles, output)
