@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -51,33 +50,7 @@ from bayespose.core.posterior import PoseSearch, assign_poses  # noqa: E402
 from bayespose.core.rotations import euler_to_matrix, geodesic_distance_deg  # noqa: E402
 from bayespose.core.simulate_dataset import SimulationSpec, simulate_dataset  # noqa: E402
 from bayespose.data import fragment_map_path  # noqa: E402
-
-def _system_busy_s() -> float:
-    """CPU seconds all processes have been busy since boot (/proc/stat; 0 where unavailable)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return 0.0
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds of this process and its finished children."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-class _Contention:
-    """Measures the CPU cores used by other processes while a block runs (the machine may be shared)."""
-
-    def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _system_busy_s(), _own_cpu_s()
-        return self
-
-    def __exit__(self, *exc):
-        wall = max(time.perf_counter() - self.t0, 1e-9)
-        self.other_cores = max(0.0, (_system_busy_s() - self.busy0) - (_own_cpu_s() - self.own0)) / wall
+from _machine import Contention  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
@@ -206,7 +179,7 @@ def main(argv=None) -> int:
         folder = simulate(snr, args.n, work, args.seed)
         star_in = strip_poses(folder / "particles.star", folder / "no_poses.star")
         _, true_rot, true_org = truth(folder / "particles.star")
-        with _Contention() as busy:
+        with Contention() as busy:
             relion = run_relion(folder, star_in, args.healpix_order, args.threads, args.particle_diameter,
                                 args.offset_range, args.offset_step)
         row = dict(snr=snr, n=args.n, load_avg=os.getloadavg()[0], relion=dict(
@@ -217,7 +190,7 @@ def main(argv=None) -> int:
         print(f"SNR {snr:g}: RELION {relion['wall_s']:.1f} s, errors {row['relion']['mean_deg']:.2f} / "
               f"{row['relion']['median_deg']:.2f} deg", flush=True)
         for levels in args.refine_levels:
-            with _Contention() as busy:
+            with Contention() as busy:
                 bp = run_bayespose(star_in, args.healpix_order, levels, args.threads, args.offset_range,
                                    args.offset_step)
             entry = dict(wall_s=bp["wall_s"], scoring_s=bp["timings"]["scoring_s"], other_cores_busy=busy.other_cores,

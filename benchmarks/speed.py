@@ -57,6 +57,7 @@ from bayespose.core.posterior import PoseSearch, assign_poses  # noqa: E402
 from bayespose.core.rotations import geodesic_distance_deg  # noqa: E402
 from bayespose.core.simulate_dataset import SimulationSpec, simulate_dataset  # noqa: E402
 from bayespose.data import fragment_map_path  # noqa: E402
+from _machine import own_cpu_s, system_busy_s  # noqa: E402  (benchmarks/ is the script's folder)
 
 SHIFT_RANGE_PX = 3.0
 SHIFT_STEP_PX = 1.0
@@ -163,12 +164,12 @@ def run_config(cfg: dict) -> dict:
         search.max_resolution_A = None  # Nyquist
         search.smoothness_nats = float("inf")  # no information-matched cut-off: full resolution
     square_before = square_gflops()
-    busy0, own0 = _system_busy_s(), _own_cpu_s()
+    busy0, own0 = system_busy_s(), own_cpu_s()
     with _ScoreRecorder() as rec:
         t0 = time.perf_counter()
         result = assign_poses(particles, volume, search, images=images)
         wall = time.perf_counter() - t0
-    others = max(0.0, (_system_busy_s() - busy0) - (_own_cpu_s() - own0)) / wall
+    others = max(0.0, (system_busy_s() - busy0) - (own_cpu_s() - own0)) / wall
     square_after = square_gflops()
     errors = geodesic_distance_deg(result.mmse_rotations, particles.rotations)
     n = len(particles)
@@ -201,21 +202,6 @@ def run_config(cfg: dict) -> dict:
     return out
 
 
-def _system_busy_s() -> float:
-    """CPU seconds all processes have been busy since boot (/proc/stat; 0 where unavailable)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return 0.0
-
-
-def _own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -224,9 +210,9 @@ def _wait_quiet(limit_s: float = 600.0, threshold_cores: float = 0.15) -> float:
     """Waits (up to ``limit_s``) until the machine is nearly idle over 3 s; returns the busy cores seen last."""
     t0 = time.time()
     while True:
-        busy0 = _system_busy_s()
+        busy0 = system_busy_s()
         time.sleep(3.0)
-        busy = (_system_busy_s() - busy0) / 3.0
+        busy = (system_busy_s() - busy0) / 3.0
         if busy < threshold_cores or time.time() - t0 > limit_s:
             return busy
 
