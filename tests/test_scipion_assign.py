@@ -19,6 +19,8 @@ from scipy.spatial.transform import Rotation
 
 from pyworkflow.tests import BaseTest, setupTestProject
 
+from scipion_imports import import_relion_particles, import_volume, simulate_star
+
 pytestmark = pytest.mark.scipion
 
 PIXEL_SIZE = 4.4
@@ -45,37 +47,19 @@ class TestAssignPosesChain(BaseTest):
     # ---------------------------------------------------------------------------------------------- helpers
     @classmethod
     def _simulate(cls, name: str, n: int, ctf: bool, drop_angles: bool = False) -> str:
-        from bayespose.core.simulate_dataset import SimulationSpec, simulate_dataset
+        from bayespose.core.simulate_dataset import SimulationSpec
         from bayespose.data import fragment_map_path
 
-        out = cls.getOutputPath(name)
-        simulate_dataset(fragment_map_path(), SimulationSpec(n_particles=n, snr=0.1, ctf=ctf, max_shift_px=1.5,
-                                                             seed=1), out)
-        star = os.path.join(out, "particles.star")
-        if drop_angles:
-            tables = starfile.read(star, always_dict=True)
-            tables["particles"] = tables["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
-            star = os.path.join(out, "no_angles.star")
-            starfile.write(tables, star)
-        return star
+        return simulate_star(cls.getOutputPath(name), fragment_map_path(),
+                             SimulationSpec(n_particles=n, snr=0.1, ctf=ctf, max_shift_px=1.5, seed=1), drop_angles)
 
     @classmethod
     def _import_particles(cls, star: str):
-        from pwem.protocols import ProtImportParticles
-
-        prot = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
-                                starFile=star, magnification=10000, samplingRate=PIXEL_SIZE,
-                                haveDataBeenPhaseFlipped=False)
-        cls.launchProtocol(prot)
-        return prot.outputParticles
+        return import_relion_particles(cls, star, PIXEL_SIZE)
 
     @classmethod
     def _import_volume(cls, path: str):
-        from pwem.protocols import ProtImportVolumes
-
-        prot = cls.newProtocol(ProtImportVolumes, filesPath=str(path), samplingRate=PIXEL_SIZE)
-        cls.launchProtocol(prot)
-        return prot.outputVolume
+        return import_volume(cls, path, PIXEL_SIZE)
 
     # ------------------------------------------------------------------------------------------------ tests
     def test_import_assign_export_view(self):

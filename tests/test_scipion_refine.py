@@ -23,6 +23,8 @@ from scipy.spatial.transform import Rotation
 
 from pyworkflow.tests import BaseTest, setupTestProject
 
+from scipion_imports import import_relion_particles, import_volume, simulate_star
+
 pytestmark = pytest.mark.scipion
 
 BOX = 32
@@ -64,35 +66,18 @@ class TestRefineChain(BaseTest):
     # ---------------------------------------------------------------------------------------------- helpers
     @classmethod
     def _simulate(cls, name: str, n: int, ctf: bool, drop_angles: bool = False) -> str:
-        from bayespose.core.simulate_dataset import SimulationSpec, simulate_dataset
+        from bayespose.core.simulate_dataset import SimulationSpec
 
-        out = cls.getOutputPath(name)
-        simulate_dataset(cls.truth_path, SimulationSpec(n_particles=n, snr=1.0, ctf=ctf, seed=1), out)
-        star = os.path.join(out, "particles.star")
-        if drop_angles:
-            tables = starfile.read(star, always_dict=True)
-            tables["particles"] = tables["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
-            star = os.path.join(out, "no_angles.star")
-            starfile.write(tables, star)
-        return star
+        return simulate_star(cls.getOutputPath(name), cls.truth_path, SimulationSpec(n_particles=n, snr=1.0, ctf=ctf,
+                                                                                     seed=1), drop_angles)
 
     @classmethod
     def _import_particles(cls, star: str):
-        from pwem.protocols import ProtImportParticles
-
-        prot = cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
-                               starFile=star, magnification=10000, samplingRate=PIXEL_SIZE,
-                               haveDataBeenPhaseFlipped=False)
-        cls.launchProtocol(prot)
-        return prot.outputParticles
+        return import_relion_particles(cls, star, PIXEL_SIZE)
 
     @classmethod
     def _import_volume(cls, path: str, sampling: float = PIXEL_SIZE):
-        from pwem.protocols import ProtImportVolumes
-
-        prot = cls.newProtocol(ProtImportVolumes, filesPath=str(path), samplingRate=sampling)
-        cls.launchProtocol(prot)
-        return prot.outputVolume
+        return import_volume(cls, path, sampling)
 
     # ------------------------------------------------------------------------------------------------ tests
     def test_import_refine_outputs_view(self):
