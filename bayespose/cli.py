@@ -96,7 +96,7 @@ def _add_simulate(sub):
 
 
 def _run_simulate(args) -> int:
-    from .core.simulate_dataset import SimulationSpec, simulate_dataset
+    from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 
     spec = SimulationSpec(n_particles=args.n, snr=None if args.snr == 0 else args.snr,
                           pose_distribution=args.pose_dist, ctf=args.ctf, defocus_min_um=args.defocus[0],
@@ -124,8 +124,8 @@ def _add_import_cs(sub):
 
 
 def _run_import_cs(args) -> int:
-    from .core.io.cryosparc import read_cryosparc
-    from .core.io.relion_star import write_star
+    from bayespose.core.io.cryosparc import read_cryosparc
+    from bayespose.core.io.relion_star import write_star
 
     particles = read_cryosparc(args.cs, passthrough_path=args.passthrough, blob_root=args.blob_root,
                                pixel_size=args.pixel_size)
@@ -145,8 +145,8 @@ def _add_plot_poses(sub):
 
 
 def _run_plot_poses(args) -> int:
-    from .core.io.relion_star import read_star
-    from .core.plots import plot_pose_distribution
+    from bayespose.core.io.relion_star import read_star
+    from bayespose.plotting.poses import plot_pose_distribution
 
     particles = read_star(args.particles)
     if not particles.has_alignment:
@@ -210,8 +210,8 @@ def _read_particles_and_map(particles_path: Path, map_path: Path):
     """``(particles, map)`` read from a RELION star file and an MRC map, with :func:`_check_map_matches`'s checks
     (same box; pixel sizes within 1 %) and a note on stderr when the map header has no pixel size (Å/px); the
     particles' pixel size is then assumed."""
-    from .core.io.mrc import read_map
-    from .core.io.relion_star import read_star
+    from bayespose.core.io.mrc import read_map
+    from bayespose.core.io.relion_star import read_star
 
     particles = read_star(particles_path)
     volume, map_px = read_map(map_path)
@@ -224,7 +224,7 @@ def _read_particles_and_map(particles_path: Path, map_path: Path):
 
 def _read_mask(mask_path: Path, shape: tuple[int, ...]):
     """The mask (MRC) at ``mask_path``; a one-line error when its shape (voxels) differs from the map's ``shape``."""
-    from .core.io.mrc import read_map
+    from bayespose.core.io.mrc import read_map
 
     mask, _ = read_map(mask_path)
     if mask.shape != shape:
@@ -237,9 +237,9 @@ def _run_assign(args) -> int:
 
     import numpy as np
 
-    from .core.io.relion_star import write_star
-    from .core.posterior import PoseSearch, assign_poses
-    from .core.priors import prior_from_spec
+    from bayespose.core.io.relion_star import write_star
+    from bayespose.core.assign.engine import PoseSearch, assign_poses
+    from bayespose.core.geometry.priors import prior_from_spec
 
     particles, volume = _read_particles_and_map(args.particles, args.map)
     if args.mask is not None:
@@ -314,10 +314,10 @@ def _training_png(checkpoint: Path) -> Path:
 
 
 def _run_train(args) -> int:
-    from .core.deep import TrainConfig, train_pose_network
-    from .core.deep_plots import plot_training_history
-    from .core.io.relion_star import read_star
-    from .core.symmetry import symmetry_group
+    from bayespose.core.deep import TrainConfig, train_pose_network
+    from bayespose.plotting.deep import plot_training_history
+    from bayespose.core.io.relion_star import read_star
+    from bayespose.core.geometry.symmetry import symmetry_group
 
     if not 0.0 < args.val_fraction < 1.0:
         raise CliError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
@@ -430,7 +430,7 @@ def _load_network(path: Path, device: str | None):
     """:func:`bayespose.core.deep.load_pose_network` with a one-line error for a file that is no checkpoint."""
     import pickle
 
-    from .core.deep import load_pose_network
+    from bayespose.core.deep import load_pose_network
 
     try:
         return load_pose_network(path, device=device)
@@ -471,12 +471,12 @@ def _run_predict(args) -> int:
     import numpy as np
     import torch
 
-    from .core.deep import deep_prior_assign, pose_error_metrics, predict_poses
-    from .core.deep_plots import plot_angular_errors
-    from .core.io.mrc import read_map
-    from .core.io.relion_star import read_star, write_star
-    from .core.plots import plot_pose_distribution
-    from .core.posterior import PoseSearch
+    from bayespose.core.deep import deep_prior_assign, pose_error_metrics, predict_poses
+    from bayespose.plotting.deep import plot_angular_errors
+    from bayespose.core.io.mrc import read_map
+    from bayespose.core.io.relion_star import read_star, write_star
+    from bayespose.plotting.poses import plot_pose_distribution
+    from bayespose.core.assign.engine import PoseSearch
 
     device = None if args.device == "auto" else args.device
     if args.threads:
@@ -535,7 +535,7 @@ def _run_predict(args) -> int:
 
 def _errors_to_input(prediction, result, particles, symmetry: str) -> dict:
     """Symmetry-aware angles (degrees) between the input poses and the network mode / the MMSE poses."""
-    from .core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+    from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 
     group = symmetry_group(symmetry)
     errors = {"network mode": symmetric_geodesic_distance_deg(prediction.rotations, particles.rotations, group)}
@@ -641,8 +641,8 @@ def _run_refine(args) -> int:
 
     import numpy as np
 
-    from .core.em import RefineConfig, refine
-    from .core.refine_outputs import write_refine_outputs
+    from bayespose.core.refine.engine import RefineConfig, refine
+    from bayespose.core.refine.outputs import write_refine_outputs
 
     particles, volume = _read_particles_and_map(args.particles, args.map)
     if args.no_ctf:
@@ -706,7 +706,7 @@ def _add_demo(sub):
 
 
 def _run_demo(args) -> int:
-    from .demo import run_demo
+    from bayespose.demo import run_demo
 
     run_demo(args.out, n_particles=args.n, seed=args.seed, progress=_progress_printer)
     return 0
@@ -714,7 +714,7 @@ def _run_demo(args) -> int:
 
 # --------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from bayespose import __version__
 
     parser = _Parser(prog="bayespose",
                      description="Bayesian and learned particle-pose estimation for cryo-EM (plain-file commands; "

@@ -30,8 +30,8 @@ import pwem.constants as emcts
 from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
 from pyworkflow.object import Float, Integer
 
-from bayespose.core.particles import CTFParams, ParticleSet
-from bayespose.core.rotations import project_to_so3
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.geometry.rotations import project_to_so3
 
 #: Prefix of the per-particle attributes that bayespose adds to Scipion particles.
 ATTRIBUTE_PREFIX = "_bp"

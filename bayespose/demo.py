@@ -19,14 +19,14 @@ from typing import Callable
 
 import numpy as np
 
-from .core.io.mrc import read_images, read_map
-from .core.io.relion_star import read_star, write_star
-from .core.plots import plot_estimator_errors, plot_image_gallery, plot_pose_distribution
-from .core.posterior import PoseSearch, assign_poses
-from .core.rotations import geodesic_distance_deg
-from .core.simulate import simulate_images
-from .core.simulate_dataset import SimulationSpec, simulate_dataset
-from .data import demo_map_path, fragment_map_path
+from bayespose.core.io.mrc import read_images, read_map
+from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.plotting.poses import plot_estimator_errors, plot_image_gallery, plot_pose_distribution
+from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.geometry.rotations import geodesic_distance_deg
+from bayespose.core.imaging.simulate import simulate_images
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.data import demo_map_path, fragment_map_path
 
 
 def run_demo(out_dir: str | Path, n_particles: int = 500, seed: int = 0,
@@ -118,8 +118,8 @@ def _deep_prior_step(out_dir: Path, seed: int, progress, n_train: int = 240, n_t
     for the network to find the in-plane angle and the dominant view, not for a converged network."""
     import time
 
-    from .core.deep import TrainConfig, deep_prior_assign, load_pose_network, predict_poses, train_pose_network
-    from .core.deep_plots import plot_angular_errors, plot_training_history
+    from bayespose.core.deep import TrainConfig, deep_prior_assign, load_pose_network, predict_poses, train_pose_network
+    from bayespose.plotting.deep import plot_angular_errors, plot_training_history
 
     start = time.perf_counter()
     deep_dir = out_dir / "deep"
@@ -166,9 +166,9 @@ def _refine_step(out_dir: Path, seed: int, progress, n: int = 200, snr: float = 
 
     import healpy
 
-    from .core.em import RefineConfig, refine
-    from .core.reconstruct import fsc
-    from .core.refine_outputs import resolution_from_fsc, write_refine_outputs
+    from bayespose.core.refine.engine import RefineConfig, refine
+    from bayespose.core.imaging.reconstruct import fsc
+    from bayespose.core.refine.outputs import resolution_from_fsc, write_refine_outputs
 
     start = time.perf_counter()
     refine_dir = out_dir / "refine"

@@ -4,7 +4,7 @@
 Known poses, the asymmetric 3J9G fragment map (``bayespose.data.fragment_map_path()``, 64³ px, 4.4 Å/px), CTF
 (defocus 1.0-2.5 µm, astigmatism <= 200 Å, 300 kV, Cs 2.7 mm, 10 % amplitude contrast), no shifts unless said.
 SNR = mean over the particles of the clean (CTF-modulated) image's variance over the whole 64² box divided by the
-per-pixel variance of the white Gaussian noise (:mod:`bayespose.core.simulate`). Errors are geodesic angles in
+per-pixel variance of the white Gaussian noise (:mod:`bayespose.core.imaging.simulate`). Errors are geodesic angles in
 degrees between estimated and true RELION pose matrices (symmetry-aware, ``symmetric_geodesic_distance_deg``,
 for symmetric maps).
 
@@ -44,14 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bayespose.core.grids import healpix_grid
+from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.io.mrc import read_images, read_map, write_map
-from bayespose.core.particles import ParticleSet
-from bayespose.core.posterior import PoseAssignment, PoseSearch, assign_poses
-from bayespose.core.priors import IGSO3Prior, RotationPrior, UniformPrior
-from bayespose.core.rotations import geodesic_distance_deg
-from bayespose.core.simulate_dataset import SimulationSpec, simulate_dataset
-from bayespose.core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.assign.engine import PoseAssignment, PoseSearch, assign_poses
+from bayespose.core.geometry.priors import IGSO3Prior, RotationPrior, UniformPrior
+from bayespose.core.geometry.rotations import geodesic_distance_deg
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.data import fragment_map_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

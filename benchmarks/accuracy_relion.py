@@ -26,9 +26,9 @@ from scipy.ndimage import affine_transform
 
 from bayespose.core.io.mrc import read_images, read_map
 from bayespose.core.io.relion_star import read_star
-from bayespose.core.particles import ParticleSet
-from bayespose.core.rotations import geodesic_distance_deg
-from bayespose.core.simulate import signal_variance
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.geometry.rotations import geodesic_distance_deg
+from bayespose.core.imaging.simulate import signal_variance
 
 
 def have_relion(*names: str) -> bool:
@@ -109,7 +109,7 @@ def relion_symmetrise(map_path: Path, out_path: Path, sym: str) -> np.ndarray:
 
 def rotate_map(volume: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """``V'(x) = V(L x)`` for a volume ``vol[z, y, x]`` with coordinates ``x = (x, y, z)`` in px from ``box // 2``
-    (trilinear interpolation; :mod:`bayespose.core.symmetry` convention)."""
+    (trilinear interpolation; :mod:`bayespose.core.geometry.symmetry` convention)."""
     flip = np.eye(3)[::-1]  # (x, y, z) <-> (z, y, x)
     m = flip @ np.asarray(matrix, dtype=np.float64) @ flip
     c = np.full(3, volume.shape[0] // 2, dtype=np.float64)

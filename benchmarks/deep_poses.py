@@ -2,7 +2,7 @@
 """Evidence for deep pose prediction (issue 5; papers 001, 002, 003) on simulated particles with known poses.
 
 Data: the asymmetric 3J9G fragment (``bayespose.data.fragment_map_path()``, 64³ px, 4.4 Å/px), CTF (defocus
-1.0-2.5 µm, astigmatism <= 200 Å), no shifts, uniform poses, SNR as in :mod:`bayespose.core.simulate`.
+1.0-2.5 µm, astigmatism <= 200 Å), no shifts, uniform poses, SNR as in :mod:`bayespose.core.imaging.simulate`.
 Half-set protocol (002 Fig. 1): the networks are trained on half 1 (10 % of it held out for validation / early
 stopping) and evaluated on half 2, which they never saw. Networks see 32 px Fourier-cropped, phase-flipped
 images (8.8 Å/px).
@@ -55,13 +55,13 @@ from bayespose.core.deep import (TrainConfig, deep_prior_assign, load_pose_netwo
 from bayespose.core.deep.data import inplane_rotation_matrix, rotate_shift_images
 from bayespose.core.deep.prior_refine import AUTO_FALLBACK_Z, final_spacing_deg, fit_zscores
 from bayespose.core.deep.predict import network_inputs, predict_from_inputs
-from bayespose.core.ctf import ctf_2d
+from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.io.mrc import read_images, read_map
 from bayespose.core.io.relion_star import read_star
-from bayespose.core.posterior import PoseSearch, assign_poses
-from bayespose.core.reconstruct import FourierAccumulator, fsc, resolution_at
-from bayespose.core.rotations import geodesic_distance_deg
-from bayespose.core.simulate_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.imaging.reconstruct import FourierAccumulator, fsc, resolution_at
+from bayespose.core.geometry.rotations import geodesic_distance_deg
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.data import demo_map_path, fragment_map_path
 
 

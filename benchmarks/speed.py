@@ -4,7 +4,7 @@ What it measures (CPU, float32, ``--threads`` threads, default all cores):
 
 * ``torch.matmul`` GFLOP/s of a large square product (the machine's practical ceiling) and of the exact shapes
   the scorer multiplies: the cross term ``(B·J, 2M) @ (2M, Kc)`` and the norm term ``(B, M) @ (M, Kc)``.
-* The scoring kernel of :func:`bayespose.core.posterior.assign_poses` on simulated particles (fragment map, CTF,
+* The scoring kernel of :func:`bayespose.core.assign.engine.assign_poses` on simulated particles (fragment map, CTF,
   SNR ``--snr``, origins within ±2 px) at box 64 (4.4 Å/px) and box 128 (the map Fourier-padded to 128 px,
   2.2 Å/px), HEALPix order 2 and 3, shifts within 3 px at 1 px steps (J = 29):
 
@@ -53,9 +53,9 @@ sys.path.insert(0, str(ROOT))
 from bayespose.core import posterior  # noqa: E402
 from bayespose.core.io.mrc import read_images, read_map, write_map  # noqa: E402
 from bayespose.core.io.relion_star import read_star  # noqa: E402
-from bayespose.core.posterior import PoseSearch, assign_poses  # noqa: E402
-from bayespose.core.rotations import geodesic_distance_deg  # noqa: E402
-from bayespose.core.simulate_dataset import SimulationSpec, simulate_dataset  # noqa: E402
+from bayespose.core.assign.engine import PoseSearch, assign_poses  # noqa: E402
+from bayespose.core.geometry.rotations import geodesic_distance_deg  # noqa: E402
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset  # noqa: E402
 from bayespose.data import fragment_map_path  # noqa: E402
 from _machine import own_cpu_s, system_busy_s  # noqa: E402  (benchmarks/ is the script's folder)
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 _SCIPION_SCRATCH = Path(tempfile.mkdtemp(prefix="bayespose-scipion-"))
 os.environ.setdefault("SCIPION_DOMAIN", "pwem")
@@ -38,13 +37,6 @@ def pytest_configure(config):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SCIPION_SCRATCH, ignore_errors=True)  # the throw-away Scipion home and its test projects
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
-    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 the hidden GPU parameters, the compute device and thread count, the particles-vs-volume geometry checks of
 ``_validate``, and the creation of the output particle set.
 
-Units: boxes in px, pixel sizes in Å/px; poses are RELION ``A`` matrices (see :mod:`bayespose.core.rotations`).
+Units: boxes in px, pixel sizes in Å/px; poses are RELION ``A`` matrices (see :mod:`bayespose.core.geometry.rotations`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Callable
 import numpy as np
 import pyworkflow.protocol.params as params
 
-from ..convert import SCIPION_ID, fill_set_of_particles
-from ..core.particles import ParticleSet
-from ..core.symmetry import symmetry_group
+from bayespose.convert import SCIPION_ID, fill_set_of_particles
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.geometry.symmetry import symmetry_group
 
 PIXEL_SIZE_RTOL = 0.01  # particles and map must agree within 1 %
 NO_GPU_WARNING = "A GPU was requested but torch sees no CUDA device: "

@@ -1,5 +1,5 @@
 """Scipion protocol ``bayespose - assign poses (MMSE)``: Bayesian pose assignment of particles against a reference
-map (thin wrapper over :func:`bayespose.core.posterior.assign_poses`, the same function as ``bayespose assign``).
+map (thin wrapper over :func:`bayespose.core.assign.engine.assign_poses`, the same function as ``bayespose assign``).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; volume, times the mask when one is
 given -> ``extra/reference.mrc``), ``assignStep`` (posterior over rotations and shifts; writes
@@ -18,18 +18,18 @@ from pwem.objects import SetOfParticles
 from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
-from ..convert import SCIPION_ID, particles_from_scipion
-from ..core.io.mrc import read_map, write_map
-from ..core.io.relion_star import read_star, write_star
-from ..core.particles import ParticleSet
-from ..core.posterior import ESTIMATORS, NoiseModel, PoseAssignment, PoseSearch, assign_poses
-from ..core.priors import PriorSpec, prior_from_spec
-from ..core.rotations import matrix_to_euler
-from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from ._common import (add_gpu_params, decile_logger, define_output_particles,
+from bayespose.convert import SCIPION_ID, particles_from_scipion
+from bayespose.core.io.mrc import read_map, write_map
+from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.assign.engine import ESTIMATORS, NoiseModel, PoseAssignment, PoseSearch, assign_poses
+from bayespose.core.geometry.priors import PriorSpec, prior_from_spec
+from bayespose.core.geometry.rotations import matrix_to_euler
+from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.protocols._common import (add_gpu_params, decile_logger, define_output_particles,
                       describe_particles, geometry_errors, gpu_device, n_threads, no_gpu_warnings,
                       output_particles, symmetry_errors)
-from .protocol_simulate import volume_file
+from bayespose.protocols.protocol_simulate import volume_file
 
 ESTIMATOR_CHOICES = ["MMSE", "MAP", "MLE"]
 PRIOR_CHOICES = ["uniform", "isotropic Gaussian (IGSO3)", "preferred orientation", "local around input poses"]
@@ -248,7 +248,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         return ESTIMATORS[self.estimator.get()]
 
     def priorSpecString(self) -> str:
-        """The form's prior as a :func:`bayespose.core.priors.prior_from_spec` string (same as the CLI)."""
+        """The form's prior as a :func:`bayespose.core.geometry.priors.prior_from_spec` string (same as the CLI)."""
         choice = self.prior.get()
         if choice == PRIOR_IGSO3:
             return f"igso3:{self.igso3Eta.get()}"

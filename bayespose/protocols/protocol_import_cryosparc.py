@@ -20,9 +20,9 @@ from pwem.objects import SetOfParticles
 from pwem.protocols import ProtImport
 from pyworkflow.constants import BETA
 
-from ..convert import fill_set_of_particles
-from ..core.io.cryosparc import load_cs_fields, read_cryosparc
-from ..core.particles import ParticleSet
+from bayespose.convert import fill_set_of_particles
+from bayespose.core.io.cryosparc import load_cs_fields, read_cryosparc
+from bayespose.core.imaging.particles import ParticleSet
 
 
 def stack_link_names(files: list[str]) -> dict[str, str]:

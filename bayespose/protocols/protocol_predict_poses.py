@@ -22,17 +22,17 @@ from pwem.objects import SetOfParticles
 from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
-from ..convert import SCIPION_ID, particles_from_scipion
-from ..core.io.mrc import read_map, write_map
-from ..core.io.relion_star import read_star, write_star
-from ..core.particles import ParticleSet
-from ..core.rotations import matrix_to_euler
-from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from ._common import (add_gpu_params, define_output_particles, describe_particles, geometry_errors, gpu_device,
+from bayespose.convert import SCIPION_ID, particles_from_scipion
+from bayespose.core.io.mrc import read_map, write_map
+from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.geometry.rotations import matrix_to_euler
+from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.protocols._common import (add_gpu_params, define_output_particles, describe_particles, geometry_errors, gpu_device,
                       n_threads, no_gpu_warnings, output_particles)
-from .protocol_assign_poses import load_assignment, output_attributes, save_assignment
-from .protocol_simulate import volume_file
-from .protocol_train_network import GPU_HELP, progress_logger
+from bayespose.protocols.protocol_assign_poses import load_assignment, output_attributes, save_assignment
+from bayespose.protocols.protocol_simulate import volume_file
+from bayespose.protocols.protocol_train_network import GPU_HELP, progress_logger
 
 INPUT_STAR = "input_particles.star"
 REFERENCE_MAP = "reference.mrc"
@@ -197,7 +197,7 @@ class ProtBayesposePredictPoses(EMProtocol):
 
     def predictStep(self):
         """The network's predicted distribution of every particle (one call of :func:`predict_poses`)."""
-        from ..core.deep import predict_poses
+        from bayespose.core.deep import predict_poses
 
         self._setThreads()
         particles = read_star(self._getExtraPath(INPUT_STAR))
@@ -210,7 +210,7 @@ class ProtBayesposePredictPoses(EMProtocol):
 
     def refineStep(self):
         """Deep-prior MMSE (one call of :func:`deep_prior_assign`), saved like 'assign poses (MMSE)'."""
-        from ..core.deep import deep_prior_assign, predict_poses
+        from bayespose.core.deep import deep_prior_assign, predict_poses
 
         self._setThreads()
         particles = read_star(self._getExtraPath(INPUT_STAR))
@@ -264,13 +264,13 @@ class ProtBayesposePredictPoses(EMProtocol):
 
     def loadNetwork(self, device: str | None = None):
         """The input model's :class:`bayespose.core.deep.PoseNetwork` (on ``device``, default the protocol's)."""
-        from ..core.deep import load_pose_network
+        from bayespose.core.deep import load_pose_network
 
         return load_pose_network(self.inputModel.get().getFileName(), device=device or gpu_device(self))
 
     def poseSearch(self, symmetry: str):
         """The form's refinement settings as a :class:`PoseSearch` (shifts px, resolution Å)."""
-        from ..core.posterior import PoseSearch
+        from bayespose.core.assign.engine import PoseSearch
 
         max_res = self.maxResolution.get()
         return PoseSearch(max_resolution_A=max_res if max_res and max_res > 0 else None,
@@ -289,9 +289,9 @@ class ProtBayesposePredictPoses(EMProtocol):
         """Recompute the predicted distribution of the particle in row ``row`` (0-based, order of the input star):
         ``(rotations (K, 3, 3), probabilities (K,), grid order or None)`` — the whole output grid for the so3grid
         model, the top-K poses for the quaternion model."""
-        from ..core.deep import predict_poses
-        from ..core.deep_plots import distribution_on_grid
-        from ..core.grids import healpix_grid
+        from bayespose.core.deep import predict_poses
+        from bayespose.plotting.deep import distribution_on_grid
+        from bayespose.core.geometry.grids import healpix_grid
 
         particles = read_star(self._getExtraPath(INPUT_STAR))
         if not 0 <= row < len(particles):

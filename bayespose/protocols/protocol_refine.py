@@ -1,11 +1,11 @@
 """Scipion protocol ``bayespose - refine with prior estimation (EM)``: 3D refinement by expectation-maximisation with
 gold-standard half sets and, optionally, estimation of the viewing-direction distribution (thin wrapper over
-:func:`bayespose.core.em.refine`, the same function as ``bayespose refine``).
+:func:`bayespose.core.refine.engine.refine`, the same function as ``bayespose refine``).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; initial volume ->
 ``extra/initial.mrc``; mask -> ``extra/mask.mrc``), ``refineStep`` (one call of the EM engine, per-iteration lines in
 the run log; working files in ``extra/iterations/``; the outputs of
-:func:`bayespose.core.refine_outputs.write_refine_outputs` in ``extra/``: map, half maps, fsc.csv, particles.star,
+:func:`bayespose.core.refine.outputs.write_refine_outputs` in ``extra/``: map, half maps, fsc.csv, particles.star,
 prior.npy/.json, history, figures) and ``createOutputStep`` (``outputVolume`` with half maps, ``outputFSC``,
 ``outputParticles`` with the final MMSE projection alignment and ``_bp`` attributes).
 """
@@ -22,16 +22,16 @@ from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
-from ..convert import SCIPION_ID, particles_from_scipion
-from ..core.em import RefineConfig, refine
-from ..core.io.mrc import read_map, write_map
-from ..core.io.relion_star import read_star, write_star
-from ..core.refine_outputs import (FIGURES, HALF_FILES, MAP_FILE, PRIOR_NPY, RefineOutputs, read_refine_outputs,
+from bayespose.convert import SCIPION_ID, particles_from_scipion
+from bayespose.core.refine.engine import RefineConfig, refine
+from bayespose.core.io.mrc import read_map, write_map
+from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.core.refine.outputs import (FIGURES, HALF_FILES, MAP_FILE, PRIOR_NPY, RefineOutputs, read_refine_outputs,
                                    write_refine_outputs)
-from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from ._common import (add_gpu_params, define_output_particles, describe_particles, geometry_errors, gpu_device,
+from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.protocols._common import (add_gpu_params, define_output_particles, describe_particles, geometry_errors, gpu_device,
                       n_threads, no_gpu_warnings, output_particles, symmetry_errors)
-from .protocol_simulate import volume_file
+from bayespose.protocols.protocol_simulate import volume_file
 
 MODES = ("soft", "hard")  # RefineConfig.mode, in the order of MODE_CHOICES
 PRIOR_MODES = ("uniform", "estimate")  # RefineConfig.prior_mode, in the order of PRIOR_CHOICES
@@ -195,7 +195,7 @@ class ProtBayesposeRefine(ProtRefine3D):
                   f"{'yes' if particles.half_set is not None else 'no (random split)'}")
 
     def refineStep(self):
-        """One call of :func:`bayespose.core.em.refine`, then the output files in the extra folder."""
+        """One call of :func:`bayespose.core.refine.engine.refine`, then the output files in the extra folder."""
         particles = read_star(self._getExtraPath(INPUT_STAR))
         volume, _ = read_map(self._getExtraPath(INITIAL_MAP))
         config = self.refineConfig()

@@ -1,5 +1,5 @@
 """Scipion protocol ``bayespose - simulate particles``: particles with known poses from a map (thin wrapper over
-:func:`bayespose.core.simulate_dataset.simulate_dataset`, the same function as ``bayespose simulate``)."""
+:func:`bayespose.core.imaging.synthetic_dataset.simulate_dataset`, the same function as ``bayespose simulate``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pwem.objects import SetOfParticles
 from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
-from ..convert import fill_set_of_particles
-from ..core.io.relion_star import read_star
-from ..core.simulate_dataset import SimulationSpec, simulate_dataset
+from bayespose.convert import fill_set_of_particles
+from bayespose.core.io.relion_star import read_star
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 
 POSE_CHOICES = ["uniform", "isotropic Gaussian (IGSO3)", "preferred orientation"]
 POSE_UNIFORM, POSE_IGSO3, POSE_PREFERRED = range(3)

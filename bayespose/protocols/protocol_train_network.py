@@ -13,10 +13,10 @@ import pyworkflow.protocol.params as params
 from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
-from ..convert import particles_from_scipion
-from ..core.io.relion_star import read_star, write_star
-from ..objects import BayesposePoseNetwork
-from ._common import add_gpu_params, decile_logger, describe_particles, gpu_device, n_threads, no_gpu_warnings, \
+from bayespose.convert import particles_from_scipion
+from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.objects import BayesposePoseNetwork
+from bayespose.protocols._common import add_gpu_params, decile_logger, describe_particles, gpu_device, n_threads, no_gpu_warnings, \
     symmetry_errors
 
 MODEL_CHOICES = ["so3grid", "quaternion"]
@@ -135,7 +135,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
     def trainStep(self):
         """Train the network (one call of :func:`train_pose_network`); a continued run resumes from the last
         saved epoch."""
-        from ..core.deep import last_state_path, train_pose_network
+        from bayespose.core.deep import last_state_path, train_pose_network
 
         particles = read_star(self._getExtraPath(TRAIN_STAR))
         config = self.trainConfig(has_ctf=particles.has_ctf)
@@ -150,7 +150,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
 
     def createOutputStep(self):
         """A BayesposePoseNetwork pointing at the checkpoint, with its metadata."""
-        from ..core.deep import load_pose_network
+        from bayespose.core.deep import load_pose_network
 
         network = load_pose_network(self.checkpointPath(), device="cpu")
         output = BayesposePoseNetwork(filename=self.checkpointPath())
@@ -165,7 +165,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
 
     def trainConfig(self, has_ctf: bool = True):
         """The form as a :class:`bayespose.core.deep.TrainConfig` (same fields as ``bayespose train``)."""
-        from ..core.deep import TrainConfig
+        from bayespose.core.deep import TrainConfig
 
         ctf = CTF_CHOICES[self.ctfCorrection.get()] if has_ctf else "none"
         return TrainConfig(model=MODEL_CHOICES[self.modelType.get()], net_box=self.netBox.get(),
@@ -179,7 +179,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
     def history(self) -> list[dict]:
         """The training history stored in the checkpoint (rows: epoch, train_loss, val_loss, val_mean_error_deg,
         val_median_error_deg, seconds)."""
-        from ..core.deep import load_pose_network
+        from bayespose.core.deep import load_pose_network
 
         return list(load_pose_network(self.checkpointPath(), device="cpu").history)
 

@@ -1,6 +1,6 @@
 """Scipion viewers of bayespose."""
 
-from .viewer_poses import BayesposePoseViewer
-from .viewer_assign_poses import BayesposeAssignPosesViewer
-from .viewer_refine import BayesposeRefineViewer
-from .viewer_deep import BayesposePredictPosesViewer, BayesposeTrainingViewer
+from bayespose.viewers.viewer_poses import BayesposePoseViewer
+from bayespose.viewers.viewer_assign_poses import BayesposeAssignPosesViewer
+from bayespose.viewers.viewer_refine import BayesposeRefineViewer
+from bayespose.viewers.viewer_deep import BayesposePredictPosesViewer, BayesposeTrainingViewer

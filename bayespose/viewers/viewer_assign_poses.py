@@ -2,7 +2,7 @@
 posterior of one particle on the sphere.
 
 Every plot is also saved as PNG in the protocol's extra folder (``viewer_*.png``), so the plotting methods work
-headless; the figures come from :mod:`bayespose.core.plots` and :mod:`bayespose.core.assign_plots`.
+headless; the figures come from :mod:`bayespose.plotting.poses` and :mod:`bayespose.plotting.assign`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import numpy as np
 import pyworkflow.protocol.params as params
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
-from ..core.assign_plots import plot_direction_posterior, plot_estimator_difference, plot_uncertainty_histograms
-from ..core.plots import plot_pose_distribution
-from ..protocols import ProtBayesposeAssignPoses
-from ..protocols.protocol_assign_poses import PRIOR_LOCAL, RESULT_NPZ, load_assignment
-from ._common import ExtraFigureMixin, particle_row, unknown_particle_views
+from bayespose.plotting.assign import plot_direction_posterior, plot_estimator_difference, plot_uncertainty_histograms
+from bayespose.plotting.poses import plot_pose_distribution
+from bayespose.protocols import ProtBayesposeAssignPoses
+from bayespose.protocols.protocol_assign_poses import PRIOR_LOCAL, RESULT_NPZ, load_assignment
+from bayespose.viewers._common import ExtraFigureMixin, particle_row, unknown_particle_views
 
 STAGE_CHOICES = ["final (refined) cells", "coarse global grid (whole sphere)"]
 STAGE_FINAL, STAGE_COARSE = range(2)

@@ -3,7 +3,7 @@ and for 'predict poses' the pose distribution, the angular errors against the in
 ground truth or a previous refinement) and the predicted distribution of a chosen particle.
 
 Every plot is also saved as PNG in the protocol's extra folder (``viewer_*.png``), so the plotting methods work
-headless; the figures come from :mod:`bayespose.core.deep_plots` and :mod:`bayespose.core.plots`.
+headless; the figures come from :mod:`bayespose.plotting.deep` and :mod:`bayespose.plotting.poses`.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import pyworkflow.protocol.params as params
 from pwem.viewers.plotter import EmPlotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer, Viewer
 
-from ..core.deep_plots import plot_angular_errors, plot_predicted_distribution, plot_training_history
-from ..core.plots import plot_pose_distribution
-from ..objects import BayesposePoseNetwork
-from ..protocols import ProtBayesposePredictPoses, ProtBayesposeTrainPoseNetwork
-from ..protocols.protocol_assign_poses import load_assignment
-from ..protocols.protocol_predict_poses import PREDICTION_NPZ, RESULT_NPZ, load_prediction
-from ._common import ExtraFigureMixin, particle_row, unknown_particle_views
+from bayespose.plotting.deep import plot_angular_errors, plot_predicted_distribution, plot_training_history
+from bayespose.plotting.poses import plot_pose_distribution
+from bayespose.objects import BayesposePoseNetwork
+from bayespose.protocols import ProtBayesposePredictPoses, ProtBayesposeTrainPoseNetwork
+from bayespose.protocols.protocol_assign_poses import load_assignment
+from bayespose.protocols.protocol_predict_poses import PREDICTION_NPZ, RESULT_NPZ, load_prediction
+from bayespose.viewers._common import ExtraFigureMixin, particle_row, unknown_particle_views
 
 
 def training_curves_png(checkpoint: str | Path, png_path: str | Path, title: str = ""):
     """Plot the training / validation curves stored in a checkpoint; saves ``png_path``, returns the figure."""
-    from ..core.deep import load_pose_network
+    from bayespose.core.deep import load_pose_network
 
     network = load_pose_network(checkpoint, device="cpu")
     history = list(network.history or [])
@@ -103,7 +103,7 @@ class BayesposePredictPosesViewer(ExtraFigureMixin, ProtocolViewer):
         return self._saveAndView(fig, "poses")
 
     def _showErrors(self, paramName=None):
-        from ..core.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+        from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 
         data, refined = self._prediction(), self._assignment()
         if data["input_rotations"] is None:

@@ -1,7 +1,7 @@
 """Pose-distribution viewer for the aligned particle sets that bayespose protocols produce.
 
 Shows (and saves as PNG in the protocol's extra folder, so it also works headless) the viewing-direction density
-on a Mollweide map and the in-plane angle histogram; the plot itself is :func:`bayespose.core.plots.plot_pose_distribution`.
+on a Mollweide map and the in-plane angle histogram; the plot itself is :func:`bayespose.plotting.poses.plot_pose_distribution`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pwem.objects import SetOfParticles
 from pwem.viewers.plotter import EmPlotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, Viewer
 
-from ..convert import particles_from_scipion
-from ..core.plots import plot_pose_distribution
-from ..protocols import ProtBayesposeImportCryosparc, ProtBayesposeSimulate
+from bayespose.convert import particles_from_scipion
+from bayespose.plotting.poses import plot_pose_distribution
+from bayespose.protocols import ProtBayesposeImportCryosparc, ProtBayesposeSimulate
 
 
 def pose_plot_for_set(particle_set: SetOfParticles, png_path: str | Path, title: str = ""):

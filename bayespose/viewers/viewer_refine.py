@@ -3,7 +3,7 @@ next to the particles' angular distribution, central slices, and the maps in Sci
 
 Every plot is also saved as PNG in the protocol's extra folder (``viewer_*.png``), so the plotting methods work
 headless; :func:`save_refine_figures` writes them all without a viewer object. The figures come from
-:mod:`bayespose.core.refine_plots`.
+:mod:`bayespose.plotting.refine`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pyworkflow.protocol.params as params
 from pwem.viewers import ChimeraView, EmProtocolViewer
 from pyworkflow.viewer import DESKTOP_TKINTER, MessageView
 
-from ..core import refine_plots
-from ..core.refine_outputs import HALF_FILES, MAP_FILE, RefineOutputs
-from ..protocols import ProtBayesposeRefine
-from ._common import ExtraFigureMixin
+from bayespose.plotting import refine as refine_plots
+from bayespose.core.refine.outputs import HALF_FILES, MAP_FILE, RefineOutputs
+from bayespose.protocols import ProtBayesposeRefine
+from bayespose.viewers._common import ExtraFigureMixin
 
 VOLUME_CHOICES = ["slices (Scipion volume viewer)", "ChimeraX"]
 VOLUME_SLICES, VOLUME_CHIMERA = range(2)

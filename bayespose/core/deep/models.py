@@ -25,7 +25,7 @@ points are only approximately equivariant; training with in-plane augmentation t
 (tests/test_deep_models.py measures it).
 
 ``quaternion`` (paper 001): the same encoder, flattened, an MLP to 4 numbers, normalised to a unit quaternion
-``(w, x, y, z)`` of the RELION ``A`` matrix (:func:`bayespose.core.rotations.quaternion_to_matrix`).
+``(w, x, y, z)`` of the RELION ``A`` matrix (:func:`bayespose.core.geometry.rotations.quaternion_to_matrix`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from ..grids import healpix_grid
+from bayespose.core.geometry.grids import healpix_grid
 
 __all__ = ["MODEL_TYPES", "CNNEncoder", "SO3GridNet", "QuaternionNet", "build_model", "relion_to_e3nn",
            "flat_wigner_of"]

@@ -1,7 +1,7 @@
 """Inference with a trained pose network: the predicted distribution over SO(3), its mode and a confidence.
 
 Rotations are RELION ``A`` matrices (volume -> image). For the ``so3grid`` model the distribution is the softmax
-of the logits on ``healpix_grid(grid_order)`` (cell k = direction * n_psi + psi index, :mod:`bayespose.core.grids`).
+of the logits on ``healpix_grid(grid_order)`` (cell k = direction * n_psi + psi index, :mod:`bayespose.core.geometry.grids`).
 
 * **Mode**: the most probable cell, refined below the grid spacing by the probability-weighted mean (projected on
   SO(3), 000 eq. 15-19) of the cells within 1.5 grid spacings of it, folded to its symmetry mates.
@@ -24,12 +24,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..grids import healpix_grid
-from ..io.mrc import read_images
-from ..particles import ParticleSet
-from ..rotations import matrix_to_euler, project_to_so3, quaternion_to_matrix
-from ..symmetry import nearest_symmetry_mate, symmetry_group
-from .data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
+from bayespose.core.geometry.grids import healpix_grid
+from bayespose.core.io.mrc import read_images
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.geometry.rotations import matrix_to_euler, project_to_so3, quaternion_to_matrix
+from bayespose.core.geometry.symmetry import nearest_symmetry_mate, symmetry_group
+from bayespose.core.deep.data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
 
 __all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs"]
 
@@ -156,7 +156,7 @@ def _top_cells(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def predict_from_inputs(network, inputs: torch.Tensor, top_k: int = 8, batch_size: int = 256, device=None,
                         progress: Callable[[int, int], None] | None = None) -> PosePrediction:
     """:func:`predict_poses` on already preprocessed inputs (N, net_box, net_box)."""
-    from ..posterior import choose_device
+    from bayespose.core.assign.engine import choose_device
 
     dev = choose_device(device if device is not None else network.config.device)
     model = network.model.to(dev)

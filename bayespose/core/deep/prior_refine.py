@@ -2,7 +2,7 @@
 particle, with a global-search fallback for the particles the network got wrong.
 
 DESIGN.md "Deep pose prediction" and paper 002 App. F (local refinement from predicted poses): the network's
-distribution narrows the search to a few regions of SO(3), and the MMSE engine (:mod:`bayespose.core.posterior`)
+distribution narrows the search to a few regions of SO(3), and the MMSE engine (:mod:`bayespose.core.assign.engine`)
 scores only there, with the network's distribution as the prior. Three stages:
 
 1. **Seeds** (where to search). ``so3grid`` predictions: the most probable network cells that together hold
@@ -14,7 +14,7 @@ scores only there, with the network's distribution as the prior. Three stages:
    * ``"cells"`` (default): a seeded coarse-to-fine search. The cells of the engine's HEALPix grid
      (``search.healpix_order``) whose centre lies within ``local_range_deg`` of any seed rotation are scored first,
      then refined ``search.refine_levels`` times exactly as in the global search
-     (:func:`~bayespose.core.posterior.assign_poses` ``seed_cells``). Every cell is projected once for all
+     (:func:`~bayespose.core.assign.engine.assign_poses` ``seed_cells``). Every cell is projected once for all
      particles, so a scored rotation costs what it costs in the global search. Default range: the network grid's
      spacing (the seed cells and their neighbours); 20° for the quaternion model.
    * ``"balls"``: local lattices of radius ``local_range_deg`` (step range / 3) around each seed rotation
@@ -51,7 +51,7 @@ high SNR but lose accuracy at SNR 0.03 (-2.5: mean 6.1°). On a CPU at 64 px wit
 lower than the global search's: the seeded per-particle scoring path of the engine costs more per rotation than
 the global search's shared matrix products (see the README).
 
-Priors: ``so3grid`` prediction -> :class:`~bayespose.core.priors.GridPrior` on ``healpix_grid(grid_order)`` with
+Priors: ``so3grid`` prediction -> :class:`~bayespose.core.geometry.priors.GridPrior` on ``healpix_grid(grid_order)`` with
 the predicted log probabilities (a rotation gets the probability of the network cell containing it);
 ``quaternion`` prediction -> isotropic Gaussian on SO(3) around the predicted rotation, ``eta = range / 3`` rad.
 
@@ -69,15 +69,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..ctf import ctf_2d
-from ..forward import prepare_volume, slice_coefficients
-from ..grids import healpix_grid
-from ..io.mrc import read_images
-from ..noise import scoring_frequencies
-from ..particles import ParticleSet
-from ..posterior import NoiseModel, PoseAssignment, PoseSearch, assign_poses, choose_device
-from ..priors import GridPrior, IGSO3Prior
-from .predict import PosePrediction
+from bayespose.core.imaging.ctf import ctf_2d
+from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
+from bayespose.core.geometry.grids import healpix_grid
+from bayespose.core.io.mrc import read_images
+from bayespose.core.imaging.noise import scoring_frequencies
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.assign.engine import NoiseModel, PoseAssignment, PoseSearch, assign_poses, choose_device
+from bayespose.core.geometry.priors import GridPrior, IGSO3Prior
+from bayespose.core.deep.predict import PosePrediction
 
 __all__ = ["deep_prior_assign", "default_local_range_deg", "cells_near", "seed_rotations", "fit_zscores",
            "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit", "METHODS",
@@ -177,7 +177,7 @@ def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarra
     """The fit z-score of one pose per particle (module doc, stage 3) under the assignment's noise model.
 
     ``rotations`` (N, 3, 3) RELION ``A``; ``origins_A`` (N, 2) rlnOriginX/Y in Å (None: zeros); ``noise`` the
-    :class:`~bayespose.core.posterior.NoiseModel` of the assignment (noise power per shell in unnormalised DFT
+    :class:`~bayespose.core.assign.engine.NoiseModel` of the assignment (noise power per shell in unnormalised DFT
     units, reference scale α); ``radius_px``: Fourier radius (px of the particle box) of the scored band, e.g.
     ``result.timings["radii_px"][-1]``. The sums run over the non-redundant half plane, DC excluded, as the
     engine's. ``tolerance_deg`` > 0: the poses come from a grid whose best point lies up to about this far from
@@ -268,7 +268,7 @@ def fallback_threshold(fallback: str | float | None) -> float | None:
 
 @dataclass
 class DeepPriorAssignment(PoseAssignment):
-    """A :class:`~bayespose.core.posterior.PoseAssignment` of deep-prior MMSE with the verification results:
+    """A :class:`~bayespose.core.assign.engine.PoseAssignment` of deep-prior MMSE with the verification results:
     ``fit_z`` (N,) fit z-score of each particle's best searched pose (the MLE of the deep-prior search),
     ``fallback`` (N,) bool: re-assigned by the global search (its rows hold the global result), ``seed_counts``
     (N,) seed rotations per particle. ``timings`` adds ``deep_s``, ``fit_s``, ``fallback_s``,

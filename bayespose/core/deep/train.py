@@ -36,15 +36,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..grids import healpix_grid
-from ..io.mrc import read_images
-from ..particles import ParticleSet
-from ..priors import GridPrior
-from ..symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from .data import CTF_CORRECTIONS, grid_targets, inplane_rotation_matrix, preprocess_images, rotate_shift_images, \
+from bayespose.core.geometry.grids import healpix_grid
+from bayespose.core.io.mrc import read_images
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.geometry.priors import GridPrior
+from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.deep.data import CTF_CORRECTIONS, grid_targets, inplane_rotation_matrix, preprocess_images, rotate_shift_images, \
     symmetry_quaternions
-from .models import MODEL_TYPES, build_model
-from .predict import predict_from_inputs
+from bayespose.core.deep.models import MODEL_TYPES, build_model
+from bayespose.core.deep.predict import predict_from_inputs
 
 __all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "train_pose_network", "load_pose_network",
            "last_state_path", "CHECKPOINT_FORMAT"]
@@ -243,7 +243,7 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
         raise ValueError(f"need at least 4 particles to train (a training and a validation set), got {n}")
     if images is not None and len(images) != n:
         raise ValueError(f"{len(images)} images for {n} particles")
-    from ..posterior import choose_device
+    from bayespose.core.assign.engine import choose_device
 
     device = choose_device(config.device)
     if config.threads:
@@ -358,7 +358,7 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
 def load_pose_network(path: str | Path, device=None) -> PoseNetwork:
     """Load a checkpoint written by :func:`train_pose_network` (model in eval mode on ``device``; None = the
     configured device, cuda when available)."""
-    from ..posterior import choose_device
+    from bayespose.core.assign.engine import choose_device
 
     path = Path(path)
     if not path.is_file():

@@ -5,7 +5,7 @@
 * :mod:`.relion_star` — ``read_star`` (RELION 3.0 and 3.1+ layouts) / ``write_star`` (RELION 3.1).
 * :mod:`.cryosparc` — ``read_cryosparc`` (``.cs`` + passthrough; poses from rotation vectors).
 
-Units follow :mod:`bayespose.core.particles` (Å, degrees, kV, mm; RELION ``A`` matrices; ``rlnOriginX/YAngst``).
+Units follow :mod:`bayespose.core.imaging.particles` (Å, degrees, kV, mm; RELION ``A`` matrices; ``rlnOriginX/YAngst``).
 """
 
 from bayespose.core.io.cryosparc import read_cryosparc

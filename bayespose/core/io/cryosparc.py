@@ -1,4 +1,4 @@
-"""cryoSPARC particle ``.cs`` files -> :class:`~bayespose.core.particles.ParticleSet` (via ``cryosparc-tools``).
+"""cryoSPARC particle ``.cs`` files -> :class:`~bayespose.core.imaging.particles.ParticleSet` (via ``cryosparc-tools``).
 
 Field mapping (cryoSPARC -> RELION / bayespose units):
 
@@ -50,7 +50,7 @@ from cryosparc.dataset import Dataset
 from scipy.spatial.transform import Rotation
 
 from bayespose.core.io.mrc import resolve_relative_paths, stack_shape
-from bayespose.core.particles import CTFParams, ParticleSet
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
 
 __all__ = ["read_cryosparc", "load_cs_fields", "find_passthrough_files"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from bayespose.core.particles import ParticleSet
+from bayespose.core.imaging.particles import ParticleSet
 
 __all__ = [
     "atomic_output",

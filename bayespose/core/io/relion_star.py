@@ -1,4 +1,4 @@
-"""RELION particle STAR files <-> :class:`~bayespose.core.particles.ParticleSet` (via the ``starfile`` package).
+"""RELION particle STAR files <-> :class:`~bayespose.core.imaging.particles.ParticleSet` (via the ``starfile`` package).
 
 Reading (:func:`read_star`) accepts
 
@@ -16,7 +16,7 @@ Decisions (documented here because the file formats leave them open):
   With no pixel size anywhere, ``ValueError`` asks for ``pixel_size=``.
 * **Box** (px): the ``box=`` argument; else ``rlnImageSize``; else the header of the first image stack found.
 * **Origins**: ``rlnOriginXAngst/YAngst`` (Å) are kept; RELION 3.0 ``rlnOriginX/Y`` (px) are multiplied by the
-  pixel size. RELION's sign convention is kept unchanged (see :mod:`bayespose.core.particles`).
+  pixel size. RELION's sign convention is kept unchanged (see :mod:`bayespose.core.imaging.particles`).
 * **Angles**: ``rlnAngleRot/Tilt/Psi`` (all three needed) -> RELION matrices ``A`` (:mod:`..rotations`); else
   ``rotations = None`` (a lone ``rlnAnglePsi`` of a 2D classification stays in ``extra``).
 * **CTF**: present when ``rlnDefocusU`` is. Absent labels take RELION's own defaults (``CTF::read``):
@@ -49,8 +49,8 @@ import pandas as pd
 import starfile
 
 from bayespose.core.io.mrc import atomic_output, resolve_relative_paths, stack_shape
-from bayespose.core.particles import CTFParams, ParticleSet
-from bayespose.core.rotations import euler_to_matrix, matrix_to_euler
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.geometry.rotations import euler_to_matrix, matrix_to_euler
 
 __all__ = ["read_star", "write_star", "split_image_names"]
 

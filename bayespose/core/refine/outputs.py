@@ -1,0 +1,314 @@
+"""Files of an EM refinement (:func:`bayespose.core.refine.engine.refine`): write them complete-or-absent, read them back.
+
+One output folder holds (units: Å, 1/Å, degrees; poses in RELION's convention)::
+
+    map.mrc, half1.mrc, half2.mrc   final map (both halves, Wiener-filtered) and the two gold-standard half maps,
+                                     pixel size in the header
+    fsc.csv                          half-map FSC: shell, resolution_A, frequency_1/A, fsc
+    particles.star                   RELION 3.1 star: final MMSE poses (rlnAngleRot/Tilt/Psi), origins
+                                     (rlnOriginX/YAngst), rlnRandomSubset (half set) and the per-particle
+                                     columns of the refinement (rlnMaxValueProbDistribution, bpExpectedErrorDeg, ...)
+    prior.npy, prior.json            estimated viewing-direction density (see PRIOR_CONVENTION)
+    history.json, history.csv        one row per iteration (IterationLog fields)
+    summary.json                     resolution, sizes, the settings used and the list of files
+    fsc.png, history.png, slices.png, prior.png     figures from :mod:`bayespose.plotting.refine`
+
+Writing goes to a hidden temporary folder next to the target, renamed onto the target at the end: the outputs
+appear all at once or not at all (files of the target folder that are not outputs, e.g. the engine's
+``iterations/`` working folder or a protocol's input files, are carried over into the new folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import healpy
+import numpy as np
+
+from bayespose.core.io.mrc import read_map, write_map
+from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.geometry.rotations import viewing_directions
+
+MAP_FILE = "map.mrc"
+HALF_FILES = ("half1.mrc", "half2.mrc")
+FSC_FILE = "fsc.csv"
+PARTICLES_FILE = "particles.star"
+PRIOR_NPY = "prior.npy"
+PRIOR_JSON = "prior.json"
+HISTORY_JSON = "history.json"
+HISTORY_CSV = "history.csv"
+SUMMARY_JSON = "summary.json"
+FIGURES = {"fsc": "fsc.png", "history": "history.png", "slices": "slices.png", "prior": "prior.png"}
+FSC_COLUMNS = ("shell", "resolution_A", "frequency_1/A", "fsc")
+
+PRIOR_CONVENTION = (
+    "Viewing-direction density relative to uniform (mean 1 over the pixels; in-plane angle uniform) on the HEALPix "
+    "pixels of order `healpix_order` (nside = 2**order) in NEST numbering. The viewing direction of a RELION pose "
+    "A = Rotation.from_euler('ZYZ', [rot, tilt, psi], degrees=True).as_matrix().T is its third row "
+    "(cos rot sin tilt, sin rot sin tilt, cos tilt); its pixel is healpy.vec2pix(nside, x, y, z, nest=True), "
+    "i.e. healpy's theta = tilt and phi = rot. A density of 1 everywhere is the uniform (Haar) prior.")
+
+
+@dataclass
+class RefineOutputs:
+    """A refinement read back from its folder (:func:`read_refine_outputs`). Maps are (D, D, D) float32 [z, y, x]."""
+
+    folder: Path
+    map: np.ndarray
+    half_maps: tuple[np.ndarray, np.ndarray]
+    pixel_size: float  # Å/px
+    fsc_frequencies: np.ndarray  # 1/Å
+    fsc: np.ndarray
+    resolution_A: float  # FSC 0.143 resolution reported by the refinement
+    particles: ParticleSet
+    direction_prior: np.ndarray  # density relative to uniform, NEST pixels of order prior_order
+    prior_order: int
+    history: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        """Path of one output file (e.g. ``"map.mrc"`` or a :data:`FIGURES` value) in the folder."""
+        return self.folder / name
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _as_dict(entry: Any) -> dict:
+    """An IterationLog (dataclass), a dict or an object with attributes -> plain dict of JSON-able values."""
+    if is_dataclass(entry):
+        data = asdict(entry)
+    elif isinstance(entry, dict):
+        data = dict(entry)
+    else:
+        data = dict(vars(entry))
+    return {k: _jsonable(v) for k, v in data.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars/arrays -> Python; NaN/inf stay floats (json writes NaN/Infinity, which json reads back)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def fsc_table(frequencies: np.ndarray, fsc_values: np.ndarray) -> list[dict]:
+    """Rows of ``fsc.csv``: shell index, resolution in Å (``inf`` at the origin), frequency in 1/Å, FSC."""
+    freq = np.asarray(frequencies, dtype=np.float64).reshape(-1)
+    values = np.asarray(fsc_values, dtype=np.float64).reshape(-1)
+    if len(freq) != len(values):
+        raise ValueError(f"{len(freq)} FSC frequencies but {len(values)} FSC values")
+    with np.errstate(divide="ignore"):
+        res = np.where(freq > 0, 1.0 / np.where(freq > 0, freq, 1.0), np.inf)
+    return [{"shell": i, "resolution_A": float(res[i]), "frequency_1/A": float(freq[i]), "fsc": float(values[i])}
+            for i in range(len(freq))]
+
+
+def prior_density_at(density: np.ndarray, order: int, rotations: np.ndarray) -> np.ndarray:
+    """Value of a NEST viewing-direction density (``prior.npy``) at the viewing directions of RELION poses
+    ``rotations`` (N, 3, 3) (their third rows), see :data:`PRIOR_CONVENTION`."""
+    density = np.asarray(density, dtype=np.float64).reshape(-1)
+    nside = 2 ** int(order)
+    if len(density) != 12 * nside * nside:
+        raise ValueError(f"a density of HEALPix order {order} has {12 * nside * nside} pixels, got {len(density)}")
+    d = viewing_directions(np.asarray(rotations, dtype=np.float64)).reshape(-1, 3)
+    return density[healpy.vec2pix(nside, d[:, 0], d[:, 1], d[:, 2], nest=True)]
+
+
+def _output_particles(result_particles: ParticleSet, template: ParticleSet | None) -> ParticleSet:
+    """The particles to write: ``result_particles`` or, with a template (the input particles, same order), the
+    template's metadata with the refined poses, half sets and the result's per-particle columns (the template's
+    own bayespose ``bp`` columns are dropped; the result's win)."""
+    if template is None:
+        return result_particles
+    if len(template) != len(result_particles):
+        raise ValueError(f"the template has {len(template)} particles but the refinement {len(result_particles)}")
+    extra = {k: v for k, v in template.extra.items() if not k.startswith("bp")}
+    extra.update(result_particles.extra)
+    return replace(template, rotations=result_particles.rotations, origins_A=result_particles.origins_A,
+                   half_set=result_particles.half_set, extra=extra)
+
+
+def _write_csv(path: Path, rows: list[dict], columns: Iterable[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Make ``tmp`` the new ``target``: entries of an existing ``target`` that ``tmp`` does not have are moved into
+    ``tmp`` first, then the folders are swapped by renames and the old one removed."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if not target.is_dir():
+        raise ValueError(f"the output path {target} exists and is not a folder")
+    new_names = {p.name for p in tmp.iterdir()}
+    for entry in target.iterdir():
+        if entry.name not in new_names:
+            os.replace(entry, tmp / entry.name)
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, trash / target.name)
+    os.replace(tmp, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------ write
+def write_refine_outputs(result, out_dir: str | os.PathLike, pixel_size: float | None = None,
+                         particles_template: ParticleSet | None = None, config: Any = None,
+                         figures: bool = True, title: str = "") -> dict[str, Path]:
+    """Write the outputs of :func:`bayespose.core.refine.engine.refine` into ``out_dir`` (see the module docstring).
+
+    ``result``: a ``RefineResult`` (map, half_maps, fsc_frequencies in 1/Å, fsc, resolution_A, particles,
+    direction_prior, prior_order, history). ``pixel_size``: Å/px of the maps (default: the particles').
+    ``particles_template``: the input particles (same order); when given, the star keeps their metadata and takes
+    poses, origins, half sets and per-particle columns from the result. ``config``: the ``RefineConfig`` used
+    (recorded in ``summary.json``). ``figures``: also draw the PNGs. Returns ``{name: final path}``.
+
+    Raises ``ValueError`` on inconsistent input (nothing is written then).
+    """
+    target = Path(os.path.abspath(out_dir))
+    pixel_size = float(pixel_size if pixel_size is not None else result.particles.pixel_size)
+    if not pixel_size > 0:
+        raise ValueError(f"pixel size must be > 0 Å/px, got {pixel_size}")
+    volume = np.asarray(result.map, dtype=np.float32)
+    halves = [np.asarray(h, dtype=np.float32) for h in result.half_maps]
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise ValueError(f"the refined map must be a cubic (D, D, D) array, got shape {volume.shape}")
+    if len(halves) != 2 or any(h.shape != volume.shape for h in halves):
+        raise ValueError("need two half maps with the shape of the map")
+    rows = fsc_table(result.fsc_frequencies, result.fsc)
+    density = np.asarray(result.direction_prior, dtype=np.float64).reshape(-1)
+    order = int(result.prior_order)
+    if len(density) != 12 * 4 ** order:
+        raise ValueError(f"direction prior of order {order} must have {12 * 4 ** order} pixels, got {len(density)}")
+    particles = _output_particles(result.particles, particles_template)
+    history = [_as_dict(entry) for entry in result.history]
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.part-", dir=target.parent))
+    try:
+        write_map(tmp / MAP_FILE, volume, pixel_size)
+        for name, half in zip(HALF_FILES, halves):
+            write_map(tmp / name, half, pixel_size)
+        _write_csv(tmp / FSC_FILE, rows, FSC_COLUMNS)
+        write_star(tmp / PARTICLES_FILE, particles, relative_to=target)
+        np.save(tmp / PRIOR_NPY, density)
+        prior_meta = {"healpix_order": order, "nside": 2 ** order, "ordering": "NEST", "n_pixels": len(density),
+                      "convention": PRIOR_CONVENTION, "file": PRIOR_NPY,
+                      "prior_mode": getattr(config, "prior_mode", None), "density": density.tolist()}
+        (tmp / PRIOR_JSON).write_text(json.dumps(prior_meta, indent=1))
+        (tmp / HISTORY_JSON).write_text(json.dumps(history, indent=2))
+        columns = list(history[0]) if history else ["iteration"]
+        _write_csv(tmp / HISTORY_CSV, history, columns)
+        files = [MAP_FILE, *HALF_FILES, FSC_FILE, PARTICLES_FILE, PRIOR_NPY, PRIOR_JSON, HISTORY_JSON, HISTORY_CSV]
+        if figures:
+            files += _write_figures(tmp, volume, halves, rows, density, order, particles, history, pixel_size,
+                                    float(result.resolution_A), title)
+        summary = {"resolution_A": float(result.resolution_A), "n_particles": len(particles),
+                   "n_half1": int(np.sum(particles.half_set == 1)) if particles.half_set is not None else None,
+                   "n_half2": int(np.sum(particles.half_set == 2)) if particles.half_set is not None else None,
+                   "box": int(volume.shape[0]), "pixel_size_A": pixel_size, "iterations": len(history),
+                   "prior_order": order, "config": _as_dict(config) if config is not None else None,
+                   "files": files + [SUMMARY_JSON]}
+        (tmp / SUMMARY_JSON).write_text(json.dumps(_jsonable(summary), indent=2))
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {name: target / name for name in summary["files"]}
+
+
+def _write_figures(folder: Path, volume, halves, rows, density, order, particles, history, pixel_size,
+                   resolution, title) -> list[str]:
+    from bayespose.plotting import refine as refine_plots
+
+    prefix = f"{title}: " if title else ""
+    freq = np.array([r["frequency_1/A"] for r in rows])
+    values = np.array([r["fsc"] for r in rows])
+    refine_plots.plot_fsc(freq, values, folder / FIGURES["fsc"], resolution_A=resolution,
+                          title=f"{prefix}half-map FSC")
+    refine_plots.plot_history(history, folder / FIGURES["history"], title=f"{prefix}iterations")
+    refine_plots.plot_central_slices([volume, *halves], folder / FIGURES["slices"],
+                                     labels=["map", "half 1", "half 2"], pixel_size=pixel_size,
+                                     title=f"{prefix}central slices")
+    if particles.rotations is not None:
+        refine_plots.plot_prior_and_poses(density, order, particles.rotations, folder / FIGURES["prior"],
+                                          title=f"{prefix}estimated prior and final poses")
+        return list(FIGURES.values())
+    return [v for k, v in FIGURES.items() if k != "prior"]
+
+
+# ------------------------------------------------------------------------------------------------------- read
+def read_fsc_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``fsc.csv`` -> (frequencies in 1/Å, FSC values)."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(FSC_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path} is not an FSC table: missing columns {sorted(missing)}")
+        rows = list(reader)
+    return (np.array([float(r["frequency_1/A"]) for r in rows]), np.array([float(r["fsc"]) for r in rows]))
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """``history.json`` -> list of per-iteration dicts."""
+    return json.loads(Path(path).read_text())
+
+
+def read_refine_outputs(out_dir: str | os.PathLike) -> RefineOutputs:
+    """Read a folder written by :func:`write_refine_outputs`. Raises ``FileNotFoundError`` when it is incomplete."""
+    folder = Path(out_dir)
+    summary_path = folder / SUMMARY_JSON
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no complete refinement output ({SUMMARY_JSON} missing)")
+    summary = json.loads(summary_path.read_text())
+    volume, px = read_map(folder / MAP_FILE)
+    halves = tuple(read_map(folder / name)[0] for name in HALF_FILES)
+    freq, values = read_fsc_csv(folder / FSC_FILE)
+    meta = json.loads((folder / PRIOR_JSON).read_text())
+    density = np.load(folder / PRIOR_NPY)
+    return RefineOutputs(folder=folder, map=volume, half_maps=halves, pixel_size=float(px or summary["pixel_size_A"]),
+                         fsc_frequencies=freq, fsc=values, resolution_A=float(summary["resolution_A"]),
+                         particles=read_star(folder / PARTICLES_FILE), direction_prior=density,
+                         prior_order=int(meta["healpix_order"]), history=read_history(folder / HISTORY_JSON),
+                         summary=summary)
+
+
+def resolution_from_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, threshold: float = 0.143) -> float:
+    """Resolution (Å) where the FSC first drops below ``threshold`` (linear interpolation in frequency); the
+    Nyquist resolution 1/f_max when it never does. Independent of the engine (used to cross-check outputs)."""
+    freq = np.asarray(frequencies, dtype=np.float64)
+    values = np.asarray(fsc_values, dtype=np.float64)
+    below = np.flatnonzero((values < threshold) & (freq > 0))
+    if len(below) == 0:
+        return float(1.0 / freq[-1])
+    i = int(below[0])
+    if i == 0:
+        return math.inf
+    f0, f1, v0, v1 = freq[i - 1], freq[i], values[i - 1], values[i]
+    f = f0 + (v0 - threshold) / (v0 - v1) * (f1 - f0) if v0 != v1 else f1
+    return float(1.0 / f) if f > 0 else math.inf
+
+
+__all__ = ["RefineOutputs", "write_refine_outputs", "read_refine_outputs", "read_fsc_csv", "read_history",
+           "fsc_table", "prior_density_at", "resolution_from_fsc", "PRIOR_CONVENTION", "FIGURES", "MAP_FILE",
+           "HALF_FILES", "FSC_FILE", "PARTICLES_FILE", "PRIOR_NPY", "PRIOR_JSON", "HISTORY_JSON", "HISTORY_CSV",
+           "SUMMARY_JSON"]

@@ -1,0 +1,155 @@
+"""Plots of the deep pose-prediction models (:mod:`bayespose.core.deep`) for the CLI, the demo and the Scipion
+viewers.
+
+matplotlib with the Agg backend (works headless). Every function returns the figure and, when ``path`` is given,
+also saves it as PNG and closes it. Rotations are RELION ``A`` matrices (volume -> image); angles in degrees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bayespose.plotting.assign import plot_direction_posterior  # noqa: E402
+
+#: Angular thresholds (degrees) of the "fraction of particles below" metrics (paper 002 eq. 6).
+ERROR_THRESHOLDS_DEG = (5.0, 10.0, 15.0)
+
+
+def _finish(fig, path: str | Path | None):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+def _column(history: Sequence[Mapping], key: str) -> np.ndarray:
+    """Values of ``key`` over the history rows (NaN where a row lacks it or holds None)."""
+    out = []
+    for row in history:
+        value = row.get(key)
+        out.append(np.nan if value is None else float(value))
+    return np.asarray(out, dtype=np.float64)
+
+
+def plot_training_history(history: Sequence[Mapping], path: str | Path | None = None, best_epoch: int | None = None,
+                          title: str = ""):
+    """Training curves of :func:`bayespose.core.deep.train_pose_network`: training and validation loss per epoch
+    (left) and the validation mean / median angular error in degrees (right), with the best (saved) epoch marked.
+
+    ``history``: rows with ``epoch``, ``train_loss``, ``val_loss``, ``val_mean_error_deg``,
+    ``val_median_error_deg`` (the checkpoint's ``history``). Raises ``ValueError`` on an empty history.
+    """
+    if not history:
+        raise ValueError("the training history is empty: nothing to plot")
+    epochs = _column(history, "epoch")
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    ax_loss.plot(epochs, _column(history, "train_loss"), "o-", markersize=3, label="training")
+    ax_loss.plot(epochs, _column(history, "val_loss"), "s-", markersize=3, label="validation")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("loss", fontsize=9)
+    ax_err.plot(epochs, _column(history, "val_mean_error_deg"), "o-", markersize=3, label="mean")
+    ax_err.plot(epochs, _column(history, "val_median_error_deg"), "s-", markersize=3, label="median")
+    ax_err.set_xlabel("epoch")
+    ax_err.set_ylabel("angular error (degrees)")
+    ax_err.set_title("validation angular error (symmetry-aware)", fontsize=9)
+    ax_err.set_ylim(bottom=0)
+    if best_epoch is not None:
+        for ax in (ax_loss, ax_err):
+            ax.axvline(best_epoch, color="k", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
+    for ax in (ax_loss, ax_err):
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _finish(fig, path)
+
+
+def plot_angular_errors(errors: Mapping[str, np.ndarray], path: str | Path | None = None, title: str = "",
+                        thresholds: Sequence[float] = ERROR_THRESHOLDS_DEG):
+    """Angular errors against known poses (e.g. simulated ground truth or a previous refinement), one curve per
+    method: histogram (left, degrees, 0-180) and cumulative fraction of particles below an error (right) with the
+    fractions below ``thresholds`` in the legend.
+
+    ``errors``: ``{"label": (N,) geodesic errors in degrees}`` (symmetry-aware where needed). Raises
+    ``ValueError`` when no method or an empty array is given.
+    """
+    if not errors:
+        raise ValueError("no angular errors to plot")
+    arrays = {label: np.asarray(err, dtype=np.float64).reshape(-1) for label, err in errors.items()}
+    for label, err in arrays.items():
+        if not len(err):
+            raise ValueError(f"no angular errors for {label!r}")
+    fig, (ax_hist, ax_cum) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    bins = np.linspace(0.0, 180.0, 73)
+    for label, err in arrays.items():
+        ax_hist.hist(np.clip(err, 0, 180), bins=bins, histtype="step", linewidth=1.6,
+                     label=f"{label}: median {np.median(err):.1f}°, mean {np.mean(err):.1f}°")
+        x = np.sort(err)
+        below = ", ".join(f"<{t:g}°: {np.mean(err < t):.0%}" for t in thresholds)
+        ax_cum.plot(x, np.arange(1, len(x) + 1) / len(x), linewidth=1.6, label=f"{label} ({below})")
+    ax_hist.set_xlabel("angular error (degrees)")
+    ax_hist.set_ylabel("particles")
+    ax_hist.set_xlim(0, 180)
+    ax_hist.legend(fontsize=8)
+    for t in thresholds:
+        ax_cum.axvline(t, color="0.6", linestyle=":", linewidth=1)
+    ax_cum.set_xscale("symlog", linthresh=1.0)
+    ax_cum.set_xlim(0, 180)
+    ax_cum.set_ylim(0, 1)
+    ax_cum.set_xlabel("angular error (degrees, log scale above 1°)")
+    ax_cum.set_ylabel("fraction of particles below")
+    ax_cum.grid(True, alpha=0.3)
+    ax_cum.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _finish(fig, path)
+
+
+def distribution_on_grid(log_probabilities: np.ndarray | None, grid_rotations: np.ndarray | None,
+                         top_rotations: np.ndarray, top_probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One particle's predicted distribution as ``(rotations (K, 3, 3), probabilities (K,))`` summing to 1.
+
+    With the grid model (``log_probabilities`` (G,) on ``grid_rotations`` (G, 3, 3), e.g.
+    ``healpix_grid(order).rotations``) the whole grid is used (normalised with log-sum-exp); otherwise (quaternion
+    model) the top-K rotations and their probabilities, renormalised.
+    """
+    if log_probabilities is not None:
+        if grid_rotations is None:
+            raise ValueError("grid_rotations are needed with log_probabilities")
+        logp = np.asarray(log_probabilities, dtype=np.float64).reshape(-1)
+        rots = np.asarray(grid_rotations, dtype=np.float64).reshape(-1, 3, 3)
+        if len(logp) != len(rots):
+            raise ValueError(f"{len(logp)} log-probabilities for a grid of {len(rots)} rotations")
+        p = np.exp(logp - logp.max())
+        return rots, p / p.sum()
+    rots = np.asarray(top_rotations, dtype=np.float64).reshape(-1, 3, 3)
+    p = np.clip(np.asarray(top_probabilities, dtype=np.float64).reshape(-1), 0.0, None)
+    if len(p) != len(rots) or not len(p):
+        raise ValueError(f"need as many top probabilities as top rotations (> 0), got {len(p)} and {len(rots)}")
+    total = p.sum()
+    return rots, (p / total if total > 0 else np.full(len(p), 1.0 / len(p)))
+
+
+def plot_predicted_distribution(rotations: np.ndarray, probabilities: np.ndarray, path: str | Path | None = None,
+                                nside: int = 4, markers: Mapping[str, np.ndarray] | None = None, title: str = ""):
+    """The network's predicted distribution over SO(3) for one particle: viewing-direction mass on the whole sphere
+    (Mollweide, log10 per HEALPix pixel of ``nside``; use the grid's nside, 2**grid_order), a close-up around the
+    most probable direction and the in-plane marginal; ``markers`` (``{"label": A (3, 3)}``, e.g. the mode, the
+    deep-prior MMSE pose and the input pose) drawn on every panel.
+
+    ``rotations`` (K, 3, 3) and ``probabilities`` (K,): see :func:`distribution_on_grid`. The panels are those of
+    :func:`bayespose.plotting.assign.plot_direction_posterior` (same layout as the MMSE posterior viewer).
+    """
+    return plot_direction_posterior(rotations, probabilities, path, nside=int(nside), markers=markers,
+                                    title=title, min_relative=1e-4)

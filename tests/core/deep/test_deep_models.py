@@ -1,0 +1,105 @@
+"""Deep pose networks: fast Wigner matrices, the so3grid head's output and its exact equivariance (paper 003),
+the symmetry-aware losses."""
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+
+from bayespose.core.deep.data import inplane_rotation_matrix, symmetry_quaternions
+from bayespose.core.deep.models import QuaternionNet, SO3GridNet, flat_wigner_of, relion_to_e3nn, wigner_D_fast
+from bayespose.core.deep.train import TrainConfig, _Task
+from bayespose.core.geometry.grids import healpix_grid
+from bayespose.core.geometry.rotations import random_rotations
+from bayespose.core.geometry.symmetry import symmetry_group
+
+
+def test_fast_wigner_equals_e3nn():
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(50, generator=gen, dtype=torch.float64) * 6.2 for _ in range(3))
+    for l in range(7):
+        np.testing.assert_allclose(wigner_D_fast(l, a, b, c).numpy(), o3.wigner_D(l, a, b, c).numpy(), atol=1e-5)
+    # a representation: D(g1 g2) = D(g1) D(g2) for the e3nn matrices of RELION poses
+    r = random_rotations(2, rng=1)
+    d = [flat_wigner_of(relion_to_e3nn(x), 3) for x in (r[0], r[1], r[0] @ r[1])]
+    blocks = [slice(l * (4 * l * l - 1) // 3, (l + 1) * (4 * (l + 1) ** 2 - 1) // 3) for l in range(4)]
+    for l, sl in enumerate(blocks):
+        n = 2 * l + 1
+        m = [x[sl].reshape(n, n).double() / n ** 0.5 for x in d]
+        np.testing.assert_allclose((m[0] @ m[1]).numpy(), m[2].numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    torch.manual_seed(0)
+    return SO3GridNet(32, grid_order=1, lmax=4, channels=16, s2_channels=8, so3_channels=4).eval()
+
+
+def test_so3grid_output_is_a_distribution_on_the_grid(small_net):
+    x = torch.randn(3, 32, 32)
+    with torch.no_grad():
+        logits = small_net(x)
+        assert logits.shape == (3, len(healpix_grid(1)))
+        p = torch.softmax(logits.double(), 1)
+        np.testing.assert_allclose(p.sum(1).numpy(), 1.0, atol=1e-12)
+        assert (p > 0).all()
+        # the same band-limited function evaluated at the grid rotations directly
+        at = small_net.logits_at(x, healpix_grid(1).rotations)
+        np.testing.assert_allclose(at.numpy(), logits.numpy(), atol=1e-3 * float(logits.abs().max()))
+
+
+def _head(net, fmap, activation):
+    x = net.s2conv(net.projector(fmap))
+    if activation:
+        x = net.activation(x)
+    return net.so3conv(x)[:, 0]
+
+
+def test_so3grid_head_is_equivariant_to_quarter_turns(small_net):
+    """Turning the feature map by a quarter turn (torch.rot90: image content turned by -90°, pose Rz(-90°) A)
+    moves the head's log-density exactly: logits'(Rz(-90°) A) = logits(A). The SO(3) activation (ReLU on a
+    discrete SO(3) grid) is only approximately equivariant."""
+    fmap = torch.randn(2, 16, 8, 8)
+    turned = torch.rot90(fmap, 1, dims=(-2, -1))
+    rots = random_rotations(300, rng=3)
+    w = flat_wigner_of(relion_to_e3nn(rots), 4)
+    w_turned = flat_wigner_of(relion_to_e3nn(inplane_rotation_matrix(-90.0) @ rots), 4)
+    w_wrong = flat_wigner_of(relion_to_e3nn(inplane_rotation_matrix(90.0) @ rots), 4)
+    with torch.no_grad():
+        for activation, tol in ((False, 1e-4), (True, 0.08)):
+            h0, h1 = _head(small_net, fmap, activation), _head(small_net, turned, activation)
+            ref = h0 @ w.T
+            scale = float(ref.std())
+            err = float((h1 @ w_turned.T - ref).abs().max()) / scale
+            wrong = float((h1 @ w_wrong.T - ref).abs().max()) / scale
+            assert err < tol, (activation, err)
+            assert wrong > 0.5
+
+
+def test_losses_invariant_to_symmetry_mates():
+    """Replacing the target by a symmetry mate A @ L_g leaves both losses unchanged; without the symmetry the
+    loss changes."""
+    rots = random_rotations(6, rng=5)
+    group = symmetry_group("D3")
+    torch.manual_seed(1)
+    q_pred = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    logits = torch.randn(6, len(healpix_grid(1)))
+    for model, output in (("quaternion", q_pred), ("so3grid", logits)):
+        task = _Task(TrainConfig(model=model, grid_order=1, symmetry="D3"))
+        base = float(task.loss(output, task.targets(rots)))
+        for g in group[1:]:
+            assert float(task.loss(output, task.targets(rots @ g))) == pytest.approx(base, rel=1e-6)
+        naive = _Task(TrainConfig(model=model, grid_order=1, symmetry="C1"))
+        assert float(naive.loss(output, naive.targets(rots @ group[1]))) != pytest.approx(
+            float(naive.loss(output, naive.targets(rots))), rel=1e-3)
+    # the quaternion loss is 0 at any mate of the truth, and 1 - cos²(θ/2) for a θ rotation away
+    q_true = symmetry_quaternions(rots, "D3")[:, 2]
+    task = _Task(TrainConfig(model="quaternion", symmetry="D3"))
+    assert float(task.loss(q_true, task.targets(rots))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_quaternion_net_outputs_unit_quaternions():
+    net = QuaternionNet(32, channels=16).eval()
+    with torch.no_grad():
+        q = net(torch.randn(4, 32, 32))
+    np.testing.assert_allclose(q.norm(dim=1).numpy(), 1.0, atol=1e-6)

@@ -1,0 +1,165 @@
+"""Deep pose prediction end to end on simulated fragment particles (CPU, net box 32): short trainings of both
+models reach validation errors far below random (~126° median for uniform rotations), checkpoint round trip,
+resume = uninterrupted training, equivariance of the trained so3grid network under in-plane turns, and deep-prior
+MMSE against a global search."""
+
+import numpy as np
+import pytest
+
+from bayespose.core.deep import (TrainConfig, deep_prior_assign, last_state_path, load_pose_network,
+                                 pose_error_metrics, predict_poses, train_pose_network)
+from bayespose.core.deep.data import inplane_rotation_matrix, rotate_shift_images
+from bayespose.core.deep.predict import network_inputs, predict_from_inputs
+from bayespose.core.io.mrc import read_images, read_map
+from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.geometry.rotations import geodesic_distance_deg
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.data import fragment_map_path
+
+# measured (2-core CPU, seed 0, ~40 s for the whole module): best validation median so3grid 15.6° (epoch 36),
+# quaternion 45.9° (epoch 39); uniformly random rotations give ~126°
+SO3GRID = dict(model="so3grid", grid_order=1, lmax=4, channels=32, so3_channels=4, epochs=40, learning_rate=2e-3,
+               batch_size=16, patience=40, val_fraction=0.2, threads=1, device="cpu")
+QUATERNION = dict(model="quaternion", channels=32, epochs=40, learning_rate=1e-3, batch_size=32, patience=40,
+                  val_fraction=0.2, threads=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def training_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deep_train")
+    particles = simulate_dataset(fragment_map_path(), SimulationSpec(n_particles=400, snr=3.0, seed=1), out / "sim")
+    return particles, read_images(particles), out
+
+
+@pytest.fixture(scope="module")
+def so3grid_run(training_set):
+    particles, images, out = training_set
+    lines = []
+    result = train_pose_network(particles, TrainConfig(**SO3GRID), out / "so3grid.pt", images=images,
+                                log=lines.append)
+    return result, lines
+
+
+@pytest.fixture(scope="module")
+def quaternion_run(training_set):
+    particles, images, out = training_set
+    result = train_pose_network(particles, TrainConfig(**QUATERNION), out / "quaternion.pt", images=images,
+                                log=None)
+    return result
+
+
+def _best(result):
+    return result.history[result.best_epoch - 1]
+
+
+def test_so3grid_learns_poses(so3grid_run):
+    result, lines = so3grid_run
+    best = _best(result)
+    print("so3grid best validation epoch", best)
+    assert best["val_median_error_deg"] < 40.0, best
+    assert result.history[0]["val_median_error_deg"] > 60.0  # it did learn: the first epoch is near random
+    assert len(lines) >= len(result.history) and "val error" in lines[1]
+    assert set(best) >= {"epoch", "train_loss", "val_loss", "val_mean_error_deg", "val_median_error_deg",
+                         "seconds"}
+
+
+def test_quaternion_learns_poses(quaternion_run):
+    best = _best(quaternion_run)
+    print("quaternion best validation epoch", best)
+    assert best["val_median_error_deg"] < 70.0, best
+
+
+def test_checkpoint_round_trip(so3grid_run, training_set):
+    """The loaded checkpoint reproduces the validation errors logged at its best epoch, and carries its
+    metadata; its predictions are normalised distributions on the grid."""
+    particles, images, _ = training_set
+    result, _ = so3grid_run
+    net = load_pose_network(result.checkpoint, device="cpu")
+    assert (net.box, net.symmetry, net.grid_order, net.config.model) == (64, "C1", 1, "so3grid")
+    assert net.pixel_size == pytest.approx(particles.pixel_size)
+    assert len(net.history) == len(result.history)
+    val = np.asarray(net.metadata["val_idx"])
+    pred = predict_poses(net, particles.subset(val), images=images[val], top_k=5)
+    errors = geodesic_distance_deg(pred.rotations, particles.rotations[val])
+    assert np.median(errors) == pytest.approx(_best(result)["val_median_error_deg"], abs=1e-3)
+    np.testing.assert_allclose(np.logaddexp.reduce(pred.log_probabilities.astype(np.float64), axis=1), 0.0,
+                               atol=1e-4)
+    assert pred.top_rotations.shape == (len(val), 5, 3, 3)
+    assert (np.diff(pred.top_probabilities, axis=1) <= 1e-7).all()
+    assert ((pred.confidence >= 0) & (pred.confidence <= 1)).all()
+    out = pred.to_particle_set(particles.subset(val))
+    np.testing.assert_allclose(out.rotations, pred.rotations)
+    assert "bpDeepConfidence" in out.extra and "bpDeepTopProbability" in out.extra
+
+
+def test_resume_equals_uninterrupted_training(training_set, tmp_path):
+    particles, images, _ = training_set
+    sub = np.arange(96)
+    cfg = dict(QUATERNION, channels=16, batch_size=16)
+    straight = train_pose_network(particles.subset(sub), TrainConfig(**dict(cfg, epochs=4)), tmp_path / "a.pt",
+                                  images=images[sub], log=None)
+    train_pose_network(particles.subset(sub), TrainConfig(**dict(cfg, epochs=2)), tmp_path / "b.pt",
+                       images=images[sub], log=None)
+    assert last_state_path(tmp_path / "b.pt").exists()
+    resumed = train_pose_network(particles.subset(sub), TrainConfig(**dict(cfg, epochs=4)), tmp_path / "b.pt",
+                                 images=images[sub], log=None, resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    for a, b in zip(straight.history, resumed.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="resume"):
+        train_pose_network(particles.subset(sub), TrainConfig(**dict(cfg, epochs=5, channels=8)),
+                           tmp_path / "b.pt", images=images[sub], log=None, resume=True)
+
+
+def test_training_needs_poses(training_set, tmp_path):
+    from dataclasses import replace
+
+    particles, images, _ = training_set
+    with pytest.raises(ValueError, match="poses"):
+        train_pose_network(replace(particles, rotations=None), TrainConfig(**QUATERNION), tmp_path / "x.pt",
+                           images=images)
+
+
+def test_trained_network_is_nearly_equivariant(so3grid_run, training_set):
+    """Turning the input in-plane by a turns the predicted mode: R(turned) ~ Rz(a) R. The CNN encoder is not
+    exactly equivariant (the head is, see test_deep_models), so the bound is loose; the measured value is
+    reported by the benchmark."""
+    particles, images, _ = training_set
+    result, _ = so3grid_run
+    net = load_pose_network(result.checkpoint, device="cpu")
+    val = np.asarray(net.metadata["val_idx"])
+    inputs = network_inputs(net, particles.subset(val), images[val])
+    base = predict_from_inputs(net, inputs).rotations
+    angles = np.random.default_rng(0).uniform(0, 360, len(val))
+    turned = predict_from_inputs(net, rotate_shift_images(inputs, angles)).rotations
+    err = geodesic_distance_deg(turned, inplane_rotation_matrix(angles) @ base)
+    wrong = geodesic_distance_deg(turned, inplane_rotation_matrix(-angles) @ base)
+    assert np.median(err) < 30.0, np.median(err)
+    assert np.median(wrong) > 2 * np.median(err)
+
+
+def test_deep_prior_mmse_close_to_global_at_a_fraction_of_the_rotations(so3grid_run, tmp_path):
+    """Deep-prior MMSE (seeded coarse-to-fine search from the cells near the top-8 predicted rotations, prior =
+    the predicted distribution) is as accurate as the global search where the network's regions hold the truth,
+    much better than the network's own modes, and scores a fraction of the rotations; the "balls" variant (local
+    lattices around the predictions) too."""
+    result, _ = so3grid_run
+    net = load_pose_network(result.checkpoint, device="cpu")
+    test = simulate_dataset(fragment_map_path(), SimulationSpec(n_particles=40, snr=3.0, seed=11), tmp_path)
+    images = read_images(test)
+    volume, _ = read_map(fragment_map_path())
+    search = PoseSearch(shift_range_px=0.0, threads=1, device="cpu")
+    glob = assign_poses(test, volume, search, images=images)
+    pred = predict_poses(net, test, images=images, top_k=8)
+    e_glob = pose_error_metrics(glob.mmse_rotations, test.rotations)
+    e_net = pose_error_metrics(pred.rotations, test.rotations)
+    for method, slack in (("cells", 1.0), ("balls", 2.5)):
+        deep = deep_prior_assign(test, pred, volume, search, images=images, method=method)
+        e_deep = pose_error_metrics(deep.mmse_rotations, test.rotations)
+        print(method, "net", e_net, "\nglobal", e_glob, glob.timings, "\ndeep", e_deep, deep.timings)
+        assert e_deep["median_deg"] < e_glob["median_deg"] + slack, (method, e_deep, e_glob)
+        assert e_deep["median_deg"] < 0.5 * e_net["median_deg"]
+        assert e_deep["frac_below_10"] > e_net["frac_below_10"]
+        ratio = deep.timings["scored_rotations_per_particle"] / glob.timings["scored_rotations_per_particle"]
+        assert ratio < 0.5, (method, ratio)
