@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 """
 @article{Balanov2026,
 title = "Bayesian perspective for orientation determination in cryo-EM with application to structural heterogeneity analysis",

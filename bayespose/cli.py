@@ -1,4 +1,4 @@
-"""The ``bayespose`` command: the same jobs as the Scipion protocols, on plain ``.star``/``.mrcs``/``.mrc``/``.cs`` files.
+"""The ``bayespose`` command: the Scipion protocols' jobs on plain ``.star``/``.mrcs``/``.mrc``/``.cs`` files.
 
 Every sub-command calls the same core function as its protocol. Bad arguments or unreadable inputs end with one
 readable line on stderr and exit code 2 (usage) or 1 (input/processing error); outputs are written completely or
@@ -237,9 +237,9 @@ def _run_assign(args) -> int:
 
     import numpy as np
 
-    from bayespose.core.io.relion_star import write_star
     from bayespose.core.assign.engine import PoseSearch, assign_poses
     from bayespose.core.geometry.priors import prior_from_spec
+    from bayespose.core.io.relion_star import write_star
 
     particles, volume = _read_particles_and_map(args.particles, args.map)
     if args.mask is not None:
@@ -315,9 +315,9 @@ def _training_png(checkpoint: Path) -> Path:
 
 def _run_train(args) -> int:
     from bayespose.core.deep import TrainConfig, train_pose_network
-    from bayespose.plotting.deep import plot_training_history
-    from bayespose.core.io.relion_star import read_star
     from bayespose.core.geometry.symmetry import symmetry_group
+    from bayespose.core.io.relion_star import read_star
+    from bayespose.plotting.deep import plot_training_history
 
     if not 0.0 < args.val_fraction < 1.0:
         raise CliError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
@@ -471,12 +471,12 @@ def _run_predict(args) -> int:
     import numpy as np
     import torch
 
+    from bayespose.core.assign.engine import PoseSearch
     from bayespose.core.deep import deep_prior_assign, pose_error_metrics, predict_poses
-    from bayespose.plotting.deep import plot_angular_errors
     from bayespose.core.io.mrc import read_map
     from bayespose.core.io.relion_star import read_star, write_star
+    from bayespose.plotting.deep import plot_angular_errors
     from bayespose.plotting.poses import plot_pose_distribution
-    from bayespose.core.assign.engine import PoseSearch
 
     device = None if args.device == "auto" else args.device
     if args.threads:

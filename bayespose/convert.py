@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
-
 import pwem.constants as emcts
 from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
 from pyworkflow.object import Float, Integer
 
-from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.geometry.rotations import project_to_so3
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
 
 #: Prefix of the per-particle attributes that bayespose adds to Scipion particles.
 ATTRIBUTE_PREFIX = "_bp"
@@ -296,11 +295,12 @@ def fill_set_of_particles(output_set: SetOfParticles, particles: ParticleSet,
     """Append one Scipion ``Particle`` per core particle to the (empty) ``output_set`` and set its properties.
 
     Without ``template_set``: the set's acquisition comes from the first particle's CTF (without CTF, whatever
-    acquisition the caller set on ``output_set`` beforehand is kept); each particle gets location ``(index + 1, file)``, a ``CTFModel`` and
-    ``Acquisition`` (when ``particles.ctf``), an ALIGN_PROJ ``Transform`` (when ``particles.rotations``), the objId
-    ``extra["scipion_id"]`` when present, ``_rlnRandomSubset`` from ``half_set`` and ``_rlnOpticsGroup`` from
-    ``optics_group`` renumbered 1..K (:func:`consecutive_optics_groups`); the set's acquisition gets the matching
-    RELION optics table (:func:`optics_group_info`) so that the relion plugin exports a consistent star file.
+    acquisition the caller set on ``output_set`` beforehand is kept); each particle gets location ``(index + 1,
+    file)``, a ``CTFModel`` and ``Acquisition`` (when ``particles.ctf``), an ALIGN_PROJ ``Transform`` (when
+    ``particles.rotations``), the objId ``extra["scipion_id"]`` when present, ``_rlnRandomSubset`` from ``half_set``
+    and ``_rlnOpticsGroup`` from ``optics_group`` renumbered 1..K (:func:`consecutive_optics_groups`); the set's
+    acquisition gets the matching RELION optics table (:func:`optics_group_info`) so that the relion plugin exports
+    a consistent star file.
 
     With ``template_set`` (e.g. the protocol's input set): every template item whose objId is in
     ``particles.extra["scipion_id"]`` is copied with all its metadata and only its alignment is replaced (when

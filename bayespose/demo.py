@@ -14,19 +14,19 @@ Steps (each prints one line; later features add their own steps here):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from bayespose.core.io.mrc import read_images, read_map
-from bayespose.core.io.relion_star import read_star, write_star
-from bayespose.plotting.poses import plot_estimator_errors, plot_image_gallery, plot_pose_distribution
 from bayespose.core.assign.engine import PoseSearch, assign_poses
 from bayespose.core.geometry.rotations import geodesic_distance_deg
 from bayespose.core.imaging.simulate import simulate_images
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.mrc import read_images, read_map
+from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.data import demo_map_path, fragment_map_path
+from bayespose.plotting.poses import plot_estimator_errors, plot_image_gallery, plot_pose_distribution
 
 
 def run_demo(out_dir: str | Path, n_particles: int = 500, seed: int = 0,
@@ -166,8 +166,8 @@ def _refine_step(out_dir: Path, seed: int, progress, n: int = 200, snr: float = 
 
     import healpy
 
-    from bayespose.core.refine.engine import RefineConfig, refine
     from bayespose.core.imaging.reconstruct import fsc
+    from bayespose.core.refine.engine import RefineConfig, refine
     from bayespose.core.refine.outputs import resolution_from_fsc, write_refine_outputs
 
     start = time.perf_counter()

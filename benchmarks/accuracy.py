@@ -44,14 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bayespose.core.geometry.grids import healpix_grid
-from bayespose.core.io.mrc import read_images, read_map, write_map
-from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.assign.engine import PoseAssignment, PoseSearch, assign_poses
+from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.priors import IGSO3Prior, RotationPrior, UniformPrior
 from bayespose.core.geometry.rotations import geodesic_distance_deg
-from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.mrc import read_images, read_map, write_map
 from bayespose.data import fragment_map_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

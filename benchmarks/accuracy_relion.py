@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import affine_transform
 
+from bayespose.core.geometry.rotations import geodesic_distance_deg
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.imaging.simulate import signal_variance
 from bayespose.core.io.mrc import read_images, read_map
 from bayespose.core.io.relion_star import read_star
-from bayespose.core.imaging.particles import ParticleSet
-from bayespose.core.geometry.rotations import geodesic_distance_deg
-from bayespose.core.imaging.simulate import signal_variance
 
 
 def have_relion(*names: str) -> bool:

@@ -50,18 +50,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bayespose.core.deep import (TrainConfig, deep_prior_assign, load_pose_network, pose_error_metrics,
-                                 predict_poses, reprojection_rmse, train_pose_network)
+from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.deep import (
+    TrainConfig,
+    deep_prior_assign,
+    load_pose_network,
+    pose_error_metrics,
+    predict_poses,
+    reprojection_rmse,
+    train_pose_network,
+)
 from bayespose.core.deep.data import inplane_rotation_matrix, rotate_shift_images
-from bayespose.core.deep.prior_refine import AUTO_FALLBACK_Z, final_spacing_deg, fit_zscores
 from bayespose.core.deep.predict import network_inputs, predict_from_inputs
+from bayespose.core.deep.prior_refine import AUTO_FALLBACK_Z, final_spacing_deg, fit_zscores
+from bayespose.core.geometry.rotations import geodesic_distance_deg
 from bayespose.core.imaging.ctf import ctf_2d
+from bayespose.core.imaging.reconstruct import FourierAccumulator, fsc, resolution_at
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.core.io.mrc import read_images, read_map
 from bayespose.core.io.relion_star import read_star
-from bayespose.core.assign.engine import PoseSearch, assign_poses
-from bayespose.core.imaging.reconstruct import FourierAccumulator, fsc, resolution_at
-from bayespose.core.geometry.rotations import geodesic_distance_deg
-from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.data import demo_map_path, fragment_map_path
 
 
@@ -136,8 +143,8 @@ def section_halfset(cfg: Config, work: Path, results: dict) -> None:
         for model in ("so3grid", "quaternion"):
             t0 = time.perf_counter()
             res = train_pose_network(train, train_config(cfg, model), work / f"{model}_snr{snr}.pt",
-                                     images=images[h1], log=lambda line: print(f"  [{model} {snr}] {line}",
-                                                                               flush=True))
+                                     images=images[h1], log=lambda line, tag=f"{model} {snr}": print(f"  [{tag}] {line}",
+                                                                                           flush=True))
             train_s = time.perf_counter() - t0
             net = load_pose_network(res.checkpoint, device="cpu")
             t0 = time.perf_counter()
@@ -278,7 +285,7 @@ def section_deep_prior_only(cfg: Config, work: Path, results: dict) -> None:
         checkpoint = work / f"so3grid_snr{snr}.pt"
         if not checkpoint.is_file():
             train_pose_network(particles.subset(h1), train_config(cfg, "so3grid"), checkpoint, images=images[h1],
-                               log=lambda line: print(f"  [so3grid {snr}] {line}", flush=True))
+                               log=lambda line, tag=snr: print(f"  [so3grid {tag}] {line}", flush=True))
         net = load_pose_network(checkpoint, device="cpu")
         test = particles.subset(h2)
         pred = predict_poses(net, test, images=images[h2], top_k=8, device="cpu")
@@ -327,7 +334,7 @@ def section_symmetry(cfg: Config, work: Path, results: dict) -> None:
     for sym in ("C2", "C1"):
         res = train_pose_network(particles.subset(h1), train_config(cfg, "so3grid", symmetry=sym),
                                  work / f"ring_{sym}.pt", images=images[h1],
-                                 log=lambda line: print(f"  [ring {sym}] {line}", flush=True))
+                                 log=lambda line, tag=sym: print(f"  [ring {tag}] {line}", flush=True))
         net = load_pose_network(res.checkpoint, device="cpu")
         pred = predict_poses(net, particles.subset(h2), images=images[h2], device="cpu")
         out[f"trained {sym}"] = {"errors C2-aware": pose_error_metrics(pred.rotations, particles.rotations[h2], "C2"),

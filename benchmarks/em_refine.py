@@ -48,18 +48,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bayespose.core.geometry import so3_distributions as so3d  # noqa: E402
-from bayespose.core.refine.engine import RefineConfig, _HalfMStep, refine, soft_sphere_mask  # noqa: E402
-from bayespose.core.imaging.forward import prepare_volume  # noqa: E402
-from bayespose.core.io.mrc import read_images, read_map, write_map, write_stack  # noqa: E402
-from bayespose.core.io.relion_star import read_star  # noqa: E402
-from bayespose.core.assign.engine import estimate_noise_model  # noqa: E402
-from bayespose.core.imaging.reconstruct import fsc, lowpass, resolution_at, tau2_from_fsc  # noqa: E402
-from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance_deg  # noqa: E402
-from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset  # noqa: E402
-from bayespose.data import fragment_map_path  # noqa: E402
 from relion_compare import _Contention, strip_poses  # noqa: E402
 from relion_compare import truth as truth_table  # noqa: E402
+
+from bayespose.core.assign.engine import estimate_noise_model  # noqa: E402
+from bayespose.core.geometry import so3_distributions as so3d  # noqa: E402
+from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance_deg  # noqa: E402
+from bayespose.core.imaging.forward import prepare_volume  # noqa: E402
+from bayespose.core.imaging.reconstruct import fsc, lowpass, resolution_at, tau2_from_fsc  # noqa: E402
+from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset  # noqa: E402
+from bayespose.core.io.mrc import read_images, read_map, write_map, write_stack  # noqa: E402
+from bayespose.core.io.relion_star import read_star  # noqa: E402
+from bayespose.core.refine.engine import RefineConfig, _HalfMStep, refine, soft_sphere_mask  # noqa: E402
+from bayespose.data import fragment_map_path  # noqa: E402
 
 START_A = 30.0
 

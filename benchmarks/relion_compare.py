@@ -44,14 +44,14 @@ import starfile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bayespose.core.io.mrc import read_map  # noqa: E402
-from bayespose.core.io.relion_star import read_star  # noqa: E402
+from _machine import Contention  # noqa: E402  (benchmarks/ is the script's folder)
+
 from bayespose.core.assign.engine import PoseSearch, assign_poses  # noqa: E402
 from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance_deg  # noqa: E402
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset  # noqa: E402
+from bayespose.core.io.mrc import read_map  # noqa: E402
+from bayespose.core.io.relion_star import read_star  # noqa: E402
 from bayespose.data import fragment_map_path  # noqa: E402
-from _machine import Contention  # noqa: E402  (benchmarks/ is the script's folder)
-
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 

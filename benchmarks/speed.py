@@ -50,14 +50,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _machine import own_cpu_s, system_busy_s  # noqa: E402  (benchmarks/ is the script's folder)
+
 from bayespose.core import posterior  # noqa: E402
-from bayespose.core.io.mrc import read_images, read_map, write_map  # noqa: E402
-from bayespose.core.io.relion_star import read_star  # noqa: E402
 from bayespose.core.assign.engine import PoseSearch, assign_poses  # noqa: E402
 from bayespose.core.geometry.rotations import geodesic_distance_deg  # noqa: E402
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset  # noqa: E402
+from bayespose.core.io.mrc import read_images, read_map, write_map  # noqa: E402
+from bayespose.core.io.relion_star import read_star  # noqa: E402
 from bayespose.data import fragment_map_path  # noqa: E402
-from _machine import own_cpu_s, system_busy_s  # noqa: E402  (benchmarks/ is the script's folder)
 
 SHIFT_RANGE_PX = 3.0
 SHIFT_STEP_PX = 1.0

@@ -8,8 +8,8 @@ longitude = rot and latitude = 90° - tilt; angles are in degrees.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import matplotlib
 

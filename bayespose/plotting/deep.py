@@ -7,15 +7,15 @@ also saves it as PNG and closes it. Rotations are RELION ``A`` matrices (volume 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bayespose.plotting.assign import plot_direction_posterior  # noqa: E402
 

@@ -9,8 +9,9 @@ longitude = rot and latitude = 90° - tilt (as in :mod:`bayespose.plotting.poses
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -108,7 +109,7 @@ def plot_history(history: Sequence[Any], path: str | Path | None = None, title: 
         twin = ax.twinx()
         twin.step(it, order, where="mid", color="tab:gray", alpha=0.5)
         twin.set_ylabel("HEALPix order", fontsize=8, color="tab:gray")
-        twin.set_yticks(sorted(set(int(o) for o in order[np.isfinite(order)])))
+        twin.set_yticks(sorted({int(o) for o in order[np.isfinite(order)]}))
     axes[1].plot(it, _column(history, "log_likelihood"), "o-", color="tab:green")
     axes[1].set_ylabel("mean log-likelihood per particle")
     axes[2].plot(it, _column(history, "pose_change_deg"), "o-", color="tab:orange")

@@ -7,15 +7,15 @@ Units: boxes in px, pixel sizes in Å/px; poses are RELION ``A`` matrices (see :
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 import pyworkflow.protocol.params as params
 
 from bayespose.convert import SCIPION_ID, fill_set_of_particles
-from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.geometry.symmetry import symmetry_group
+from bayespose.core.imaging.particles import ParticleSet
 
 PIXEL_SIZE_RTOL = 0.01  # particles and map must agree within 1 %
 NO_GPU_WARNING = "A GPU was requested but torch sees no CUDA device: "

@@ -19,16 +19,25 @@ from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
 from bayespose.convert import SCIPION_ID, particles_from_scipion
-from bayespose.core.io.mrc import read_map, write_map
-from bayespose.core.io.relion_star import read_star, write_star
-from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.assign.engine import ESTIMATORS, NoiseModel, PoseAssignment, PoseSearch, assign_poses
 from bayespose.core.geometry.priors import PriorSpec, prior_from_spec
 from bayespose.core.geometry.rotations import matrix_to_euler
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from bayespose.protocols._common import (add_gpu_params, decile_logger, define_output_particles,
-                      describe_particles, geometry_errors, gpu_device, n_threads, no_gpu_warnings,
-                      output_particles, symmetry_errors)
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.mrc import read_map, write_map
+from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.protocols._common import (
+    add_gpu_params,
+    decile_logger,
+    define_output_particles,
+    describe_particles,
+    geometry_errors,
+    gpu_device,
+    n_threads,
+    no_gpu_warnings,
+    output_particles,
+    symmetry_errors,
+)
 from bayespose.protocols.protocol_simulate import volume_file
 
 ESTIMATOR_CHOICES = ["MMSE", "MAP", "MLE"]
@@ -59,7 +68,7 @@ def save_assignment(path: str, result: PoseAssignment, particles: ParticleSet, e
                   estimator=np.str_(estimator), symmetry=np.str_(symmetry),
                   info=np.str_(json.dumps({"n_rotations": result.n_rotations, "n_shifts": result.n_shifts,
                                            "n_frequencies": result.n_frequencies,
-                                           "timings": {k: v for k, v in result.timings.items()}}, default=float)))
+                                           "timings": dict(result.timings.items())}, default=float)))
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
 

@@ -21,8 +21,8 @@ from pwem.protocols import ProtImport
 from pyworkflow.constants import BETA
 
 from bayespose.convert import fill_set_of_particles
-from bayespose.core.io.cryosparc import load_cs_fields, read_cryosparc
 from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.cryosparc import load_cs_fields, read_cryosparc
 
 
 def stack_link_names(files: list[str]) -> dict[str, str]:

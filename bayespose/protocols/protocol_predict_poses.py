@@ -23,13 +23,21 @@ from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
 from bayespose.convert import SCIPION_ID, particles_from_scipion
-from bayespose.core.io.mrc import read_map, write_map
-from bayespose.core.io.relion_star import read_star, write_star
-from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.geometry.rotations import matrix_to_euler
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from bayespose.protocols._common import (add_gpu_params, define_output_particles, describe_particles, geometry_errors, gpu_device,
-                      n_threads, no_gpu_warnings, output_particles)
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.mrc import read_map, write_map
+from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.protocols._common import (
+    add_gpu_params,
+    define_output_particles,
+    describe_particles,
+    geometry_errors,
+    gpu_device,
+    n_threads,
+    no_gpu_warnings,
+    output_particles,
+)
 from bayespose.protocols.protocol_assign_poses import load_assignment, output_attributes, save_assignment
 from bayespose.protocols.protocol_simulate import volume_file
 from bayespose.protocols.protocol_train_network import GPU_HELP, progress_logger
@@ -290,8 +298,8 @@ class ProtBayesposePredictPoses(EMProtocol):
         ``(rotations (K, 3, 3), probabilities (K,), grid order or None)`` — the whole output grid for the so3grid
         model, the top-K poses for the quaternion model."""
         from bayespose.core.deep import predict_poses
-        from bayespose.plotting.deep import distribution_on_grid
         from bayespose.core.geometry.grids import healpix_grid
+        from bayespose.plotting.deep import distribution_on_grid
 
         particles = read_star(self._getExtraPath(INPUT_STAR))
         if not 0 <= row < len(particles):

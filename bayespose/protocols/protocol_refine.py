@@ -23,14 +23,30 @@ from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
 from bayespose.convert import SCIPION_ID, particles_from_scipion
-from bayespose.core.refine.engine import RefineConfig, refine
+from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
-from bayespose.core.refine.outputs import (FIGURES, HALF_FILES, MAP_FILE, PRIOR_NPY, RefineOutputs, read_refine_outputs,
-                                   write_refine_outputs)
-from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from bayespose.protocols._common import (add_gpu_params, define_output_particles, describe_particles, geometry_errors, gpu_device,
-                      n_threads, no_gpu_warnings, output_particles, symmetry_errors)
+from bayespose.core.refine.engine import RefineConfig, refine
+from bayespose.core.refine.outputs import (
+    FIGURES,
+    HALF_FILES,
+    MAP_FILE,
+    PRIOR_NPY,
+    RefineOutputs,
+    read_refine_outputs,
+    write_refine_outputs,
+)
+from bayespose.protocols._common import (
+    add_gpu_params,
+    define_output_particles,
+    describe_particles,
+    geometry_errors,
+    gpu_device,
+    n_threads,
+    no_gpu_warnings,
+    output_particles,
+    symmetry_errors,
+)
 from bayespose.protocols.protocol_simulate import volume_file
 
 MODES = ("soft", "hard")  # RefineConfig.mode, in the order of MODE_CHOICES

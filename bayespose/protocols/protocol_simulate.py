@@ -9,8 +9,8 @@ from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
 from bayespose.convert import fill_set_of_particles
-from bayespose.core.io.relion_star import read_star
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.relion_star import read_star
 
 POSE_CHOICES = ["uniform", "isotropic Gaussian (IGSO3)", "preferred orientation"]
 POSE_UNIFORM, POSE_IGSO3, POSE_PREFERRED = range(3)
@@ -48,7 +48,8 @@ class ProtBayesposeSimulate(EMProtocol):
         form.addParam("poseDistribution", params.EnumParam, choices=POSE_CHOICES, default=POSE_UNIFORM,
                       label="Pose distribution",
                       help="uniform: Haar measure on SO(3). isotropic Gaussian: concentrated around the identity "
-                           "pose with scale eta (paper 000 App. F1; small eta = concentrated). preferred orientation: most views "
+                           "pose with scale eta (paper 000 App. F1; small eta = concentrated). preferred orientation: "
+                           "most views "
                            "near one direction, uniform in-plane rotation.")
         form.addParam("igso3Eta", params.FloatParam, default=0.3, condition=f"poseDistribution=={POSE_IGSO3}",
                       label="Scale eta (rad)",

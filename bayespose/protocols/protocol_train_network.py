@@ -16,8 +16,15 @@ from pyworkflow.constants import BETA
 from bayespose.convert import particles_from_scipion
 from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.objects import BayesposePoseNetwork
-from bayespose.protocols._common import add_gpu_params, decile_logger, describe_particles, gpu_device, n_threads, no_gpu_warnings, \
-    symmetry_errors
+from bayespose.protocols._common import (
+    add_gpu_params,
+    decile_logger,
+    describe_particles,
+    gpu_device,
+    n_threads,
+    no_gpu_warnings,
+    symmetry_errors,
+)
 
 MODEL_CHOICES = ["so3grid", "quaternion"]
 MODEL_SO3GRID, MODEL_QUATERNION = range(2)

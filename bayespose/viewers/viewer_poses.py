@@ -1,7 +1,8 @@
 """Pose-distribution viewer for the aligned particle sets that bayespose protocols produce.
 
 Shows (and saves as PNG in the protocol's extra folder, so it also works headless) the viewing-direction density
-on a Mollweide map and the in-plane angle histogram; the plot itself is :func:`bayespose.plotting.poses.plot_pose_distribution`.
+on a Mollweide map and the in-plane angle histogram; the plot itself is
+:func:`bayespose.plotting.poses.plot_pose_distribution`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import pyworkflow.protocol.params as params
 from pwem.viewers import ChimeraView, EmProtocolViewer
 from pyworkflow.viewer import DESKTOP_TKINTER, MessageView
 
-from bayespose.plotting import refine as refine_plots
 from bayespose.core.refine.outputs import HALF_FILES, MAP_FILE, RefineOutputs
+from bayespose.plotting import refine as refine_plots
 from bayespose.protocols import ProtBayesposeRefine
 from bayespose.viewers._common import ExtraFigureMixin
 

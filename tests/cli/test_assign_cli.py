@@ -22,8 +22,8 @@ import starfile
 from scipy.spatial.transform import Rotation
 
 from bayespose.cli import main
-from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.mrc import read_map, write_map
 from bayespose.data import fragment_map_path
 from tests.helpers import star_rotations as _rotations
 
@@ -33,7 +33,7 @@ SEARCH_ARGS = ["--healpix-order", "2", "--refine-levels", "2", "--shift-range", 
                "--threads", "2", "--device", "cpu"]
 
 
-def _table(path) -> "starfile.pd.DataFrame":
+def _table(path) -> starfile.pd.DataFrame:
     return starfile.read(path, always_dict=True)["particles"]
 
 

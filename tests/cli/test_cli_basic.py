@@ -9,7 +9,6 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-from scipy.spatial.transform import Rotation
 
 from bayespose.cli import main
 from tests.helpers import CRYODRGN, relion_matrices

@@ -26,8 +26,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from bayespose.cli import main
-from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.mrc import read_map, write_map
 from bayespose.data import fragment_map_path
 from tests.helpers import star_rotations as _rotations
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from bayespose.plotting.poses import plot_pose_distribution, viewing_direction_density
 from bayespose.core.geometry.rotations import euler_to_matrix, random_rotations
+from bayespose.plotting.poses import plot_pose_distribution, viewing_direction_density
 
 
 def test_uniform_density_reads_one_and_peak_is_located():

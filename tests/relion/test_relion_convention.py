@@ -11,7 +11,6 @@ to ±4 px and strongly astigmatic CTFs, some with V > U):
   right and down of RELION's documented centre D // 2 that bayespose uses.
 """
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,12 +20,11 @@ import pytest
 import starfile
 import torch
 
+from bayespose.core.geometry.rotations import euler_to_matrix
 from bayespose.core.imaging.forward import prepare_volume, project, shift_fourier, to_real
 from bayespose.core.imaging.particles import CTFParams
-from bayespose.core.geometry.rotations import euler_to_matrix
-
 from bayespose.data import demo_map_path
-from tests.helpers import need_relion, ASPIRE
+from tests.helpers import ASPIRE, need_relion
 
 MAP = demo_map_path()
 PIXEL_SIZE = 4.4

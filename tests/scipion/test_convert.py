@@ -33,7 +33,6 @@ from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from tests.helpers import relion_euler_matrix as relion_euler_to_matrix
 
 
-
 def random_angles(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.column_stack([rng.uniform(-180, 180, n), np.degrees(np.arccos(rng.uniform(-1, 1, n))),
                             rng.uniform(-180, 180, n)])
@@ -251,8 +250,8 @@ def test_bad_attributes_are_rejected(tmp_path, small_particles):
 
 def test_optics_groups_are_exported_consistently_by_relion_writer(tmp_path, small_particles):
     """cryoSPARC-like optics groups (24, 5) become RELION groups 1..K with a matching optics table."""
-    from relion.convert import writeSetOfParticles
     import starfile
+    from relion.convert import writeSetOfParticles
 
     ps = small_particles
     ps.optics_group = np.array([24, 24, 5, 5, 5, 24, 24, 24, 5, 24])

@@ -9,9 +9,8 @@ import os
 import numpy as np
 import pytest
 import starfile
-from scipy.spatial.transform import Rotation
-
 from pyworkflow.tests import BaseTest, setupTestProject
+
 from tests.helpers import relion_matrices
 
 pytestmark = pytest.mark.scipion

@@ -15,9 +15,8 @@ import os
 import numpy as np
 import pytest
 import starfile
-from scipy.spatial.transform import Rotation
-
 from pyworkflow.tests import BaseTest, setupTestProject
+from scipy.spatial.transform import Rotation
 
 pytestmark = pytest.mark.scipion
 
@@ -69,10 +68,10 @@ class TestDeepChain(BaseTest):
         cls.launchProtocol(cls.train)
 
     def test_train_output_is_a_registered_pose_network(self):
+        from pwem import Domain
+
         from bayespose.objects import BayesposePoseNetwork
         from bayespose.viewers import BayesposeTrainingViewer
-
-        from pwem import Domain
 
         self.assertIs(Domain.getObjects().get("BayesposePoseNetwork"), BayesposePoseNetwork)  # bayespose.objects
         model = self.train.outputModel
@@ -166,8 +165,7 @@ class TestDeepChain(BaseTest):
 
         from bayespose.core.io.mrc import read_map, write_map
         from bayespose.data import fragment_map_path
-        from bayespose.protocols import ProtBayesposePredictPoses, ProtBayesposeSimulate, \
-            ProtBayesposeTrainPoseNetwork
+        from bayespose.protocols import ProtBayesposePredictPoses, ProtBayesposeSimulate, ProtBayesposeTrainPoseNetwork
 
         for cls in (ProtBayesposeTrainPoseNetwork, ProtBayesposePredictPoses):
             prot = self.newProtocol(cls)

@@ -17,7 +17,6 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-from scipy.spatial.transform import Rotation
 
 pytest.importorskip("pwem")
 pytest.importorskip("relion")
@@ -26,9 +25,7 @@ from pwem.protocols import ProtImportParticles  # noqa: E402
 from pyworkflow.tests import BaseTest, setupTestProject  # noqa: E402
 
 from bayespose.convert import particles_from_scipion  # noqa: E402
-
 from tests.helpers import ASPIRE, CRYODRGN, relion_matrices
-
 
 
 # ------------------------------------------------------------------------------------------------------------------

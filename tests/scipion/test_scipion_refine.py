@@ -19,12 +19,10 @@ import os
 import numpy as np
 import pytest
 import starfile
-from scipy.spatial.transform import Rotation
-
 from pyworkflow.tests import BaseTest, setupTestProject
 
-from tests.scipion.scipion_imports import import_relion_particles, import_volume, simulate_star
 from tests.helpers import star_rotations as _rotations
+from tests.scipion.scipion_imports import import_relion_particles, import_volume, simulate_star
 
 pytestmark = pytest.mark.scipion
 

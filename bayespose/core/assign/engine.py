@@ -37,22 +37,28 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from bayespose.core.imaging.ctf import ctf_2d
-from bayespose.core.imaging.forward import PreparedVolume, prepare_volume, project_fourier, slice_coefficients
 from bayespose.core.geometry.grids import cell_rotations, healpix_grid, local_offsets, split_cells
-from bayespose.core.io.mrc import read_images
-from bayespose.core.imaging.noise import (ScoringFrequencies, noise_power_from_background, radial_average, reference_scale,
-                    resolution_to_radius, scoring_frequencies)
-from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.geometry.priors import RotationPrior, UniformPrior
 from bayespose.core.geometry.rotations import project_to_so3, random_rotations
 from bayespose.core.geometry.symmetry import nearest_symmetry_mate, symmetry_group
+from bayespose.core.imaging.ctf import ctf_2d
+from bayespose.core.imaging.forward import PreparedVolume, prepare_volume, project_fourier, slice_coefficients
+from bayespose.core.imaging.noise import (
+    ScoringFrequencies,
+    noise_power_from_background,
+    radial_average,
+    reference_scale,
+    resolution_to_radius,
+    scoring_frequencies,
+)
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.mrc import read_images
 
 ESTIMATORS = ("mmse", "map", "mle")
 
@@ -636,7 +642,7 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     out.update({name: np.zeros((n, 2)) for name in ("mmse_org", "map_org", "mle_org")})
     out.update({name: np.zeros(n) for name in ("pmax", "nsig", "experr", "conc", "logz")})
     marginals = {}
-    keep = set(int(i) for i in keep_marginals)
+    keep = {int(i) for i in keep_marginals}
     n_refined = [0] * levels
     scored = 0  # (particle, rotation) pairs scored, over all stages
     for start in range(0, n, search.batch_size):

@@ -15,8 +15,21 @@ No pyworkflow here (core rule). Rotations are RELION ``A`` matrices throughout.
 from bayespose.core.deep.data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
 from bayespose.core.deep.metrics import angular_errors_deg, pose_error_metrics, reprojection_rmse
 from bayespose.core.deep.predict import PosePrediction, predict_poses
-from bayespose.core.deep.prior_refine import DeepPriorAssignment, deep_prior_assign, default_local_range_deg, fit_zscores, seed_rotations
-from bayespose.core.deep.train import PoseNetwork, TrainConfig, TrainResult, last_state_path, load_pose_network, train_pose_network
+from bayespose.core.deep.prior_refine import (
+           DeepPriorAssignment,
+           deep_prior_assign,
+           default_local_range_deg,
+           fit_zscores,
+           seed_rotations,
+)
+from bayespose.core.deep.train import (
+           PoseNetwork,
+           TrainConfig,
+           TrainResult,
+           last_state_path,
+           load_pose_network,
+           train_pose_network,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "PosePrediction", "train_pose_network", "load_pose_network",
            "predict_poses", "deep_prior_assign", "DeepPriorAssignment", "fit_zscores", "seed_rotations",

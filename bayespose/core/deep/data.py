@@ -1,6 +1,7 @@
 """Network inputs and training targets for deep pose prediction: preprocessing, augmentation, symmetry targets.
 
-Conventions (the rest of bayespose's, :mod:`bayespose.core.geometry.rotations` / :mod:`bayespose.core.imaging.particles`):
+Conventions (the rest of bayespose's, :mod:`bayespose.core.geometry.rotations` /
+:mod:`bayespose.core.imaging.particles`):
 
 * Images are ``image[y, x]`` (row = y, column = x) with the centre at pixel ``D // 2``; poses are RELION ``A``
   matrices (volume -> image coordinates); origins ``rlnOriginX/YAngst`` in Å.
@@ -10,7 +11,8 @@ Conventions (the rest of bayespose's, :mod:`bayespose.core.geometry.rotations` /
   residual centring error of real data.
 
 Preprocessing (:func:`preprocess_images`), per image, in this order: centre by the origin (Fourier phase ramp);
-optional phase flip (multiply the transform by the sign of the particle's CTF, :func:`bayespose.core.imaging.ctf.ctf_2d`);
+optional phase flip (multiply the transform by the sign of the particle's CTF,
+:func:`bayespose.core.imaging.ctf.ctf_2d`);
 Fourier crop (or pad) from the particle box D to ``net_box`` (pixel size becomes ``pixel_size * D / net_box``);
 normalise with the background outside the inscribed circle (mean 0, std 1 there); multiply by a soft circular
 mask (radius ``net_box / 2``, cosine edge) so that in-plane rotations do not move the box corners into the
@@ -33,11 +35,11 @@ import math
 import numpy as np
 import torch
 
+from bayespose.core.geometry.rotations import matrix_to_quaternion
+from bayespose.core.geometry.symmetry import symmetry_group
 from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import shift_fourier
 from bayespose.core.imaging.particles import ParticleSet
-from bayespose.core.geometry.rotations import matrix_to_quaternion
-from bayespose.core.geometry.symmetry import symmetry_group
 
 __all__ = ["CTF_CORRECTIONS", "preprocess_images", "fourier_resize", "normalise_background", "circular_mask",
            "rotate_shift_images", "inplane_rotation_matrix", "grid_targets", "symmetry_quaternions"]

@@ -1,8 +1,8 @@
 """Pose-accuracy metrics of the deep pose benchmarks (papers 002 eq. 3-6, 001 eq. 16).
 
 All rotations are RELION ``A`` matrices; angles in degrees. Symmetry-aware errors use the mates ``A @ L_g``
-(:mod:`bayespose.core.geometry.symmetry`): ``angError_i = min_g angle(trueR_i^T predR_i L_g)`` (002 eq. 5, written there as
-``g trueR predR^T`` in their left-acting convention; the two agree since the group is closed under inverses).
+(:mod:`bayespose.core.geometry.symmetry`): ``angError_i = min_g angle(trueR_i^T predR_i L_g)`` (002 eq. 5, written
+there as ``g trueR predR^T`` in their left-acting convention; the two agree since the group is closed under inverses).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bayespose.core.imaging.forward import PreparedVolume, prepare_volume, project_fourier
 from bayespose.core.geometry.rotations import geodesic_distance_deg
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.imaging.forward import PreparedVolume, prepare_volume, project_fourier
 
 __all__ = ["angular_errors_deg", "pose_error_metrics", "reprojection_rmse"]
 

@@ -1,7 +1,8 @@
 """Inference with a trained pose network: the predicted distribution over SO(3), its mode and a confidence.
 
 Rotations are RELION ``A`` matrices (volume -> image). For the ``so3grid`` model the distribution is the softmax
-of the logits on ``healpix_grid(grid_order)`` (cell k = direction * n_psi + psi index, :mod:`bayespose.core.geometry.grids`).
+of the logits on ``healpix_grid(grid_order)`` (cell k = direction * n_psi + psi index,
+:mod:`bayespose.core.geometry.grids`).
 
 * **Mode**: the most probable cell, refined below the grid spacing by the probability-weighted mean (projected on
   SO(3), 000 eq. 15-19) of the cells within 1.5 grid spacings of it, folded to its symmetry mates.
@@ -18,18 +19,18 @@ the first; confidence = (sum of singular values of their mean matrix) / 3 (1 whe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 import torch
 
+from bayespose.core.deep.data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
 from bayespose.core.geometry.grids import healpix_grid
-from bayespose.core.io.mrc import read_images
-from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.geometry.rotations import matrix_to_euler, project_to_so3, quaternion_to_matrix
 from bayespose.core.geometry.symmetry import nearest_symmetry_mate, symmetry_group
-from bayespose.core.deep.data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.mrc import read_images
 
 __all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs"]
 

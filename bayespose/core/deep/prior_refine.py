@@ -51,8 +51,8 @@ high SNR but lose accuracy at SNR 0.03 (-2.5: mean 6.1°). On a CPU at 64 px wit
 lower than the global search's: the seeded per-particle scoring path of the engine costs more per rotation than
 the global search's shared matrix products (see the README).
 
-Priors: ``so3grid`` prediction -> :class:`~bayespose.core.geometry.priors.GridPrior` on ``healpix_grid(grid_order)`` with
-the predicted log probabilities (a rotation gets the probability of the network cell containing it);
+Priors: ``so3grid`` prediction -> :class:`~bayespose.core.geometry.priors.GridPrior` on ``healpix_grid(grid_order)``
+with the predicted log probabilities (a rotation gets the probability of the network cell containing it);
 ``quaternion`` prediction -> isotropic Gaussian on SO(3) around the predicted rotation, ``eta = range / 3`` rad.
 
 Shifts: the shift lattice of ``search`` around each particle's input origin. Symmetry: ``search.symmetry``
@@ -63,21 +63,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable
 
 import numpy as np
 import torch
 
+from bayespose.core.assign.engine import NoiseModel, PoseAssignment, PoseSearch, assign_poses, choose_device
+from bayespose.core.deep.predict import PosePrediction
+from bayespose.core.geometry.grids import healpix_grid
+from bayespose.core.geometry.priors import GridPrior, IGSO3Prior
 from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
-from bayespose.core.geometry.grids import healpix_grid
-from bayespose.core.io.mrc import read_images
 from bayespose.core.imaging.noise import scoring_frequencies
 from bayespose.core.imaging.particles import ParticleSet
-from bayespose.core.assign.engine import NoiseModel, PoseAssignment, PoseSearch, assign_poses, choose_device
-from bayespose.core.geometry.priors import GridPrior, IGSO3Prior
-from bayespose.core.deep.predict import PosePrediction
+from bayespose.core.io.mrc import read_images
 
 __all__ = ["deep_prior_assign", "default_local_range_deg", "cells_near", "seed_rotations", "fit_zscores",
            "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit", "METHODS",

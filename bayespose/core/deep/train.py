@@ -29,22 +29,28 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from bayespose.core.geometry.grids import healpix_grid
-from bayespose.core.io.mrc import read_images
-from bayespose.core.imaging.particles import ParticleSet
-from bayespose.core.geometry.priors import GridPrior
-from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from bayespose.core.deep.data import CTF_CORRECTIONS, grid_targets, inplane_rotation_matrix, preprocess_images, rotate_shift_images, \
-    symmetry_quaternions
+from bayespose.core.deep.data import (
+    CTF_CORRECTIONS,
+    grid_targets,
+    inplane_rotation_matrix,
+    preprocess_images,
+    rotate_shift_images,
+    symmetry_quaternions,
+)
 from bayespose.core.deep.models import MODEL_TYPES, build_model
 from bayespose.core.deep.predict import predict_from_inputs
+from bayespose.core.geometry.grids import healpix_grid
+from bayespose.core.geometry.priors import GridPrior
+from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.mrc import read_images
 
 __all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "train_pose_network", "load_pose_network",
            "last_state_path", "CHECKPOINT_FORMAT"]
@@ -113,7 +119,7 @@ class TrainConfig:
         return dict(channels=self.channels)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """Config from a dict (unknown keys ignored, so older/newer checkpoints load)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})

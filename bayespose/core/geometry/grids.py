@@ -72,7 +72,7 @@ class SO3Grid:
     def __len__(self) -> int:
         return int(self.rotations.shape[0])
 
-    def subset(self, mask: np.ndarray) -> "SO3Grid":
+    def subset(self, mask: np.ndarray) -> SO3Grid:
         """Grid restricted to the nodes selected by ``mask`` (boolean (K,) or integer indices).
 
         The kept weights are renormalised to sum to 1 and ``haar_volume`` shrinks by the removed weight, so that

@@ -312,7 +312,7 @@ class PreferredOrientation:
         direction: np.ndarray = (0.0, 0.0, 1.0),
         fraction: float = 0.75,
         kappa: float = 40.0,
-    ) -> "PreferredOrientation":
+    ) -> PreferredOrientation:
         """A typical strong preferred orientation for simulations: one vMF peak plus a uniform part.
 
         With the defaults 75 % of the particles come from a vMF with kappa = 40 around ``direction`` (91 % of that

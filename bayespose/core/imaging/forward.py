@@ -88,7 +88,7 @@ class PreparedVolume:
     def pad_factor(self) -> float:
         return self.padded_size / self.box
 
-    def to(self, device: torch.device | str) -> "PreparedVolume":
+    def to(self, device: torch.device | str) -> PreparedVolume:
         """A copy on another device."""
         return PreparedVolume(self.data.to(device), self.box, self.padded_size, self.grid_correction)
 

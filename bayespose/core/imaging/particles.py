@@ -46,13 +46,13 @@ class CTFParams:
     def __len__(self) -> int:
         return len(self.defocus_u)
 
-    def subset(self, index) -> "CTFParams":
+    def subset(self, index) -> CTFParams:
         return CTFParams(*(getattr(self, name)[index] for name in self.FIELDS))
 
     @classmethod
     def constant(cls, n: int, defocus_u: float, defocus_v: float | None = None, defocus_angle: float = 0.0,
                  voltage: float = 300.0, cs: float = 2.7, amplitude_contrast: float = 0.1,
-                 phase_shift: float = 0.0) -> "CTFParams":
+                 phase_shift: float = 0.0) -> CTFParams:
         """The same CTF for ``n`` particles (defocus in Å)."""
         defocus_v = defocus_u if defocus_v is None else defocus_v
         return cls(*(np.full(n, float(v)) for v in
@@ -108,7 +108,7 @@ class ParticleSet:
         """Origins in pixels, (N, 2) as (x, y)."""
         return None if self.origins_A is None else self.origins_A / self.pixel_size
 
-    def subset(self, index) -> "ParticleSet":
+    def subset(self, index) -> ParticleSet:
         """The particles selected by a boolean mask or an index array (a new object; self is unchanged)."""
         index = np.asarray(index)
 

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch_fourier_shell_correlation import fourier_shell_correlation
 
-from bayespose.core.imaging.forward import GRID_CORRECTIONS, gridding_correction
 from bayespose.core.geometry.symmetry import symmetry_group
+from bayespose.core.imaging.forward import GRID_CORRECTIONS, gridding_correction
 
 __all__ = [
     "padded_size",
@@ -92,7 +92,8 @@ def _sample_coordinates(rotations: torch.Tensor, kx: torch.Tensor, ky: torch.Ten
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid coordinates (N, M, 3) as (z, y, x) array indices and the Friedel mask (N, M) of D-box frequencies.
 
-    The same arithmetic as :func:`~bayespose.core.imaging.forward.slice_coefficients`: ``xyz = (P / D) · A^T (kx, ky, 0)``;
+    The same arithmetic as :func:`~bayespose.core.imaging.forward.slice_coefficients`:
+    ``xyz = (P / D) · A^T (kx, ky, 0)``;
     samples with ``x < 0`` are reflected through the origin (their value is conjugated).
     """
     scale = padded / box
@@ -141,7 +142,8 @@ def _splat(values: torch.Tensor, coords: torch.Tensor, flat: torch.Tensor, shape
 
 def backproject_coefficients(values: torch.Tensor, rotations, kx: torch.Tensor, ky: torch.Tensor, box: int,
                              padded: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact adjoint of :func:`~bayespose.core.imaging.forward.slice_coefficients`: complex64 grid ``grid_shape(padded)``.
+    """Exact adjoint of :func:`~bayespose.core.imaging.forward.slice_coefficients`: complex64 grid
+    ``grid_shape(padded)``.
 
     ``values``: complex (N, M), coefficient ``m`` of slice ``n`` at D-box frequency ``(kx[m], ky[m])`` (Fourier px,
     any sign); ``rotations``: (N, 3, 3) RELION ``A``. For every complex grid ``X`` (used as ``PreparedVolume.data``
@@ -210,7 +212,7 @@ class FourierAccumulator:
 
     @classmethod
     def zeros(cls, box: int, pad_factor: float = 2.0, device: torch.device | str | None = None
-              ) -> "FourierAccumulator":
+              ) -> FourierAccumulator:
         """Empty accumulator for a ``box``³ map (``pad_factor`` as in :func:`~.forward.prepare_volume`)."""
         p = padded_size(box, pad_factor)
         device = torch.device("cpu") if device is None else torch.device(device)
@@ -222,14 +224,14 @@ class FourierAccumulator:
     def device(self) -> torch.device:
         return self.numerator.device
 
-    def to(self, device: torch.device | str) -> "FourierAccumulator":
+    def to(self, device: torch.device | str) -> FourierAccumulator:
         """A copy on another device."""
         return FourierAccumulator(self.box, self.padded, self.numerator.to(device), self.weight.to(device))
 
-    def copy(self) -> "FourierAccumulator":
+    def copy(self) -> FourierAccumulator:
         return FourierAccumulator(self.box, self.padded, self.numerator.clone(), self.weight.clone())
 
-    def add_(self, other: "FourierAccumulator") -> "FourierAccumulator":
+    def add_(self, other: FourierAccumulator) -> FourierAccumulator:
         """Add another accumulator of the same geometry in place (returns self)."""
         if (other.box, other.padded) != (self.box, self.padded):
             raise ValueError(f"cannot add accumulators of box/padding {(other.box, other.padded)} and "
@@ -238,7 +240,7 @@ class FourierAccumulator:
         self.weight += other.weight.to(self.device)
         return self
 
-    def __add__(self, other: "FourierAccumulator") -> "FourierAccumulator":
+    def __add__(self, other: FourierAccumulator) -> FourierAccumulator:
         return self.copy().add_(other)
 
     def insert(self, slices_rfft: torch.Tensor, weights_rfft, rotations, symmetry=None,

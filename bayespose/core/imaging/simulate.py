@@ -8,7 +8,7 @@ box, in real space), and the noise is i.i.d. Gaussian per pixel with variance ``
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

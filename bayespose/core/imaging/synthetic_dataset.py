@@ -2,24 +2,24 @@
 
 This is the one function the CLI (``bayespose simulate``) and the Scipion protocol (``simulate particles``) both
 call. It draws ground-truth poses from a chosen distribution, origins (shifts) and CTF parameters from ranges,
-renders the images with :func:`bayespose.core.imaging.simulate.simulate_images` and writes ``particles.mrcs`` and a RELION
-3.1 ``particles.star`` with the ground truth.
+renders the images with :func:`bayespose.core.imaging.simulate.simulate_images` and writes ``particles.mrcs`` and a
+RELION 3.1 ``particles.star`` with the ground truth.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from bayespose.core.geometry import so3_distributions as so3d
-from bayespose.core.io.mrc import read_map, write_stack
-from bayespose.core.io.relion_star import write_star
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.imaging.simulate import simulate_images
+from bayespose.core.io.mrc import read_map, write_stack
+from bayespose.core.io.relion_star import write_star
 
 POSE_DISTRIBUTIONS = ("uniform", "igso3:ETA", "preferred")
 

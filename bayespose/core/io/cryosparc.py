@@ -49,8 +49,8 @@ import numpy as np
 from cryosparc.dataset import Dataset
 from scipy.spatial.transform import Rotation
 
-from bayespose.core.io.mrc import resolve_relative_paths, stack_shape
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.io.mrc import resolve_relative_paths, stack_shape
 
 __all__ = ["read_cryosparc", "load_cs_fields", "find_passthrough_files"]
 

@@ -48,9 +48,9 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from bayespose.core.io.mrc import atomic_output, resolve_relative_paths, stack_shape
-from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.geometry.rotations import euler_to_matrix, matrix_to_euler
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.io.mrc import atomic_output, resolve_relative_paths, stack_shape
 
 __all__ = ["read_star", "write_star", "split_image_names"]
 

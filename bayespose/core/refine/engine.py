@@ -42,8 +42,8 @@ frequencies up to Nyquist (``D // 2`` Fourier px; the noise power per shell is k
 E-step's joint weights (rotation posteriors kept per particle; the shift weights re-scored on that E-step's band
 against the same references), for both halves; the FSC of these unregularised full-resolution half maps gives the
 final FSC / resolution and τ² (:func:`.reconstruct.tau2_from_fsc`), then the Wiener half maps and the combined map
-(whole-map τ²). It is not an iteration (no history entry, no pose update). Units: Å, degrees, RELION ``A`` rotations, origins
-``rlnOriginX/Y`` (px inside, Å in the outputs).
+(whole-map τ²). It is not an iteration (no history entry, no pose update). Units: Å, degrees, RELION ``A`` rotations,
+origins ``rlnOriginX/Y`` (px inside, Å in the outputs).
 
 Files (``out_dir``), written atomically per iteration: ``it###_half{1,2}.mrc`` (the Wiener-filtered half maps,
 unmasked), ``it###_map.mrc`` (both halves, the final map of a run stopped there), ``it###_state.npz`` (everything
@@ -62,26 +62,35 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import healpy
 import numpy as np
 import torch
 
-from bayespose.core.imaging.ctf import ctf_2d
-from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
+from bayespose.core.assign.engine import (
+    CELL_SPREAD,
+    NoiseModel,
+    PoseAssignment,
+    PoseSearch,
+    _phase,
+    assign_poses,
+    choose_device,
+    estimate_noise_model,
+    shift_lattice,
+)
 from bayespose.core.geometry.grids import healpix_grid
-from bayespose.core.io.mrc import read_images, read_map, write_map
-from bayespose.core.imaging.noise import ScoringFrequencies, resolution_to_radius, scoring_frequencies
-from bayespose.core.imaging.particles import ParticleSet
-from bayespose.core.assign.engine import (CELL_SPREAD, NoiseModel, PoseAssignment, PoseSearch, _phase, assign_poses, choose_device,
-                        estimate_noise_model, shift_lattice)
 from bayespose.core.geometry.priors import DirectionDensityPrior, RotationPrior
-from bayespose.core.imaging.reconstruct import FourierAccumulator, fsc, lowpass, resolution_at, tau2_from_fsc
 from bayespose.core.geometry.rotations import matrix_to_euler
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.imaging.ctf import ctf_2d
+from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
+from bayespose.core.imaging.noise import ScoringFrequencies, resolution_to_radius, scoring_frequencies
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.imaging.reconstruct import FourierAccumulator, fsc, lowpass, resolution_at, tau2_from_fsc
+from bayespose.core.io.mrc import read_images, read_map, write_map
 
 MODES = ("soft", "hard")
 PRIOR_MODES = ("uniform", "estimate")

@@ -1,4 +1,4 @@
-"""Files of an EM refinement (:func:`bayespose.core.refine.engine.refine`): write them complete-or-absent, read them back.
+"""Files of an EM refinement (:func:`bayespose.core.refine.engine.refine`): written complete-or-absent, read back.
 
 One output folder holds (units: Å, 1/Å, degrees; poses in RELION's convention)::
 
@@ -26,17 +26,18 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import healpy
 import numpy as np
 
+from bayespose.core.geometry.rotations import viewing_directions
+from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
-from bayespose.core.imaging.particles import ParticleSet
-from bayespose.core.geometry.rotations import viewing_directions
 
 MAP_FILE = "map.mrc"
 HALF_FILES = ("half1.mrc", "half2.mrc")

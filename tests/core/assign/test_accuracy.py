@@ -14,7 +14,6 @@ and a likelihood that only works on our own simulator (relion_project images).
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 
 import numpy as np
@@ -22,16 +21,16 @@ import pytest
 from scipy.ndimage import affine_transform
 from scipy.spatial.transform import Rotation
 
-from bayespose.core.geometry import so3_distributions as so3d
-from bayespose.core.io.mrc import read_images, read_map
-from bayespose.core.io.relion_star import read_star
-from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.geometry import so3_distributions as so3d
 from bayespose.core.geometry.priors import IGSO3Prior, UniformPrior
 from bayespose.core.geometry.rotations import geodesic_distance_deg, random_rotations
+from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.imaging.simulate import signal_variance, simulate_images
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
-from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.io.mrc import read_images, read_map
+from bayespose.core.io.relion_star import read_star
 from bayespose.data import fragment_map_path
 from tests.helpers import need_relion
 

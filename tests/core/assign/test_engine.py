@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from bayespose.core.imaging.ctf import ctf_2d
-from bayespose.core.imaging.forward import prepare_volume, project_fourier, shift_fourier
-from bayespose.core.geometry.grids import healpix_grid
-from bayespose.core.io.mrc import read_map
-from bayespose.core.imaging.noise import noise_power_from_background, radial_average
-from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.assign.engine import NoiseModel, PoseSearch, _rotation_statistics, assign_poses, shift_lattice
+from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.rotations import geodesic_distance_deg, project_to_so3, random_rotations
 from bayespose.core.geometry.symmetry import symmetry_group
+from bayespose.core.imaging.ctf import ctf_2d
+from bayespose.core.imaging.forward import prepare_volume, project_fourier, shift_fourier
+from bayespose.core.imaging.noise import noise_power_from_background, radial_average
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.io.mrc import read_map
 from bayespose.data import fragment_map_path
 
 BOX = 32

@@ -5,15 +5,22 @@ import numpy as np
 import pytest
 import torch
 
-from bayespose.core.deep.data import (fourier_resize, grid_targets, inplane_rotation_matrix, normalise_background,
-                                      preprocess_images, rotate_shift_images, symmetry_quaternions)
-from bayespose.core.imaging.forward import project
+from bayespose.core.deep.data import (
+    fourier_resize,
+    grid_targets,
+    inplane_rotation_matrix,
+    normalise_background,
+    preprocess_images,
+    rotate_shift_images,
+    symmetry_quaternions,
+)
 from bayespose.core.geometry.grids import healpix_grid
-from bayespose.core.io.mrc import read_map
-from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.geometry.priors import GridPrior
 from bayespose.core.geometry.rotations import matrix_to_quaternion, random_rotations
 from bayespose.core.geometry.symmetry import symmetry_group
+from bayespose.core.imaging.forward import project
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.io.mrc import read_map
 from bayespose.data import fragment_map_path
 
 

@@ -5,9 +5,9 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from bayespose.core.deep.metrics import pose_error_metrics, reprojection_rmse
-from bayespose.core.io.mrc import read_map
 from bayespose.core.geometry.rotations import random_rotations
 from bayespose.core.geometry.symmetry import symmetry_group
+from bayespose.core.io.mrc import read_map
 from bayespose.data import demo_map_path, fragment_map_path
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from bayespose.core.io.mrc import read_map
 from bayespose.core.assign.engine import PoseSearch, _SearchSpace, assign_poses
 from bayespose.core.geometry.rotations import geodesic_distance_deg, random_rotations
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.mrc import read_map
 from bayespose.data import fragment_map_path
 
 

@@ -5,15 +5,21 @@ grid) around the true poses or around deliberately wrong ones, on simulated part
 import numpy as np
 import pytest
 
-from bayespose.core.deep import PosePrediction
-from bayespose.core.deep.prior_refine import (AUTO_FALLBACK_Z, DeepPriorAssignment, deep_prior_assign,
-                                              fallback_threshold, fit_zscores, seed_rotations)
-from bayespose.core.geometry.grids import healpix_grid
-from bayespose.core.io.mrc import read_images, read_map
-from bayespose.core.imaging.forward import prepare_volume
 from bayespose.core.assign.engine import PoseSearch, assign_poses, estimate_noise_model
+from bayespose.core.deep import PosePrediction
+from bayespose.core.deep.prior_refine import (
+    AUTO_FALLBACK_Z,
+    DeepPriorAssignment,
+    deep_prior_assign,
+    fallback_threshold,
+    fit_zscores,
+    seed_rotations,
+)
+from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.rotations import geodesic_distance_deg, random_rotations
+from bayespose.core.imaging.forward import prepare_volume
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.mrc import read_images, read_map
 from bayespose.data import fragment_map_path
 
 ORDER = 2

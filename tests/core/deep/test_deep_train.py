@@ -6,14 +6,21 @@ MMSE against a global search."""
 import numpy as np
 import pytest
 
-from bayespose.core.deep import (TrainConfig, deep_prior_assign, last_state_path, load_pose_network,
-                                 pose_error_metrics, predict_poses, train_pose_network)
+from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.deep import (
+    TrainConfig,
+    deep_prior_assign,
+    last_state_path,
+    load_pose_network,
+    pose_error_metrics,
+    predict_poses,
+    train_pose_network,
+)
 from bayespose.core.deep.data import inplane_rotation_matrix, rotate_shift_images
 from bayespose.core.deep.predict import network_inputs, predict_from_inputs
-from bayespose.core.io.mrc import read_images, read_map
-from bayespose.core.assign.engine import PoseSearch, assign_poses
 from bayespose.core.geometry.rotations import geodesic_distance_deg
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.mrc import read_images, read_map
 from bayespose.data import fragment_map_path
 
 # measured (2-core CPU, seed 0, ~40 s for the whole module): best validation median so3grid 15.6° (epoch 36),

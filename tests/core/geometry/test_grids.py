@@ -7,7 +7,6 @@ E R_ij R_kl = delta_ik delta_jl / 3) and the Haar measure of a geodesic ball, (t
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 

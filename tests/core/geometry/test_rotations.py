@@ -8,7 +8,6 @@ from bayespose.core.geometry import rotations as rot
 from tests.helpers import relion_euler_matrix as relion_euler_angles2matrix
 
 
-
 @pytest.fixture
 def angles():
     rng = np.random.default_rng(1)

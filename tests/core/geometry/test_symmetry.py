@@ -6,7 +6,6 @@ Ground truth comes from outside the code under test: RELION's own binaries (``re
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from scipy.spatial.transform import Rotation
 from torch_fourier_slice import project_3d_to_2d
 
-from bayespose.core.imaging.ctf import ctf_2d
-from bayespose.core.imaging.forward import (apply_ctf, prepare_volume, project, project_fourier, shift_fourier,
-                                    to_real)
-from bayespose.core.imaging.particles import CTFParams
 from bayespose.core.geometry.rotations import euler_to_matrix
+from bayespose.core.imaging.ctf import ctf_2d
+from bayespose.core.imaging.forward import apply_ctf, prepare_volume, project, project_fourier, shift_fourier, to_real
+from bayespose.core.imaging.particles import CTFParams
 from bayespose.core.imaging.simulate import add_white_noise, simulate_images
 
 

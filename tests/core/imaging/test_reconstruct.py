@@ -5,7 +5,6 @@ torch-image-interpolation's own splatting, numpy FFTs of the true map, exact 90-
 average, analytic FSC/filter cases, and ``relion_reconstruct`` (RELION 3.1) on the same particles.
 """
 
-import shutil
 import subprocess
 
 import numpy as np
@@ -13,14 +12,24 @@ import pytest
 import torch
 from torch_image_interpolation import insert_into_image_3d
 
+from bayespose.core.geometry.rotations import random_rotations
 from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import PreparedVolume, prepare_volume, project, project_fourier, slice_coefficients
+from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.imaging.reconstruct import (
+    FourierAccumulator,
+    _splat,
+    backproject_coefficients,
+    fsc,
+    grid_shape,
+    lowpass,
+    padded_size,
+    reconstruct,
+    resolution_at,
+    tau2_from_fsc,
+)
 from bayespose.core.io.mrc import read_map, write_map, write_stack
 from bayespose.core.io.relion_star import write_star
-from bayespose.core.imaging.particles import CTFParams, ParticleSet
-from bayespose.core.imaging.reconstruct import (FourierAccumulator, _splat, backproject_coefficients, fsc, grid_shape,
-                                        lowpass, padded_size, reconstruct, resolution_at, tau2_from_fsc)
-from bayespose.core.geometry.rotations import random_rotations
 from bayespose.data import fragment_map_path
 from tests.helpers import need_relion
 

@@ -5,8 +5,8 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
-from bayespose.core.io.mrc import read_map
 from bayespose.core.imaging.volumes import asymmetric_fragment
+from bayespose.core.io.mrc import read_map
 from bayespose.data import demo_map_path, fragment_map_path
 
 

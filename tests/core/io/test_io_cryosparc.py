@@ -20,8 +20,8 @@ import pytest
 from cryosparc.dataset import Dataset
 
 from bayespose.core.io import read_cryosparc, read_images, read_star
-
 from tests.helpers import CRYODRGN
+
 P12 = CRYODRGN / "cryosparc_P12_J24_001_particles.cs"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -11,12 +10,11 @@ import mrcfile
 import numpy as np
 import pytest
 
+from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io import mrc as mrc_io
 from bayespose.core.io import read_images, read_map, read_stack, read_star, write_map, write_stack
-from bayespose.core.imaging.particles import ParticleSet
-
 from bayespose.data import demo_map_path
-from tests.helpers import need_relion, ASPIRE, CRYODRGN
+from tests.helpers import ASPIRE, CRYODRGN, need_relion
 
 
 def _mrcfile_data(path: Path) -> np.ndarray:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import warnings
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -14,11 +13,10 @@ import pytest
 import starfile
 from scipy.spatial.transform import Rotation
 
-from bayespose.core.io import read_images, read_star, write_star
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
-
-from tests.helpers import need_relion, relion_euler_matrix as _relion_matrix, ASPIRE, CRYODRGN
-
+from bayespose.core.io import read_images, read_star, write_star
+from tests.helpers import ASPIRE, CRYODRGN, need_relion
+from tests.helpers import relion_euler_matrix as _relion_matrix
 
 
 def _expected_matrices(df) -> np.ndarray:

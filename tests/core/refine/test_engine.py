@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from bayespose.core.geometry import so3_distributions as so3d
-from bayespose.core.refine.engine import (RefineConfig, _direction_density, _HalfMStep, refine, soft_sphere_mask)
-from bayespose.core.imaging.forward import prepare_volume
-from bayespose.core.io.mrc import read_images, read_map
 from bayespose.core.assign.engine import NoiseModel, estimate_noise_model
+from bayespose.core.geometry import so3_distributions as so3d
 from bayespose.core.geometry.priors import DirectionDensityPrior
-from bayespose.core.imaging.reconstruct import fsc, lowpass, resolution_at
 from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance_deg, random_rotations
+from bayespose.core.imaging.forward import prepare_volume
+from bayespose.core.imaging.reconstruct import fsc, lowpass, resolution_at
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.io.mrc import read_images, read_map
+from bayespose.core.refine.engine import RefineConfig, _direction_density, _HalfMStep, refine, soft_sphere_mask
 from bayespose.data import fragment_map_path
 
 
