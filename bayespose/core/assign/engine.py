@@ -59,6 +59,7 @@ from bayespose.core.imaging.noise import (
 )
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.mrc import read_images
+from bayespose.core.runtime import choose_device
 
 ESTIMATORS = ("mmse", "map", "mle")
 
@@ -162,14 +163,6 @@ class PoseAssignment:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def choose_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("a GPU was requested but torch sees no CUDA device")
-    return torch.device(device)
-
-
 def shift_lattice(range_px: float, step_px: float) -> np.ndarray:
     """Origins offsets (J, 2) px on a square lattice of ``step_px`` inside the disk of radius ``range_px``
     (the zero offset first)."""

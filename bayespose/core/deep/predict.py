@@ -31,6 +31,7 @@ from bayespose.core.geometry.rotations import matrix_to_euler, project_to_so3, q
 from bayespose.core.geometry.symmetry import nearest_symmetry_mate, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.mrc import read_images
+from bayespose.core.runtime import choose_device
 
 __all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs"]
 
@@ -157,8 +158,6 @@ def _top_cells(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def predict_from_inputs(network, inputs: torch.Tensor, top_k: int = 8, batch_size: int = 256, device=None,
                         progress: Callable[[int, int], None] | None = None) -> PosePrediction:
     """:func:`predict_poses` on already preprocessed inputs (N, net_box, net_box)."""
-    from bayespose.core.assign.engine import choose_device
-
     dev = choose_device(device if device is not None else network.config.device)
     model = network.model.to(dev)
     if top_k < 1:

@@ -69,7 +69,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from bayespose.core.assign.engine import NoiseModel, PoseAssignment, PoseSearch, assign_poses, choose_device
+from bayespose.core.assign.engine import NoiseModel, PoseAssignment, PoseSearch, assign_poses
 from bayespose.core.deep.predict import PosePrediction
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.priors import GridPrior, IGSO3Prior
@@ -78,6 +78,7 @@ from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
 from bayespose.core.imaging.noise import scoring_frequencies
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.mrc import read_images
+from bayespose.core.runtime import choose_device
 
 __all__ = ["deep_prior_assign", "default_local_range_deg", "cells_near", "seed_rotations", "fit_zscores",
            "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit", "METHODS",

@@ -26,8 +26,6 @@ Checkpoint (one ``torch.save`` dict, readable without bayespose's classes): ``fo
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -50,7 +48,9 @@ from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.priors import GridPrior
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.atomic import atomic_file
 from bayespose.core.io.mrc import read_images
+from bayespose.core.runtime import choose_device
 
 __all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "train_pose_network", "load_pose_network",
            "last_state_path", "CHECKPOINT_FORMAT"]
@@ -158,14 +158,8 @@ def last_state_path(out_path: str | Path) -> Path:
 
 def _atomic_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _version() -> str:
@@ -249,8 +243,6 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
         raise ValueError(f"need at least 4 particles to train (a training and a validation set), got {n}")
     if images is not None and len(images) != n:
         raise ValueError(f"{len(images)} images for {n} particles")
-    from bayespose.core.assign.engine import choose_device
-
     device = choose_device(config.device)
     if config.threads:
         torch.set_num_threads(int(config.threads))
@@ -364,8 +356,6 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
 def load_pose_network(path: str | Path, device=None) -> PoseNetwork:
     """Load a checkpoint written by :func:`train_pose_network` (model in eval mode on ``device``; None = the
     configured device, cuda when available)."""
-    from bayespose.core.assign.engine import choose_device
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no pose network checkpoint at {path}")

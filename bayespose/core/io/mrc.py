@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 
 from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.atomic import atomic_file
 
 __all__ = [
-    "atomic_output",
     "read_map",
     "write_map",
     "read_stack",
@@ -36,37 +35,6 @@ __all__ = [
     "read_images",
     "resolve_relative_paths",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# atomic output
-# --------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error it is removed.
-
-    The temporary file lives in the same folder (same file system), so the final ``os.replace`` is atomic.
-    Its permissions are set to the usual ``0o666 & ~umask`` before the rename.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValueError(f"output folder does not exist: {folder}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -149,7 +117,7 @@ def _write_mrc(path: str | os.PathLike, data: np.ndarray, pixel_size: float, sta
     if not np.all(np.isfinite(data)):
         raise ValueError(f"refusing to write {path}: the data contain NaN or infinite values")
     pixel_size = _check_pixel_size(pixel_size)
-    with atomic_output(path) as tmp:
+    with atomic_file(path) as tmp:
         with mrcfile.new(str(tmp), overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
             if stack:

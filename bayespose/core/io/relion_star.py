@@ -50,7 +50,8 @@ import starfile
 
 from bayespose.core.geometry.rotations import euler_to_matrix, matrix_to_euler
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
-from bayespose.core.io.mrc import atomic_output, resolve_relative_paths, stack_shape
+from bayespose.core.io.atomic import atomic_file
+from bayespose.core.io.mrc import resolve_relative_paths, stack_shape
 
 __all__ = ["read_star", "write_star", "split_image_names"]
 
@@ -390,7 +391,7 @@ def write_star(path: str | os.PathLike, particles: ParticleSet, extra_columns: d
 
     particle_table = pd.DataFrame(columns)
     optics_table = _optics_table(particles, groups)
-    with atomic_output(path) as tmp:
+    with atomic_file(path) as tmp:
         starfile.write({"optics": optics_table, "particles": particle_table}, tmp,
                        float_format=_WRITE_FLOAT_FORMAT, sep="\t")
 

@@ -58,9 +58,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -77,7 +75,6 @@ from bayespose.core.assign.engine import (
     PoseSearch,
     _phase,
     assign_poses,
-    choose_device,
     estimate_noise_model,
     shift_lattice,
 )
@@ -90,7 +87,9 @@ from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
 from bayespose.core.imaging.noise import ScoringFrequencies, resolution_to_radius, scoring_frequencies
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.imaging.reconstruct import FourierAccumulator, fsc, lowpass, resolution_at, tau2_from_fsc
+from bayespose.core.io.atomic import atomic_file
 from bayespose.core.io.mrc import read_images, read_map, write_map
+from bayespose.core.runtime import choose_device
 
 MODES = ("soft", "hard")
 PRIOR_MODES = ("uniform", "estimate")
@@ -612,14 +611,8 @@ def _maps_from(accumulators: list, pixel_size: float, mask: np.ndarray | None) -
 
 # ------------------------------------------------------------------------------------------------ state files
 def _atomic_write_bytes(path: Path, writer: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        writer(tmp)
 
 
 def _save_state(out_dir: Path, it: int, state: dict) -> None:

@@ -24,8 +24,6 @@ import csv
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 
 from bayespose.core.geometry.rotations import viewing_directions
 from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.atomic import atomic_folder
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
 
@@ -153,24 +152,6 @@ def _write_csv(path: Path, rows: list[dict], columns: Iterable[str]) -> None:
             writer.writerow(row)
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Make ``tmp`` the new ``target``: entries of an existing ``target`` that ``tmp`` does not have are moved into
-    ``tmp`` first, then the folders are swapped by renames and the old one removed."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    if not target.is_dir():
-        raise ValueError(f"the output path {target} exists and is not a folder")
-    new_names = {p.name for p in tmp.iterdir()}
-    for entry in target.iterdir():
-        if entry.name not in new_names:
-            os.replace(entry, tmp / entry.name)
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, trash / target.name)
-    os.replace(tmp, target)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------------------ write
 def write_refine_outputs(result, out_dir: str | os.PathLike, pixel_size: float | None = None,
                          particles_template: ParticleSet | None = None, config: Any = None,
@@ -203,9 +184,7 @@ def write_refine_outputs(result, out_dir: str | os.PathLike, pixel_size: float |
     particles = _output_particles(result.particles, particles_template)
     history = [_as_dict(entry) for entry in result.history]
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.part-", dir=target.parent))
-    try:
+    with atomic_folder(target, keep_other_entries=True) as tmp:
         write_map(tmp / MAP_FILE, volume, pixel_size)
         for name, half in zip(HALF_FILES, halves):
             write_map(tmp / name, half, pixel_size)
@@ -230,10 +209,6 @@ def write_refine_outputs(result, out_dir: str | os.PathLike, pixel_size: float |
                    "prior_order": order, "config": _as_dict(config) if config is not None else None,
                    "files": files + [SUMMARY_JSON]}
         (tmp / SUMMARY_JSON).write_text(json.dumps(_jsonable(summary), indent=2))
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {name: target / name for name in summary["files"]}
 
 

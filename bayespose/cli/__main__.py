@@ -1,0 +1,7 @@
+"""``python -m bayespose.cli``."""
+
+import sys
+
+from bayespose.cli import main
+
+sys.exit(main())

@@ -1,0 +1,27 @@
+"""``bayespose plot-poses``: the pose distribution of a star file as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bayespose.cli._common import CliError, existing_file
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plot-poses", help="plot the pose distribution of a star file (PNG)",
+                       description="Viewing-direction density (Mollweide) and in-plane angle histogram.")
+    p.add_argument("--particles", required=True, type=existing_file, help="RELION star file with angles")
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from bayespose.core.io.relion_star import read_star
+    from bayespose.plotting.poses import plot_pose_distribution
+
+    particles = read_star(args.particles)
+    if not particles.has_alignment:
+        raise CliError(f"{args.particles} has no rlnAngleRot/Tilt/Psi columns: no poses to plot")
+    plot_pose_distribution(particles.rotations, args.out, title=Path(args.particles).name)
+    print(f"wrote {args.out}")
+    return 0
