@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.geometry.rotations import geodesic_distance_deg
 from bayespose.core.imaging.simulate import simulate_images
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset

@@ -133,7 +133,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from bayespose.core.assign.engine import PoseSearch
+    from bayespose.core.assign import PoseSearch
     from bayespose.core.deep import deep_prior_assign, pose_error_metrics, predict_poses
     from bayespose.core.io.mrc import read_map
     from bayespose.core.io.relion_star import read_star, write_star

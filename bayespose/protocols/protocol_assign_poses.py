@@ -1,5 +1,5 @@
 """Scipion protocol ``bayespose - assign poses (MMSE)``: Bayesian pose assignment of particles against a reference
-map (thin wrapper over :func:`bayespose.core.assign.engine.assign_poses`, the same function as ``bayespose assign``).
+map (thin wrapper over :func:`bayespose.core.assign.assign_poses`, the same function as ``bayespose assign``).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; volume, times the mask when one is
 given -> ``extra/reference.mrc``), ``assignStep`` (posterior over rotations and shifts; writes
@@ -19,7 +19,7 @@ from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
 from bayespose.convert import SCIPION_ID, particles_from_scipion
-from bayespose.core.assign.engine import ESTIMATORS, NoiseModel, PoseAssignment, PoseSearch, assign_poses
+from bayespose.core.assign import ESTIMATORS, NoiseModel, PoseAssignment, PoseSearch, assign_poses
 from bayespose.core.geometry.priors import PriorSpec, prior_from_spec
 from bayespose.core.geometry.rotations import matrix_to_euler
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
@@ -43,8 +43,6 @@ from bayespose.protocols.protocol_simulate import volume_file
 ESTIMATOR_CHOICES = ["MMSE", "MAP", "MLE"]
 PRIOR_CHOICES = ["uniform", "isotropic Gaussian (IGSO3)", "preferred orientation", "local around input poses"]
 PRIOR_UNIFORM, PRIOR_IGSO3, PRIOR_PREFERRED, PRIOR_LOCAL = range(4)
-MAX_HEALPIX_ORDER = 4
-MAX_REFINE_LEVELS = 3
 
 INPUT_STAR = "input_particles.star"
 REFERENCE_MAP = "reference.mrc"
@@ -348,10 +346,12 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
 
     def _validateSampling(self, parts) -> list[str]:
         errors = []
-        if not 0 <= self.healpixOrder.get() <= MAX_HEALPIX_ORDER:
-            errors.append(f"The HEALPix order must be in 0..{MAX_HEALPIX_ORDER}.")
-        if not 0 <= self.refineLevels.get() <= MAX_REFINE_LEVELS:
-            errors.append(f"The number of refinement levels must be in 0..{MAX_REFINE_LEVELS}.")
+        order, levels = self.healpixOrder.get(), self.refineLevels.get()
+        if order not in PoseSearch.HEALPIX_ORDERS:
+            errors.append(f"The HEALPix order must be in 0..{PoseSearch.MAX_HEALPIX_ORDER}.")
+        elif not 0 <= levels <= PoseSearch.max_refine_levels(order):
+            errors.append(f"The number of refinement levels must be in 0..{PoseSearch.max_refine_levels(order)} "
+                          f"(HEALPix order + levels <= {PoseSearch.MAX_FINEST_ORDER}).")
         if self.shiftRange.get() is None or self.shiftRange.get() < 0:
             errors.append("The shift search range must be >= 0 pixels.")
         if not (self.shiftStep.get() or 0) > 0:
@@ -366,8 +366,8 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         if choice == PRIOR_PREFERRED and not ((self.preferredKappa.get() or 0) > 0
                                               and 0 < (self.preferredFraction.get() or 0) <= 1):
             errors.append("The preferred-orientation prior needs kappa > 0 and 0 < fraction <= 1.")
-        if choice == PRIOR_LOCAL and not 0 < (self.localRange.get() or 0) <= 90:
-            errors.append("The local search range must be in (0, 90] degrees.")
+        if choice == PRIOR_LOCAL and not 0 < (self.localRange.get() or 0) <= PoseSearch.MAX_LOCAL_RANGE_DEG:
+            errors.append(f"The local search range must be in (0, {PoseSearch.MAX_LOCAL_RANGE_DEG:g}] degrees.")
         return errors
 
     def _warnings(self):

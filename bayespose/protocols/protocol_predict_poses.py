@@ -278,7 +278,7 @@ class ProtBayesposePredictPoses(EMProtocol):
 
     def poseSearch(self, symmetry: str):
         """The form's refinement settings as a :class:`PoseSearch` (shifts px, resolution Å)."""
-        from bayespose.core.assign.engine import PoseSearch
+        from bayespose.core.assign import PoseSearch
 
         max_res = self.maxResolution.get()
         return PoseSearch(max_resolution_A=max_res if max_res and max_res > 0 else None,
