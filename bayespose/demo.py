@@ -15,11 +15,12 @@ Steps (each prints one line; later features add their own steps here):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.geometry.rotations import geodesic_distance_deg
 from bayespose.core.imaging.simulate import simulate_images
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
@@ -141,7 +142,9 @@ def _deep_prior_step(out_dir: Path, seed: int, progress, n_train: int = 240, n_t
     volume, _ = read_map(fragment_map_path())
     refined = deep_prior_assign(test, prediction, volume, PoseSearch(shift_range_px=2.0),
                                 progress=progress("deep-prior MMSE") if progress else None)
-    write_star(deep_dir / "test_deep_mmse.star", refined.to_particle_set(prediction.to_particle_set(test), "mmse"))
+    network_set = prediction.to_particle_set(test)
+    mmse_set = refined.to_particle_set(network_set, "mmse")  # drops every earlier bp column: keep the network's
+    write_star(deep_dir / "test_deep_mmse.star", replace(mmse_set, extra={**network_set.extra, **mmse_set.extra}))
     errors = {"network mode": geodesic_distance_deg(prediction.rotations, test.rotations),
               "deep-prior MMSE": geodesic_distance_deg(refined.mmse_rotations, test.rotations)}
     errors_png = deep_dir / "errors.png"

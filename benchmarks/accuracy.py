@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bayespose.core.assign.engine import PoseAssignment, PoseSearch, assign_poses
+from bayespose.core.assign import PoseAssignment, PoseSearch, assign_poses
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.priors import IGSO3Prior, RotationPrior, UniformPrior
 from bayespose.core.geometry.rotations import geodesic_distance_deg

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.deep import (
     TrainConfig,
     deep_prior_assign,

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from relion_compare import _Contention, strip_poses  # noqa: E402
 from relion_compare import truth as truth_table  # noqa: E402
 
-from bayespose.core.assign.engine import estimate_noise_model  # noqa: E402
+from bayespose.core.assign import estimate_noise_model  # noqa: E402
 from bayespose.core.geometry import so3_distributions as so3d  # noqa: E402
 from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance_deg  # noqa: E402
 from bayespose.core.imaging.forward import prepare_volume  # noqa: E402

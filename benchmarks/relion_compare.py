@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from _machine import Contention  # noqa: E402  (benchmarks/ is the script's folder)
 
-from bayespose.core.assign.engine import PoseSearch, assign_poses  # noqa: E402
+from bayespose.core.assign import PoseSearch, assign_poses  # noqa: E402
 from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance_deg  # noqa: E402
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset  # noqa: E402
 from bayespose.core.io.mrc import read_map  # noqa: E402

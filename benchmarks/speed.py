@@ -4,7 +4,7 @@ What it measures (CPU, float32, ``--threads`` threads, default all cores):
 
 * ``torch.matmul`` GFLOP/s of a large square product (the machine's practical ceiling) and of the exact shapes
   the scorer multiplies: the cross term ``(B·J, 2M) @ (2M, Kc)`` and the norm term ``(B, M) @ (M, Kc)``.
-* The scoring kernel of :func:`bayespose.core.assign.engine.assign_poses` on simulated particles (fragment map, CTF,
+* The scoring kernel of :func:`bayespose.core.assign.assign_poses` on simulated particles (fragment map, CTF,
   SNR ``--snr``, origins within ±2 px) at box 64 (4.4 Å/px) and box 128 (the map Fourier-padded to 128 px,
   2.2 Å/px), HEALPix order 2 and 3, shifts within 3 px at 1 px steps (J = 29):
 
@@ -16,7 +16,8 @@ What it measures (CPU, float32, ``--threads`` threads, default all cores):
     two refinement levels): particles/s and the median angular error against the true poses (a sanity check).
 
   The engine's flop count is checked against an independent count ``N · (2·J·K·2M + 2·K·M)`` from the grid
-  sizes it reports. Each configuration runs in a fresh subprocess so that its peak memory (max RSS, from
+  sizes it reports; the per-batch numbers come from the engine's log of its scoring calls
+  (``result.scoring_calls``). Each configuration runs in a fresh subprocess so that its peak memory (max RSS, from
   ``resource.getrusage``) is its own; matmul is timed in the same subprocess just before and after the kernel.
 
 The machine may be shared: matmul rates are the best of a few repeats, the CPU time used by other processes
@@ -52,8 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from _machine import own_cpu_s, system_busy_s  # noqa: E402  (benchmarks/ is the script's folder)
 
-from bayespose.core import posterior  # noqa: E402
-from bayespose.core.assign.engine import PoseSearch, assign_poses  # noqa: E402
+from bayespose.core.assign import PoseSearch, assign_poses  # noqa: E402
 from bayespose.core.geometry.rotations import geodesic_distance_deg  # noqa: E402
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset  # noqa: E402
 from bayespose.core.io.mrc import read_images, read_map, write_map  # noqa: E402
@@ -125,32 +125,6 @@ def map_for(box: int, work: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ worker
-class _ScoreRecorder:
-    """Wraps ``posterior._Scorer.score`` to record per call: seconds, flops and the GEMM shapes."""
-
-    def __init__(self):
-        self.calls: list[dict] = []
-        self._orig = posterior._Scorer.score
-
-    def __enter__(self):
-        recorder = self
-
-        def score(scorer, batch, radius, rotations, *args, **kwargs):
-            flops0, t0 = scorer.flops, time.perf_counter()
-            out = recorder._orig(scorer, batch, radius, rotations, *args, **kwargs)
-            b, j, k = len(batch.index), len(scorer.deltas), rotations.shape[-3]
-            recorder.calls.append(dict(seconds=time.perf_counter() - t0, flops=scorer.flops - flops0, b=b, j=j,
-                                       k=k, m=len(scorer.frequencies(radius)), shared=rotations.ndim == 3,
-                                       chunk=scorer._chunk_size(b, j, k)))
-            return out
-
-        posterior._Scorer.score = score
-        return self
-
-    def __exit__(self, *exc):
-        posterior._Scorer.score = self._orig
-
-
 def run_config(cfg: dict) -> dict:
     """One configuration (in its own process): matmul, the engine, matmul again; returns the numbers."""
     torch.set_num_threads(cfg["threads"])
@@ -166,10 +140,9 @@ def run_config(cfg: dict) -> dict:
         search.smoothness_nats = float("inf")  # no information-matched cut-off: full resolution
     square_before = square_gflops()
     busy0, own0 = system_busy_s(), own_cpu_s()
-    with _ScoreRecorder() as rec:
-        t0 = time.perf_counter()
-        result = assign_poses(particles, volume, search, images=images)
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = assign_poses(particles, volume, search, images=images)
+    wall = time.perf_counter() - t0
     others = max(0.0, (system_busy_s() - busy0) - (own_cpu_s() - own0)) / wall
     square_after = square_gflops()
     errors = geodesic_distance_deg(result.mmse_rotations, particles.rotations)
@@ -185,20 +158,20 @@ def run_config(cfg: dict) -> dict:
                max_rss_mb=_max_rss_mb(), rss_before_mb=rss_before, load_avg=os.getloadavg()[0],
                other_cores_busy=others)
     if cfg["mode"] == "kernel":
-        first, rest = rec.calls[0], rec.calls[1:]
-        m = first["m"]
-        expected = n * (2.0 * first["j"] * first["k"] * 2 * m + 2.0 * first["k"] * m)
-        out.update(m=m, chunk=first["chunk"], flops_engine=engine_flops, flops_expected=expected,
+        first, rest = result.scoring_calls[0], result.scoring_calls[1:]  # one call per batch (no refinement)
+        m, j, k = first.frequencies, first.shifts, first.rotations
+        expected = n * (2.0 * j * k * 2 * m + 2.0 * k * m)
+        out.update(m=m, chunk=first.chunk, flops_engine=engine_flops, flops_expected=expected,
                    flop_count_ok=bool(abs(engine_flops / expected - 1) < 1e-3))
         if rest:
-            seconds = sum(c["seconds"] for c in rest)
-            out["steady_gflops"] = sum(c["flops"] for c in rest) / seconds / 1e9
-            out["steady_particles_per_s"] = sum(c["b"] for c in rest) / seconds
-            out["best_batch_gflops"] = max(c["flops"] / c["seconds"] for c in rest) / 1e9
-            out["first_batch_extra_s"] = first["seconds"] - seconds / sum(c["b"] for c in rest) * first["b"]
-        bj, kc = first["b"] * first["j"], first["chunk"]
+            seconds = sum(c.seconds for c in rest)
+            out["steady_gflops"] = sum(c.flops for c in rest) / seconds / 1e9
+            out["steady_particles_per_s"] = sum(c.particles for c in rest) / seconds
+            out["best_batch_gflops"] = max(c.flops / c.seconds for c in rest) / 1e9
+            out["first_batch_extra_s"] = first.seconds - seconds / sum(c.particles for c in rest) * first.particles
+        bj, kc = first.particles * j, first.chunk
         out["gemm_cross_gflops"] = matmul_gflops(bj, 2 * m, kc)
-        out["gemm_norm_gflops"] = matmul_gflops(first["b"], m, kc)
+        out["gemm_norm_gflops"] = matmul_gflops(first.particles, m, kc)
         out["gemm_shape"] = f"({bj} x {2 * m}) @ ({2 * m} x {kc})"
     return out
 

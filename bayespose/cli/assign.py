@@ -14,6 +14,8 @@ from bayespose.cli._common import (
     read_mask,
     read_particles_and_map,
 )
+from bayespose.core.assign.search import PoseSearch
+from bayespose.core.results import ESTIMATORS
 
 
 def add_parser(sub) -> None:
@@ -29,17 +31,20 @@ def add_parser(sub) -> None:
                    help="reference map (MRC) with the particles' box and pixel size (within 1 %%)")
     p.add_argument("--mask", type=existing_file, help="optional mask (MRC, map box): the map is multiplied by it")
     p.add_argument("--sym", default="C1", help="point group in RELION's notation (C1, Cn, Dn, T, O, I, I1-I4) [C1]")
-    p.add_argument("--estimator", choices=("mmse", "map", "mle"), default="mmse",
+    p.add_argument("--estimator", choices=ESTIMATORS, default="mmse",
                    help="pose written to rlnAngle*/rlnOrigin*: posterior mean (mmse), most probable (map) or best "
                         "likelihood (mle) [mmse]")
     p.add_argument("--prior", default="uniform",
                    help="rotation prior: uniform | igso3:ETA (isotropic Gaussian around the identity, ETA in rad) | "
                         "local:DEG (Gaussian around each input pose, local grid of ±DEG; needs star angles) | "
                         "preferred[:ROT,TILT,KAPPA,FRACTION] (preferred viewing direction) [uniform]")
-    p.add_argument("--healpix-order", type=int, choices=range(0, 5), default=2, metavar="R",
-                   help="global grid: HEALPix order 0-4 (spacing 60°/2^R: 60, 30, 15, 7.5, 3.75°) [2]")
-    p.add_argument("--refine-levels", type=int, choices=range(0, 4), default=2, metavar="L",
-                   help="coarse-to-fine halvings of the grid in the significant cells, 0-3 [2]")
+    orders = PoseSearch.HEALPIX_ORDERS
+    p.add_argument("--healpix-order", type=int, choices=orders, default=2, metavar="R",
+                   help=f"global grid: HEALPix order {orders[0]}-{orders[-1]} (spacing 60°/2^R: "
+                        f"{', '.join(f'{60 / 2 ** r:g}' for r in orders)}°) [2]")
+    p.add_argument("--refine-levels", type=int, choices=range(0, PoseSearch.MAX_FINEST_ORDER + 1), default=2,
+                   metavar="L", help="coarse-to-fine halvings of the grid in the significant cells, 0 to "
+                                     f"{PoseSearch.MAX_FINEST_ORDER}-R (final spacing 60°/2^(R+L)) [2]")
     p.add_argument("--local-step", type=positive_float, metavar="DEG", help="local grid step in degrees [DEG/4]")
     p.add_argument("--max-res", type=positive_float, metavar="A",
                    help="highest resolution scored, in Å [Nyquist]")
@@ -53,11 +58,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from dataclasses import replace
-
     import numpy as np
 
-    from bayespose.core.assign.engine import PoseSearch, assign_poses
+    from bayespose.core.assign import assign_poses
     from bayespose.core.geometry.priors import prior_from_spec
     from bayespose.core.io.relion_star import write_star
 
@@ -77,9 +80,7 @@ def run(args) -> int:
                         device=None if args.device == "auto" else args.device, threads=args.threads)
     search.validate()
     result = assign_poses(particles, volume, search, spec.prior, progress=progress_printer("assigning"))
-    # columns of an earlier bayespose run (e.g. another estimator's angles) would be stale: drop them
-    fresh = replace(particles, extra={k: v for k, v in particles.extra.items() if not k.startswith("bp")})
-    write_star(args.out, result.to_particle_set(fresh, args.estimator))
+    write_star(args.out, result.to_particle_set(particles, args.estimator))  # stale result columns dropped
     print(f"assigned {len(particles)} particles ({args.estimator.upper()}, prior {spec.prior.describe()}): median "
           f"expected error {np.median(result.expected_error_deg):.2f}°, median pmax {np.median(result.pmax):.3f}, "
           f"{result.timings.get('total_s', 0.0):.1f} s; wrote {args.out}")

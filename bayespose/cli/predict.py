@@ -133,7 +133,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from bayespose.core.assign.engine import PoseSearch
+    from bayespose.core.assign import PoseSearch
     from bayespose.core.deep import deep_prior_assign, pose_error_metrics, predict_poses
     from bayespose.core.io.mrc import read_map
     from bayespose.core.io.relion_star import read_star, write_star
@@ -167,7 +167,9 @@ def run(args) -> int:
         seeds = {} if args.seed_mass is None else {"seed_mass": None if args.seed_mass == "none" else args.seed_mass}
         result = deep_prior_assign(particles, prediction, volume, search, progress=progress_printer("refining"),
                                    local_range_deg=args.local_range, fallback=args.fallback, **seeds)
-        output = result.to_particle_set(output, "mmse")
+        # the schema's to_particle_set drops every earlier bp column: keep the network's beside the MMSE results
+        refined = result.to_particle_set(output, "mmse")
+        output = replace(refined, extra={**output.extra, **refined.extra})
     write_star(args.out, output)
     poses_png, errors_png = _prediction_pngs(args.out)
     what = "deep-prior MMSE" if result is not None else "network"

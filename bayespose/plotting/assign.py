@@ -1,4 +1,4 @@
-"""Plots of a pose assignment (:func:`bayespose.core.assign.engine.assign_poses`) for the CLI and the Scipion viewer.
+"""Plots of a pose assignment (:func:`bayespose.core.assign.assign_poses`) for the CLI and the Scipion viewer.
 
 matplotlib with the Agg backend (works headless). Every function returns the figure and, when ``path`` is given,
 also saves it as PNG and closes it. Conventions as in :mod:`bayespose.plotting.poses`: rotations are RELION ``A``

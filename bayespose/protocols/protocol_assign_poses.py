@@ -1,15 +1,15 @@
 """Scipion protocol ``bayespose - assign poses (MMSE)``: Bayesian pose assignment of particles against a reference
-map (thin wrapper over :func:`bayespose.core.assign.engine.assign_poses`, the same function as ``bayespose assign``).
+map (thin wrapper over :func:`bayespose.core.assign.assign_poses`, the same function as ``bayespose assign``).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; volume, times the mask when one is
 given -> ``extra/reference.mrc``), ``assignStep`` (posterior over rotations and shifts; writes
-``extra/assignment.npz`` and ``extra/assigned_particles.star``) and ``createOutputStep`` (the input particles with
-the chosen estimator's projection alignment and ``_bp...`` attributes).
+``extra/assignment.npz`` (:mod:`bayespose.core.io.assignment`) and ``extra/assigned_particles.star``) and
+``createOutputStep`` (the input particles with the chosen estimator's projection alignment and ``_bp...`` attributes:
+the result schema's (:func:`bayespose.core.results.scipion_attributes`) and ``_bpAngleToInputDeg``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -19,13 +19,13 @@ from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
 from bayespose.convert import SCIPION_ID, particles_from_scipion
-from bayespose.core.assign.engine import ESTIMATORS, NoiseModel, PoseAssignment, PoseSearch, assign_poses
+from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.geometry.priors import PriorSpec, prior_from_spec
-from bayespose.core.geometry.rotations import matrix_to_euler
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.assignment import load_assignment, save_assignment
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.core.results import ESTIMATORS, ParticleResults, scipion_attributes
 from bayespose.protocols._common import (
     add_gpu_params,
     decile_logger,
@@ -43,49 +43,10 @@ from bayespose.protocols.protocol_simulate import volume_file
 ESTIMATOR_CHOICES = ["MMSE", "MAP", "MLE"]
 PRIOR_CHOICES = ["uniform", "isotropic Gaussian (IGSO3)", "preferred orientation", "local around input poses"]
 PRIOR_UNIFORM, PRIOR_IGSO3, PRIOR_PREFERRED, PRIOR_LOCAL = range(4)
-MAX_HEALPIX_ORDER = 4
-MAX_REFINE_LEVELS = 3
-
 INPUT_STAR = "input_particles.star"
 REFERENCE_MAP = "reference.mrc"
 RESULT_NPZ = "assignment.npz"
 OUTPUT_STAR = "assigned_particles.star"
-
-
-# ------------------------------------------------------------------------------------------ result file (npz)
-def save_assignment(path: str, result: PoseAssignment, particles: ParticleSet, estimator: str, symmetry: str) -> None:
-    """Write the per-particle results of :func:`assign_poses` (and what the viewer needs to recompute one
-    particle's posterior: the noise model) to ``path`` (npz). Rotations are RELION ``A`` (N, 3, 3); origins Å."""
-    arrays = {f"{name}_{kind}": getattr(result, f"{name}_{kind}") for name in ESTIMATORS
-              for kind in ("rotations", "origins_A")}
-    arrays.update(pmax=result.pmax, n_significant=result.n_significant,
-                  expected_error_deg=result.expected_error_deg, concentration=result.concentration,
-                  log_evidence=result.log_evidence, noise_power=result.noise.noise_power,
-                  noise_scale=np.float64(result.noise.scale),
-                  noise_ctf2=result.noise.ctf2 if result.noise.ctf2 is not None else np.zeros(0),
-                  scipion_id=np.asarray(particles.extra.get(SCIPION_ID, np.arange(1, len(particles) + 1))),
-                  input_rotations=particles.rotations if particles.rotations is not None else np.zeros((0, 3, 3)),
-                  estimator=np.str_(estimator), symmetry=np.str_(symmetry),
-                  info=np.str_(json.dumps({"n_rotations": result.n_rotations, "n_shifts": result.n_shifts,
-                                           "n_frequencies": result.n_frequencies,
-                                           "timings": dict(result.timings.items())}, default=float)))
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def load_assignment(path: str) -> dict:
-    """Read :func:`save_assignment`'s file: arrays by name, ``estimator`` / ``symmetry`` as str, ``info`` as dict,
-    ``noise`` as a :class:`NoiseModel`, ``input_rotations`` None when the input had no alignment."""
-    with np.load(path) as data:
-        out = {key: data[key] for key in data.files}
-    for key in ("estimator", "symmetry"):
-        out[key] = str(out[key])
-    out["info"] = json.loads(str(out["info"]))
-    out["noise"] = NoiseModel(noise_power=out["noise_power"], scale=float(out["noise_scale"]),
-                              ctf2=out["noise_ctf2"] if len(out["noise_ctf2"]) else None)
-    if len(out["input_rotations"]) == 0:
-        out["input_rotations"] = None
-    return out
 
 
 class ProtBayesposeAssignPoses(ProtRefine3D):
@@ -232,7 +193,8 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
                   f"{search.device}, {search.threads} thread(s)")
         result = assign_poses(particles, volume, search, spec.prior, progress=self._progressLogger())
         estimator = self.estimatorName()
-        save_assignment(self._getExtraPath(RESULT_NPZ), result, particles, estimator, search.symmetry)
+        save_assignment(self._getExtraPath(RESULT_NPZ), result, estimator, search.symmetry,
+                        ids=particles.extra.get(SCIPION_ID), input_rotations=particles.rotations)
         write_star(self._getExtraPath(OUTPUT_STAR), result.to_particle_set(particles, estimator))
         t = result.timings
         self.info(f"{len(particles)} particles: {result.n_rotations} rotations x {result.n_shifts} shifts, "
@@ -244,10 +206,8 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         """The input particles with the chosen poses and ``_bp`` attributes."""
         particles = read_star(self._getExtraPath(INPUT_STAR))
         data = load_assignment(self._getExtraPath(RESULT_NPZ))
-        estimator = data["estimator"]
-        poses = replace(particles, rotations=data[f"{estimator}_rotations"],
-                        origins_A=data[f"{estimator}_origins_A"])
-        output = output_particles(self, poses, data["scipion_id"], output_attributes(data))
+        poses = ParticleResults.from_arrays(data).to_particle_set(particles, data["estimator"])
+        output = output_particles(self, poses, data["scipion_id"], assignment_attributes(data))
         define_output_particles(self, output)
         self._defineSourceRelation(self.inputVolume, output)
 
@@ -348,10 +308,12 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
 
     def _validateSampling(self, parts) -> list[str]:
         errors = []
-        if not 0 <= self.healpixOrder.get() <= MAX_HEALPIX_ORDER:
-            errors.append(f"The HEALPix order must be in 0..{MAX_HEALPIX_ORDER}.")
-        if not 0 <= self.refineLevels.get() <= MAX_REFINE_LEVELS:
-            errors.append(f"The number of refinement levels must be in 0..{MAX_REFINE_LEVELS}.")
+        order, levels = self.healpixOrder.get(), self.refineLevels.get()
+        if order not in PoseSearch.HEALPIX_ORDERS:
+            errors.append(f"The HEALPix order must be in 0..{PoseSearch.MAX_HEALPIX_ORDER}.")
+        elif not 0 <= levels <= PoseSearch.max_refine_levels(order):
+            errors.append(f"The number of refinement levels must be in 0..{PoseSearch.max_refine_levels(order)} "
+                          f"(HEALPix order + levels <= {PoseSearch.MAX_FINEST_ORDER}).")
         if self.shiftRange.get() is None or self.shiftRange.get() < 0:
             errors.append("The shift search range must be >= 0 pixels.")
         if not (self.shiftStep.get() or 0) > 0:
@@ -366,8 +328,8 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         if choice == PRIOR_PREFERRED and not ((self.preferredKappa.get() or 0) > 0
                                               and 0 < (self.preferredFraction.get() or 0) <= 1):
             errors.append("The preferred-orientation prior needs kappa > 0 and 0 < fraction <= 1.")
-        if choice == PRIOR_LOCAL and not 0 < (self.localRange.get() or 0) <= 90:
-            errors.append("The local search range must be in (0, 90] degrees.")
+        if choice == PRIOR_LOCAL and not 0 < (self.localRange.get() or 0) <= PoseSearch.MAX_LOCAL_RANGE_DEG:
+            errors.append(f"The local search range must be in (0, {PoseSearch.MAX_LOCAL_RANGE_DEG:g}] degrees.")
         return errors
 
     def _warnings(self):
@@ -384,7 +346,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
                  f"median pmax {np.median(data['pmax']):.3f}, median significant poses "
                  f"{np.median(data['n_significant']):.0f}"]
         if data["input_rotations"] is not None:
-            change = output_attributes(data)["AngleToInputDeg"]
+            change = angle_to_input_deg(data)
             lines.append(f"median change from the input poses {np.median(change):.2f}° (symmetry-aware)")
         timings = data["info"].get("timings", {})
         if timings:
@@ -405,20 +367,18 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
                 f"{self.getObjectTag('outputParticles')}."]
 
 
-def output_attributes(data: dict) -> dict[str, np.ndarray]:
-    """The ``_bp`` attributes (names without the prefix) from :func:`load_assignment`'s dict: MaxProb,
-    ExpectedErrorDeg, NrSignificant, Concentration, LogEvidence, Mmse/Map/Mle Rot/Tilt/Psi (degrees, RELION) and,
-    when the input was aligned, AngleToInputDeg (symmetry-aware angle between the input and the output pose)."""
-    attrs = {"MaxProb": np.asarray(data["pmax"], dtype=np.float64),
-             "ExpectedErrorDeg": np.asarray(data["expected_error_deg"], dtype=np.float64),
-             "NrSignificant": np.asarray(data["n_significant"], dtype=np.int64),
-             "Concentration": np.asarray(data["concentration"], dtype=np.float64),
-             "LogEvidence": np.asarray(data["log_evidence"], dtype=np.float64)}
-    for name in ESTIMATORS:
-        angles = matrix_to_euler(data[f"{name}_rotations"])
-        for col, label in enumerate(("Rot", "Tilt", "Psi")):
-            attrs[f"{name.capitalize()}{label}"] = angles[:, col]
+def assignment_attributes(data: dict) -> dict[str, np.ndarray]:
+    """The ``_bp`` attributes (names without the prefix) of :func:`load_assignment`'s dict: the result schema's
+    (:func:`bayespose.core.results.scipion_attributes`: MaxProb, NrSignificant, ExpectedErrorDeg, Concentration,
+    LogEvidence, Mmse/Map/Mle Rot/Tilt/Psi in degrees, ...) and, when the input was aligned, AngleToInputDeg."""
+    attrs = scipion_attributes(ParticleResults.from_arrays(data).star_columns(estimator=None))
     if data["input_rotations"] is not None:
-        attrs["AngleToInputDeg"] = symmetric_geodesic_distance_deg(
-            data["input_rotations"], data[f"{data['estimator']}_rotations"], symmetry_group(data["symmetry"]))
+        attrs["AngleToInputDeg"] = angle_to_input_deg(data)
     return attrs
+
+
+def angle_to_input_deg(data: dict) -> np.ndarray:
+    """(N,) symmetry-aware angle (degrees) between the input and the output pose of :func:`load_assignment`'s
+    dict (which must hold ``input_rotations``)."""
+    return symmetric_geodesic_distance_deg(data["input_rotations"], data[f"{data['estimator']}_rotations"],
+                                           symmetry_group(data["symmetry"]))

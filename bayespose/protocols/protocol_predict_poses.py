@@ -26,6 +26,7 @@ from bayespose.convert import SCIPION_ID, particles_from_scipion
 from bayespose.core.geometry.rotations import matrix_to_euler
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.assignment import load_assignment, save_assignment
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.protocols._common import (
@@ -38,7 +39,7 @@ from bayespose.protocols._common import (
     no_gpu_warnings,
     output_particles,
 )
-from bayespose.protocols.protocol_assign_poses import load_assignment, output_attributes, save_assignment
+from bayespose.protocols.protocol_assign_poses import angle_to_input_deg, assignment_attributes
 from bayespose.protocols.protocol_simulate import volume_file
 from bayespose.protocols.protocol_train_network import GPU_HELP, progress_logger
 
@@ -233,7 +234,8 @@ class ProtBayesposePredictPoses(EMProtocol):
             "refining"), local_range_deg=local if local and local > 0 else None,
             seed_mass=seed_mass if seed_mass and seed_mass > 0 else None,
             fallback=self.fallbackZ.get() if self.doFallback.get() else "none")
-        save_assignment(self._getExtraPath(RESULT_NPZ), result, particles, "mmse", search.symmetry)
+        save_assignment(self._getExtraPath(RESULT_NPZ), result, "mmse", search.symmetry,
+                        ids=particles.extra.get(SCIPION_ID), input_rotations=particles.rotations)
         write_star(self._getExtraPath(REFINED_STAR), result.to_particle_set(particles, "mmse"))
         self.info(f"deep-prior MMSE: {result.n_rotations} rotations x {result.n_shifts} shifts per particle on the "
                   f"first grid; median expected error {np.median(result.expected_error_deg):.2f}°; "
@@ -249,7 +251,7 @@ class ProtBayesposePredictPoses(EMProtocol):
         rotations, origins = prediction["rotations"], particles.origins_A
         if self.refines():
             data = load_assignment(self._getExtraPath(RESULT_NPZ))
-            attributes.update(output_attributes(data))
+            attributes.update(assignment_attributes(data))
             refined = read_star(self._getExtraPath(REFINED_STAR)).extra  # the fit check of deep_prior_assign
             for column, name, kind in (("bpDeepFitZ", "DeepFitZ", np.float64),
                                        ("bpDeepFallback", "DeepFallback", np.int64)):
@@ -278,7 +280,7 @@ class ProtBayesposePredictPoses(EMProtocol):
 
     def poseSearch(self, symmetry: str):
         """The form's refinement settings as a :class:`PoseSearch` (shifts px, resolution Å)."""
-        from bayespose.core.assign.engine import PoseSearch
+        from bayespose.core.assign import PoseSearch
 
         max_res = self.maxResolution.get()
         return PoseSearch(max_resolution_A=max_res if max_res and max_res > 0 else None,
@@ -373,7 +375,7 @@ class ProtBayesposePredictPoses(EMProtocol):
                          f"median pmax {np.median(result['pmax']):.3f}")
             if result["input_rotations"] is not None:
                 lines.append(f"MMSE vs input poses: median angle "
-                             f"{np.median(output_attributes(result)['AngleToInputDeg']):.2f}°")
+                             f"{np.median(angle_to_input_deg(result)):.2f}°")
         return lines
 
     def _methods(self):

@@ -11,10 +11,11 @@ import numpy as np
 import pyworkflow.protocol.params as params
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
+from bayespose.core.io.assignment import load_assignment
 from bayespose.plotting.assign import plot_direction_posterior, plot_estimator_difference, plot_uncertainty_histograms
 from bayespose.plotting.poses import plot_pose_distribution
 from bayespose.protocols import ProtBayesposeAssignPoses
-from bayespose.protocols.protocol_assign_poses import PRIOR_LOCAL, RESULT_NPZ, load_assignment
+from bayespose.protocols.protocol_assign_poses import PRIOR_LOCAL, RESULT_NPZ
 from bayespose.viewers._common import ExtraFigureMixin, particle_row, unknown_particle_views
 
 STAGE_CHOICES = ["final (refined) cells", "coarse global grid (whole sphere)"]

@@ -22,6 +22,7 @@ import starfile
 from scipy.spatial.transform import Rotation
 
 from bayespose.cli import main
+from bayespose.core.assign import PoseSearch
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.data import fragment_map_path
@@ -134,4 +135,18 @@ def test_bad_inputs_exit_1_with_one_line(simulated, tmp_path, capsys):
     assert "rlnAngleRot" in msg
     msg = _run_expecting_error([*base, "--map", str(fragment_map_path()), "--sym", "X7"], capsys)
     assert "X7" in msg
+    assert not out.exists()
+
+
+def test_search_limits_are_the_engines(simulated, tmp_path, capsys):
+    """The grid options take the ranges of :class:`PoseSearch`: an order above its maximum is a usage error (exit 2),
+    levels beyond the finest grid a one-line error (exit 1); nothing is written."""
+    top, out = PoseSearch.MAX_HEALPIX_ORDER, tmp_path / "never.star"
+    base = ["assign", "--particles", str(simulated), "--map", str(fragment_map_path()), "--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--healpix-order", str(top + 1)])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    msg = _run_expecting_error([*base, "--healpix-order", str(top), "--refine-levels",
+                                str(PoseSearch.MAX_FINEST_ORDER - top + 1)], capsys)
+    assert "refinement levels" in msg
     assert not out.exists()

@@ -3,7 +3,8 @@
 simulated particles (RELION star, known poses) -> pwem's RELION import + map import -> ProtBayesposeAssignPoses ->
 export with the relion plugin's ``writeSetOfParticles`` -> the exported angles and origins are close to the truth.
 Also: the ``_bp`` attributes are sane, the viewer writes its PNGs headless and recomputes one particle's posterior
-consistently, the form has help everywhere and ``_validate`` catches a mismatched box and missing CTF / alignment.
+consistently, the form has help everywhere and ``_validate`` catches a mismatched box and missing CTF / alignment;
+the ``_bp`` attribute names and dtypes (from the result schema) are those the protocol always wrote.
 
 Data and bounds as in tests/test_assign_cli.py (30 particles of the fragment map, CTF, SNR 0.1, shifts ±1.5 px;
 HEALPix order 2 + 2 refinement levels = 3.75° final spacing; median error < 7.5°, 90 % < 15°, max < 30°;
@@ -61,8 +62,9 @@ class TestAssignPosesChain(BaseTest):
     def test_import_assign_export_view(self):
         from relion.convert import writeSetOfParticles
 
+        from bayespose.core.io.assignment import load_assignment
         from bayespose.protocols import ProtBayesposeAssignPoses
-        from bayespose.protocols.protocol_assign_poses import RESULT_NPZ, load_assignment
+        from bayespose.protocols.protocol_assign_poses import RESULT_NPZ
         from bayespose.viewers import BayesposeAssignPosesViewer
         from bayespose.viewers.viewer_assign_poses import STAGE_COARSE
 
@@ -180,3 +182,34 @@ class TestAssignPosesChain(BaseTest):
         errors = self.newProtocol(ProtBayesposeAssignPoses, inputParticles=bare, inputVolume=volume,
                                   ignoreCtf=True).validate()
         self.assertEqual(errors, [])
+
+
+def test_assignment_attributes_keep_their_names(tmp_path):
+    """The output attributes come from the result schema and keep the names (and dtypes) the protocol always
+    had; AngleToInputDeg is the symmetry-aware angle between the input and the chosen estimator's poses."""
+    from bayespose.core.assign import NoiseModel, PoseAssignment
+    from bayespose.core.geometry.rotations import matrix_to_euler
+    from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+    from bayespose.core.io.assignment import load_assignment, save_assignment
+    from bayespose.core.results import ParticleResults
+    from bayespose.protocols.protocol_assign_poses import assignment_attributes
+    from tests.helpers import relion_matrices
+
+    n, rng = 4, np.random.default_rng(0)
+    results = ParticleResults.zeros(n)
+    for est in ("mmse", "map", "mle"):
+        setattr(results, f"{est}_rotations", relion_matrices(rng.uniform(5, 175, (n, 3))))
+    results.pmax, results.n_significant = rng.uniform(size=n), rng.integers(1, 9, n)
+    result = PoseAssignment(**vars(results), noise=NoiseModel(np.ones(33), 1.0), n_rotations=72, n_shifts=1,
+                            n_frequencies=10)
+    inputs = relion_matrices(rng.uniform(5, 175, (n, 3)))
+    save_assignment(tmp_path / "a.npz", result, "map", "C2", input_rotations=inputs)
+    attrs = assignment_attributes(load_assignment(tmp_path / "a.npz"))
+    angles = {f"{est.capitalize()}{label}" for est in ("mmse", "map", "mle") for label in ("Rot", "Tilt", "Psi")}
+    assert set(attrs) == {"MaxProb", "NrSignificant", "ExpectedErrorDeg", "Concentration", "LogEvidence",
+                          "AngleToInputDeg"} | angles
+    assert attrs["NrSignificant"].dtype == np.int64 and attrs["MaxProb"].dtype == np.float64
+    np.testing.assert_array_equal(attrs["MaxProb"], results.pmax)
+    np.testing.assert_allclose(attrs["MleTilt"], matrix_to_euler(results.mle_rotations)[:, 1])
+    np.testing.assert_allclose(attrs["AngleToInputDeg"], symmetric_geodesic_distance_deg(
+        inputs, results.map_rotations, symmetry_group("C2")))

@@ -2,7 +2,7 @@
 particle, with a global-search fallback for the particles the network got wrong.
 
 DESIGN.md "Deep pose prediction" and paper 002 App. F (local refinement from predicted poses): the network's
-distribution narrows the search to a few regions of SO(3), and the MMSE engine (:mod:`bayespose.core.assign.engine`)
+distribution narrows the search to a few regions of SO(3), and the MMSE engine (:mod:`bayespose.core.assign`)
 scores only there, with the network's distribution as the prior. Three stages:
 
 1. **Seeds** (where to search). ``so3grid`` predictions: the most probable network cells that together hold
@@ -14,7 +14,7 @@ scores only there, with the network's distribution as the prior. Three stages:
    * ``"cells"`` (default): a seeded coarse-to-fine search. The cells of the engine's HEALPix grid
      (``search.healpix_order``) whose centre lies within ``local_range_deg`` of any seed rotation are scored first,
      then refined ``search.refine_levels`` times exactly as in the global search
-     (:func:`~bayespose.core.assign.engine.assign_poses` ``seed_cells``). Every cell is projected once for all
+     (:func:`~bayespose.core.assign.assign_poses` ``seed_cells``). Every cell is projected once for all
      particles, so a scored rotation costs what it costs in the global search. Default range: the network grid's
      spacing (the seed cells and their neighbours); 20° for the quaternion model.
    * ``"balls"``: local lattices of radius ``local_range_deg`` (step range / 3) around each seed rotation
@@ -69,7 +69,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from bayespose.core.assign.engine import NoiseModel, PoseAssignment, PoseSearch, assign_poses
+from bayespose.core.assign import NoiseModel, PoseAssignment, PoseSearch, assign_poses
 from bayespose.core.deep.predict import PosePrediction
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.priors import GridPrior, IGSO3Prior
@@ -178,7 +178,7 @@ def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarra
     """The fit z-score of one pose per particle (module doc, stage 3) under the assignment's noise model.
 
     ``rotations`` (N, 3, 3) RELION ``A``; ``origins_A`` (N, 2) rlnOriginX/Y in Å (None: zeros); ``noise`` the
-    :class:`~bayespose.core.assign.engine.NoiseModel` of the assignment (noise power per shell in unnormalised DFT
+    :class:`~bayespose.core.assign.NoiseModel` of the assignment (noise power per shell in unnormalised DFT
     units, reference scale α); ``radius_px``: Fourier radius (px of the particle box) of the scored band, e.g.
     ``result.timings["radii_px"][-1]``. The sums run over the non-redundant half plane, DC excluded, as the
     engine's. ``tolerance_deg`` > 0: the poses come from a grid whose best point lies up to about this far from
@@ -269,7 +269,7 @@ def fallback_threshold(fallback: str | float | None) -> float | None:
 
 @dataclass
 class DeepPriorAssignment(PoseAssignment):
-    """A :class:`~bayespose.core.assign.engine.PoseAssignment` of deep-prior MMSE with the verification results:
+    """A :class:`~bayespose.core.assign.PoseAssignment` of deep-prior MMSE with the verification results:
     ``fit_z`` (N,) fit z-score of each particle's best searched pose (the MLE of the deep-prior search),
     ``fallback`` (N,) bool: re-assigned by the global search (its rows hold the global result), ``seed_counts``
     (N,) seed rotations per particle. ``timings`` adds ``deep_s``, ``fit_s``, ``fallback_s``,

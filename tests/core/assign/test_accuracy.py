@@ -21,7 +21,7 @@ import pytest
 from scipy.ndimage import affine_transform
 from scipy.spatial.transform import Rotation
 
-from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.geometry import so3_distributions as so3d
 from bayespose.core.geometry.priors import IGSO3Prior, UniformPrior
 from bayespose.core.geometry.rotations import geodesic_distance_deg, random_rotations

@@ -1,6 +1,8 @@
 """The posterior engine against brute force: the streamed GEMM scores equal -1/2 Σ|Y - αCSP|²/σ² computed on the
 full FFT plane, the estimators equal their definitions on the returned posterior, chunking/batching change nothing,
-and the noise and scale estimates recover known values."""
+and the noise and scale estimates recover known values. Also: the search limits are enforced, a call leaves torch's
+thread count and a given noise model as they were, and the result is the per-particle schema with a log of the
+scoring calls (sizes and flops that add up to the timings)."""
 
 import math
 
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayespose.core.assign.engine import NoiseModel, PoseSearch, _rotation_statistics, assign_poses, shift_lattice
+from bayespose.core.assign import NoiseModel, PoseSearch, assign_poses, shift_lattice
+from bayespose.core.assign._statistics import _rotation_statistics
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.rotations import geodesic_distance_deg, project_to_so3, random_rotations
 from bayespose.core.geometry.symmetry import symmetry_group
@@ -17,6 +20,7 @@ from bayespose.core.imaging.forward import prepare_volume, project_fourier, shif
 from bayespose.core.imaging.noise import noise_power_from_background, radial_average
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.io.mrc import read_map
+from bayespose.core.results import ParticleResults
 from bayespose.data import fragment_map_path
 
 BOX = 32
@@ -152,3 +156,57 @@ def test_bad_inputs_raise_clear_errors(small_map):
         assign_poses(particles, volume, PoseSearch(symmetry="X7"), images=images)
     assert math.isfinite(assign_poses(particles, volume, PoseSearch(healpix_order=0, refine_levels=0),
                                       images=images).log_evidence[0])
+
+
+def test_search_limits_are_enforced():
+    top, finest = PoseSearch.MAX_HEALPIX_ORDER, PoseSearch.MAX_FINEST_ORDER
+    assert PoseSearch.HEALPIX_ORDERS == tuple(range(top + 1))
+    PoseSearch(healpix_order=top, refine_levels=finest - top).validate()
+    PoseSearch(healpix_order=0, refine_levels=finest).validate()
+    for bad in (dict(healpix_order=top + 1), dict(healpix_order=-1), dict(healpix_order=1.5),
+                dict(healpix_order=2, refine_levels=finest - 1), dict(refine_levels=-1),
+                dict(local_range_deg=PoseSearch.MAX_LOCAL_RANGE_DEG + 1), dict(shift_range_px=-1.0),
+                dict(shift_step_px=0.0)):
+        with pytest.raises(ValueError):
+            PoseSearch(**bad).validate()
+
+
+def test_threads_and_a_given_noise_model_are_left_as_they_were(small_map):
+    volume, pixel_size = small_map
+    particles, images, sigma = make_particles(volume, pixel_size, 3, 0.3, seed=8)
+    noise = NoiseModel(noise_power=np.full(BOX // 2 + 1, BOX ** 2 * sigma ** 2), scale=1.0)  # no ctf2
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = assign_poses(particles, volume, PoseSearch(healpix_order=0, refine_levels=0, threads=2),
+                              images=images, noise=noise)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert noise.ctf2 is None
+    np.testing.assert_array_equal(result.noise.ctf2, np.ones(BOX // 2 + 1))
+
+
+def test_result_is_the_schema_and_logs_every_scoring_call(small_map):
+    volume, pixel_size = small_map
+    particles, images, _ = make_particles(volume, pixel_size, 5, 0.3, seed=9)
+    result = assign_poses(particles, volume, PoseSearch(healpix_order=0, refine_levels=2, shift_range_px=1.0,
+                                                        batch_size=2), images=images)
+    assert isinstance(result, ParticleResults)
+    calls = result.scoring_calls
+    first = [c for c in calls if c.stage == 0]
+    assert [c.particles for c in first] == [2, 2, 1]
+    assert all(c.shared and c.rotations == result.n_rotations == 72 and c.shifts == result.n_shifts == 5
+               for c in first)
+    assert [sum(c.particles for c in calls if c.stage == level) for level in (1, 2)] \
+        == result.timings["refined_particles"]
+    assert all(not c.shared and c.rotations % 8 == 0 for c in calls if c.stage > 0)  # 8 children per cell
+    m = first[0].frequencies
+    assert sum(c.flops for c in first) == 5 * (2.0 * 5 * 72 * 2 * m + 2.0 * 72 * m)  # 2·J·K·2M + 2·K·M each
+    assert sum(c.seconds for c in calls) == pytest.approx(result.timings["scoring_s"], rel=1e-9)
+    assert sum(c.flops for c in calls) == pytest.approx(
+        result.timings["scoring_gflops"] * 1e9 * result.timings["scoring_s"], rel=1e-9)
+    out = result.to_particle_set(particles, "map")
+    np.testing.assert_array_equal(out.rotations, result.map_rotations)
+    np.testing.assert_array_equal(out.extra["rlnNrOfSignificantSamples"], result.n_significant)
+    assert "bpMMSEAngleRot" in out.extra and "bpMAPAngleRot" not in out.extra

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from bayespose.core.assign.engine import PoseSearch, _SearchSpace, assign_poses
+from bayespose.core.assign import PoseSearch, assign_poses
+from bayespose.core.assign._search_space import _SearchSpace
 from bayespose.core.geometry.rotations import geodesic_distance_deg, random_rotations
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.core.io.mrc import read_map

@@ -5,7 +5,7 @@ grid) around the true poses or around deliberately wrong ones, on simulated part
 import numpy as np
 import pytest
 
-from bayespose.core.assign.engine import PoseSearch, assign_poses, estimate_noise_model
+from bayespose.core.assign import PoseSearch, assign_poses, estimate_noise_model
 from bayespose.core.deep import PosePrediction
 from bayespose.core.deep.prior_refine import (
     AUTO_FALLBACK_Z,

@@ -6,7 +6,7 @@ MMSE against a global search."""
 import numpy as np
 import pytest
 
-from bayespose.core.assign.engine import PoseSearch, assign_poses
+from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.deep import (
     TrainConfig,
     deep_prior_assign,

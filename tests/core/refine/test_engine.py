@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayespose.core.assign.engine import NoiseModel, estimate_noise_model
+from bayespose.core.assign import NoiseModel, estimate_noise_model
 from bayespose.core.geometry import so3_distributions as so3d
 from bayespose.core.geometry.priors import DirectionDensityPrior
 from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance_deg, random_rotations

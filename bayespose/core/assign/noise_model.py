@@ -1,0 +1,108 @@
+"""The noise model of the likelihood: noise power per shell, reference scale and mean CTF², and the frequency
+cut-offs matched to a grid's spacing.
+
+* :class:`NoiseModel` / :func:`estimate_noise_model`: noise power per shell from the particles' background
+  (:func:`~bayespose.core.imaging.noise.noise_power_from_background`) and the reference scale by the method of
+  moments, so that a map of any intensity scale gives the same poses;
+* :func:`information_radius` / :func:`geometric_radius`: the Fourier radius each coarse-to-fine stage scores to.
+
+Noise power is ``E|N(k)|²`` in unnormalised DFT units per shell ``round(|k|)``; radii in Fourier pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation
+
+from bayespose.core.geometry.rotations import random_rotations
+from bayespose.core.imaging.ctf import ctf_2d
+from bayespose.core.imaging.forward import PreparedVolume, project_fourier, slice_coefficients
+from bayespose.core.imaging.noise import (
+    noise_power_from_background,
+    radial_average,
+    reference_scale,
+    scoring_frequencies,
+)
+from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.io.mrc import read_images
+
+__all__ = ["NoiseModel", "estimate_noise_model", "information_radius", "geometric_radius"]
+
+
+@dataclass
+class NoiseModel:
+    """Noise power per shell (``E|N(k)|²``, unnormalised DFT units, index = round(|k|)), the reference scale, and
+    the particles' mean CTF² per shell (ones without CTF)."""
+
+    noise_power: np.ndarray
+    scale: float
+    ctf2: np.ndarray | None = None
+
+
+def _load_images(particles: ParticleSet, index: np.ndarray, images: np.ndarray | None) -> np.ndarray:
+    """Images ``index`` (B, D, D) float32: rows of ``images`` when given (in memory), else read from the files."""
+    return np.asarray(images[index], dtype=np.float32) if images is not None else read_images(particles, index)
+
+
+def estimate_noise_model(particles: ParticleSet, prepared: PreparedVolume, radius: float,
+                         images: np.ndarray | None = None, mask_radius_px: float | None = None,
+                         n_sample: int = 1000, n_rotations: int = 256, seed: int = 0) -> NoiseModel:
+    """Noise power per shell from the particles' background (outside ``mask_radius_px``, default box/2), and the
+    reference scale of ``prepared`` by the method of moments (:func:`~bayespose.core.imaging.noise.reference_scale`)
+    over shells 1..``radius`` (Fourier px), from up to ``n_sample`` particles (``images`` (N, D, D) when in memory,
+    else read from the files) and ``n_rotations`` random projections."""
+    rng = np.random.default_rng(seed)
+    n = len(particles)
+    index = np.sort(rng.choice(n, size=min(n, n_sample), replace=False))
+    imgs = _load_images(particles, index, images)
+    box = particles.box
+    noise_power = noise_power_from_background(imgs, mask_radius_px)
+    data_power = radial_average((torch.fft.rfft2(torch.from_numpy(imgs)).abs() ** 2).mean(0).numpy(), box)
+    proj = project_fourier(prepared, random_rotations(n_rotations, rng)).cpu()
+    mean_proj_power = radial_average((proj.abs() ** 2).mean(0).numpy(), box)
+    ctf2 = np.ones_like(mean_proj_power)
+    if particles.ctf is not None:
+        ctf2 = radial_average((ctf_2d(particles.ctf.subset(index), particles.pixel_size, box) ** 2).mean(0).numpy(),
+                              box)
+    shells = np.arange(1, int(math.floor(radius)) + 1)
+    scale = reference_scale(data_power, noise_power, ctf2 * mean_proj_power, shells)
+    return NoiseModel(noise_power=noise_power, scale=scale, ctf2=ctf2)
+
+
+def geometric_radius(spacing_deg: float) -> float:
+    """Fourier radius (px) at which half a grid step of ``spacing_deg`` (degrees) moves a coefficient by one Fourier
+    pixel: ``2 / spacing`` in radians."""
+    return 2.0 / math.radians(spacing_deg)
+
+
+def information_radius(prepared: PreparedVolume, noise: NoiseModel, offset_deg: float, max_radius: float,
+                       tolerance_nats: float = 2.0, n_samples: int = 64, seed: int = 0) -> float:
+    """Largest Fourier radius (px) at which a pose ``offset_deg`` away from the truth loses at most
+    ``tolerance_nats`` of expected log-likelihood.
+
+    The expected loss of a wrong pose R' against data from R is ``Σ alpha² C² |P_R - P_R'|² / sigma²`` over the
+    scored half plane; it grows with radius (the slices separate) and with SNR. Scoring a grid of spacing s with
+    the radius for offset s/2 keeps the likelihood smooth at the grid's scale, so the cells near the truth keep
+    posterior mass and the refinement can find it; at low SNR this is Nyquist, at high SNR it is lower (RELION
+    limits coarse samplings to low resolution for the same reason, but by a fixed rule).
+    """
+    rng = np.random.default_rng(seed)
+    box = prepared.box
+    freqs = scoring_frequencies(box, max_radius)
+    base = random_rotations(n_samples, rng)
+    axes = rng.standard_normal((n_samples, 3))
+    axes *= math.radians(offset_deg) / np.linalg.norm(axes, axis=1, keepdims=True)
+    moved = base @ Rotation.from_rotvec(axes).as_matrix()
+    diff = (slice_coefficients(prepared, base, freqs.kx, freqs.ky)
+            - slice_coefficients(prepared, moved, freqs.kx, freqs.ky)).abs().cpu().numpy() ** 2  # (S, M)
+    shell = freqs.shell.numpy()
+    weight = noise.scale ** 2 * noise.ctf2[shell] / np.maximum(noise.noise_power[shell], 1e-30)
+    per_shell = np.bincount(shell, weights=(diff * weight).mean(0), minlength=len(noise.noise_power))
+    cumulative = np.cumsum(per_shell)
+    within = np.nonzero(cumulative <= tolerance_nats)[0]
+    radius = float(within[-1]) if len(within) else 1.0
+    return min(max(radius, 2.0), max_radius)
