@@ -39,12 +39,11 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from bayespose.core.deep.vocabulary import MODEL_TYPES, ModelType
 from bayespose.core.geometry.grids import healpix_grid
 
-__all__ = ["MODEL_TYPES", "CNNEncoder", "SO3GridNet", "QuaternionNet", "build_model", "relion_to_e3nn",
+__all__ = ["CNNEncoder", "SO3GridNet", "QuaternionNet", "build_model", "relion_to_e3nn",
            "flat_wigner_of"]
-
-MODEL_TYPES = ("so3grid", "quaternion")
 
 _Q = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # (x, y, z) image/volume -> e3nn (x, -z, y)
 
@@ -280,7 +279,7 @@ class QuaternionNet(nn.Module):
         return q / q.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-def build_model(model: str, net_box: int, grid_order: int = 2, **options) -> nn.Module:
+def build_model(model: ModelType, net_box: int, grid_order: int = 2, **options) -> nn.Module:
     """The network of type ``model`` (``so3grid`` or ``quaternion``) for ``net_box`` px inputs."""
     if model == "so3grid":
         return SO3GridNet(net_box, grid_order, **options)
