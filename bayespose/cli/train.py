@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
                    help="where to train: cuda when available (auto), cpu or cuda [auto]")
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads [all cores]")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted training from the last state saved next to --out")
+                   help="continue an interrupted training from the last state saved next to --out (the same "
+                        "particles and settings; --epochs and --patience may be raised)")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint (.pt)")
     p.set_defaults(func=run)
 

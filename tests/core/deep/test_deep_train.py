@@ -8,6 +8,7 @@ import pytest
 
 from bayespose.core.assign.engine import PoseSearch, assign_poses
 from bayespose.core.deep import (
+    DeepPriorSearch,
     TrainConfig,
     deep_prior_assign,
     last_state_path,
@@ -189,8 +190,9 @@ def test_deep_prior_mmse_close_to_global_at_a_fraction_of_the_rotations(so3grid_
     pred = predict_poses(net, test, images=images, top_k=8)
     e_glob = pose_error_metrics(glob.mmse_rotations, test.rotations)
     e_net = pose_error_metrics(pred.rotations, test.rotations)
-    for method, slack in (("cells", 1.0), ("balls", 2.5)):
-        deep = deep_prior_assign(test, pred, volume, search, images=images, method=method)
+    for config, slack in ((DeepPriorSearch(), 1.0), (DeepPriorSearch(method="balls", seed_mass=None), 2.5)):
+        method = config.method
+        deep = deep_prior_assign(test, pred, volume, search, config, images=images)
         e_deep = pose_error_metrics(deep.mmse_rotations, test.rotations)
         print(method, "net", e_net, "\nglobal", e_glob, glob.timings, "\ndeep", e_deep, deep.timings)
         assert e_deep["median_deg"] < e_glob["median_deg"] + slack, (method, e_deep, e_glob)
