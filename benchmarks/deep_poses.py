@@ -44,7 +44,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ import torch
 
 from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.deep import (
+    DeepPriorSearch,
     TrainConfig,
     deep_prior_assign,
     load_pose_network,
@@ -190,7 +191,7 @@ def _row(res, truth, seconds: float, n_total: int | None = None) -> dict:
     gflop = t.get("scoring_gflop", t.get("scoring_gflops", 0.0) * t.get("scoring_s", 0.0))
     return {**pose_error_metrics(res.mmse_rotations, truth), "rotations": t["scored_rotations_per_particle"],
             "gflop": gflop, "seconds": seconds,
-            "fallback_fraction": (float(np.mean(res.fallback)) if getattr(res, "fallback", None) is not None
+            "fallback_fraction": (float(np.mean(res.deep_fallback)) if getattr(res, "deep_fallback", None) is not None
                                   else None)}
 
 
@@ -234,15 +235,16 @@ def section_deep_prior(cfg: Config, test, images, pred, volume, out: dict) -> No
         return res
 
     glob = timed(GLOBAL, lambda: assign_poses(sub, volume, search, images=imgs))
-    top8 = timed(TOP8, lambda: deep_prior_assign(sub, sub_pred, volume, search, images=imgs, seed_mass=None,
-                                                 fallback="none"))
-    adaptive = timed(ADAPTIVE, lambda: deep_prior_assign(sub, sub_pred, volume, search, images=imgs,
-                                                         fallback="none"))
-    default = timed(DEFAULT, lambda: deep_prior_assign(sub, sub_pred, volume, search, images=imgs))
+    no_check = DeepPriorSearch(fallback_z=None)
+    top8 = timed(TOP8, lambda: deep_prior_assign(sub, sub_pred, volume, search,
+                                                 replace(no_check, seed_mass=None), images=imgs))
+    adaptive = timed(ADAPTIVE, lambda: deep_prior_assign(sub, sub_pred, volume, search, no_check, images=imgs))
+    default = timed(DEFAULT, lambda: deep_prior_assign(sub, sub_pred, volume, search, DeepPriorSearch(),
+                                                       images=imgs))
     third = np.arange(max(1, len(sel) // 3))  # the per-particle ball lattices are slow on a CPU: fewer particles
     t0 = time.perf_counter()
     balls = deep_prior_assign(sub.subset(third), _subset_prediction(sub_pred, third), volume, search,
-                              images=imgs[third], method="balls", seed_mass=None, fallback="none")
+                              replace(no_check, method="balls", seed_mass=None), images=imgs[third])
     table[f"deep-prior MMSE (balls around the top 8, first {len(third)} particles, no check)"] = _row(
         balls, truth[third], time.perf_counter() - t0)
 

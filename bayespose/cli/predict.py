@@ -14,6 +14,7 @@ from bayespose.cli._common import (
     positive_int,
     progress_printer,
 )
+from bayespose.core.deep.vocabulary import AUTO_FALLBACK_Z, DEFAULT_SEED_MASS, NETWORK_PIXEL_RTOL, fallback_threshold
 
 
 def add_parser(sub) -> None:
@@ -31,7 +32,8 @@ def add_parser(sub) -> None:
                                    "between the predicted and the input poses).")
     p.add_argument("--model", required=True, type=existing_file, help="network checkpoint from 'bayespose train'")
     p.add_argument("--particles", required=True, type=existing_file,
-                   help="RELION star file with the network's box and pixel size (within 0.1 %%)")
+                   help=f"RELION star file with the network's box and pixel size (within "
+                        f"{100 * NETWORK_PIXEL_RTOL:g} %%)")
     p.add_argument("--top-k", type=positive_int, default=8, metavar="K",
                    help="number of most probable grid poses kept per particle (searched around by "
                         "--refine-map with --seed-mass none) [8]")
@@ -45,14 +47,14 @@ def add_parser(sub) -> None:
                    help="with --refine-map: shift grid step in px [1]")
     p.add_argument("--max-res", type=positive_float, metavar="A",
                    help="with --refine-map: highest resolution scored, in Å [Nyquist]")
-    p.add_argument("--seed-mass", type=_seed_mass, metavar="F|none",
+    p.add_argument("--seed-mass", type=_seed_mass, default=DEFAULT_SEED_MASS, metavar="F|none",
                    help="with --refine-map: search around the predicted cells that hold this fraction of the "
                         "network's probability (wider for uncertain particles; 'none' = the top-K poses) "
-                        "[engine default, 0.99]")
+                        f"[{DEFAULT_SEED_MASS:g}]")
     p.add_argument("--fallback", type=_fallback_setting, default="auto", metavar="auto|none|Z",
                    help="with --refine-map: particles whose best deep-prior pose does not fit the data (fit "
-                        "z-score below Z; auto = the engine's measured default, -1.5) are re-assigned by the global "
-                        "search; 'none' keeps every deep-prior result [auto]")
+                        f"z-score below Z; auto = the engine's measured default, {AUTO_FALLBACK_Z:g}) are re-assigned "
+                        "by the global search; 'none' keeps every deep-prior result [auto]")
     p.add_argument("--batch-size", type=positive_int, default=256, help="particles per network batch [256]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cuda when available (auto), cpu or cuda [auto]")
@@ -61,10 +63,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _seed_mass(text: str):
-    """--seed-mass: a fraction in (0, 1], or 'none' (returned as the string) for the fixed top-K seeds."""
+def _seed_mass(text: str) -> float | None:
+    """--seed-mass: a fraction in (0, 1], or 'none' (None: the fixed top-K seeds)."""
     if text.strip().lower() == "none":
-        return "none"
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -74,18 +76,13 @@ def _seed_mass(text: str):
     return value
 
 
-def _fallback_setting(text: str):
-    """--fallback: 'auto', 'none' or a finite z threshold (float)."""
-    word = text.strip().lower()
-    if word in ("auto", "none"):
-        return word
+def _fallback_setting(text: str) -> str:
+    """--fallback: 'auto', 'none' or a finite z threshold (checked by ``fallback_threshold``; kept as written)."""
     try:
-        value = float(word)
+        fallback_threshold(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, none or a z threshold (a number), got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite z threshold, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected auto, none or a finite z threshold, got {text!r}") from None
+    return text.strip().lower()
 
 
 def _load_network(path: Path, device: str | None):
@@ -103,12 +100,9 @@ def _load_network(path: Path, device: str | None):
         raise CliError(f"{path} is not a bayespose pose-network checkpoint ({first})") from None
 
 
-_NETWORK_PIXEL_RTOL = 1e-3  # particles and network: pixel sizes within 0.1 % (what predict_poses accepts)
-
-
 def _check_network_matches(network, particles, model_path: Path) -> None:
-    """One-line errors for particles whose box (px) or pixel size (Å/px, 0.1 %) differ from the training
-    particles'.
+    """One-line errors for particles whose box (px) or pixel size (Å/px, ``NETWORK_PIXEL_RTOL``) differ from the
+    training particles'.
 
     A network sees Fourier-cropped images in pixel units: particles at another pixel size show the molecule at
     another magnification, so their predictions would be silently wrong; resample them first.
@@ -116,10 +110,10 @@ def _check_network_matches(network, particles, model_path: Path) -> None:
     if int(network.box) != particles.box:
         raise CliError(f"the network {model_path} was trained on {network.box} px particles but these have "
                        f"{particles.box} px; re-extract or resize them (e.g. relion_image_handler --new_box)")
-    if abs(float(network.pixel_size) - particles.pixel_size) > _NETWORK_PIXEL_RTOL * float(network.pixel_size):
+    if abs(float(network.pixel_size) - particles.pixel_size) > NETWORK_PIXEL_RTOL * float(network.pixel_size):
         raise CliError(f"the network {model_path} was trained at {float(network.pixel_size):.4f} Å/px but the "
-                       f"particles have {particles.pixel_size:.4f} Å/px (more than 0.1 % apart); rescale them "
-                       "(e.g. relion_image_handler --rescale_angpix)")
+                       f"particles have {particles.pixel_size:.4f} Å/px (more than {100 * NETWORK_PIXEL_RTOL:g} % "
+                       "apart); rescale them (e.g. relion_image_handler --rescale_angpix)")
 
 
 def _prediction_pngs(out: Path) -> tuple[Path, Path]:
@@ -134,7 +128,7 @@ def run(args) -> int:
     import torch
 
     from bayespose.core.assign import PoseSearch
-    from bayespose.core.deep import deep_prior_assign, pose_error_metrics, predict_poses
+    from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, pose_error_metrics, predict_poses
     from bayespose.core.io.mrc import read_map
     from bayespose.core.io.relion_star import read_star, write_star
     from bayespose.plotting.deep import plot_angular_errors
@@ -164,9 +158,10 @@ def run(args) -> int:
                             max_resolution_A=args.max_res, symmetry=str(network.symmetry).upper(), device=device,
                             threads=args.threads)
         search.validate()
-        seeds = {} if args.seed_mass is None else {"seed_mass": None if args.seed_mass == "none" else args.seed_mass}
-        result = deep_prior_assign(particles, prediction, volume, search, progress=progress_printer("refining"),
-                                   local_range_deg=args.local_range, fallback=args.fallback, **seeds)
+        config = DeepPriorSearch(seed_mass=args.seed_mass, local_range_deg=args.local_range,
+                                 fallback_z=fallback_threshold(args.fallback))
+        result = deep_prior_assign(particles, prediction, volume, search, config,
+                                   progress=progress_printer("refining"))
         # the schema's to_particle_set drops every earlier bp column: keep the network's beside the MMSE results
         refined = result.to_particle_set(output, "mmse")
         output = replace(refined, extra={**output.extra, **refined.extra})

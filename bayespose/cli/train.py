@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from bayespose.cli._common import CliError, existing_file, positive_float, positive_int, progress_printer
+from bayespose.core.deep.vocabulary import CTF_CORRECTIONS, MODEL_TYPES
 
 
 def add_parser(sub) -> None:
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
                    help="RELION star file of aligned particles (rlnAngleRot/Tilt/Psi, CTF if any)")
     p.add_argument("--sym", default="C1", help="point group of the particles in RELION's notation; symmetry mates "
                                                "share the training target [C1]")
-    p.add_argument("--model", choices=("so3grid", "quaternion"), default="so3grid",
+    p.add_argument("--model", choices=MODEL_TYPES, default="so3grid",
                    help="so3grid: distribution on a HEALPix x in-plane grid (Image2Sphere-style e3nn head); "
                         "quaternion: regression baseline (one pose) [so3grid]")
     p.add_argument("--epochs", type=positive_int, default=30, help="maximum number of epochs [30]")
@@ -36,7 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--patience", type=positive_int, default=5,
                    help="stop after this many epochs without a better validation loss [5]")
     p.add_argument("--no-augment", action="store_true", help="no in-plane rotation augmentation of the images")
-    p.add_argument("--ctf-correction", choices=("phase_flip", "none"), default="phase_flip",
+    p.add_argument("--ctf-correction", choices=CTF_CORRECTIONS, default="phase_flip",
                    help="phase-flip the images with their CTF before the network (needs CTF columns), or not "
                         "[phase_flip]")
     p.add_argument("--seed", type=int, default=0, help="random seed (split, initialisation, batches) [0]")
@@ -44,7 +45,8 @@ def add_parser(sub) -> None:
                    help="where to train: cuda when available (auto), cpu or cuda [auto]")
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads [all cores]")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted training from the last state saved next to --out")
+                   help="continue an interrupted training from the last state saved next to --out (the same "
+                        "particles and settings; --epochs and --patience may be raised)")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint (.pt)")
     p.set_defaults(func=run)
 

@@ -23,12 +23,19 @@ from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
 from bayespose.convert import SCIPION_ID, particles_from_scipion
+from bayespose.core.deep.vocabulary import (
+    AUTO_FALLBACK_Z,
+    DEFAULT_MAX_SEED_CELLS,
+    DEFAULT_SEED_MASS,
+    NETWORK_PIXEL_RTOL,
+)
 from bayespose.core.geometry.rotations import matrix_to_euler
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.assignment import load_assignment, save_assignment
 from bayespose.core.io.mrc import read_map, write_map
+from bayespose.core.io.prediction import load_prediction, save_prediction
 from bayespose.core.io.relion_star import read_star, write_star
+from bayespose.core.results import ANGLE_LABELS, ParticleResults, scipion_attributes
 from bayespose.protocols._common import (
     add_gpu_params,
     define_output_particles,
@@ -49,56 +56,21 @@ PREDICTION_NPZ = "prediction.npz"
 PREDICTED_STAR = "predicted_particles.star"
 RESULT_NPZ = "assignment.npz"
 REFINED_STAR = "refined_particles.star"
-NETWORK_PIXEL_RTOL = 1e-3  # particles and network: pixel sizes within 0.1 % (what predict_poses accepts)
-
-
-# ------------------------------------------------------------------------------------------ result file (npz)
-def save_prediction(path: str, prediction, particles: ParticleSet, symmetry: str) -> None:
-    """Write a :class:`bayespose.core.deep.PosePrediction` (without the full grid distribution, which is recomputed
-    for one particle on demand) to ``path`` (npz): the mode ``rotations`` (N, 3, 3) RELION ``A``, ``confidence``,
-    ``top_rotations`` (N, K, 3, 3), ``top_probabilities`` (N, K), the ``bpDeep*`` columns of
-    ``prediction.to_particle_set`` (as ``col_<name>``), the Scipion ids, the input rotations (empty when the input
-    had no alignment), the grid order (-1 for the quaternion model) and the symmetry."""
-    columns = prediction.to_particle_set(replace(particles, extra={})).extra
-    arrays = {f"col_{name}": np.asarray(values) for name, values in columns.items()
-              if name.startswith("bpDeep") and np.issubdtype(np.asarray(values).dtype, np.number)}
-    arrays.update(rotations=np.asarray(prediction.rotations, dtype=np.float64),
-                  confidence=np.asarray(prediction.confidence, dtype=np.float64),
-                  top_rotations=np.asarray(prediction.top_rotations, dtype=np.float64),
-                  top_probabilities=np.asarray(prediction.top_probabilities, dtype=np.float64),
-                  scipion_id=np.asarray(particles.extra.get(SCIPION_ID, np.arange(1, len(particles) + 1))),
-                  input_rotations=particles.rotations if particles.rotations is not None else np.zeros((0, 3, 3)),
-                  grid_order=np.int64(-1 if prediction.grid_order is None else prediction.grid_order),
-                  symmetry=np.str_(symmetry))
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def load_prediction(path: str) -> dict:
-    """Read :func:`save_prediction`'s file: arrays by name, ``symmetry`` as str, ``grid_order`` as int or None,
-    ``input_rotations`` None when the input had no alignment, ``columns`` {name: (N,)} of the bpDeep* columns."""
-    with np.load(path) as data:
-        out = {key: data[key] for key in data.files}
-    out["symmetry"] = str(out["symmetry"])
-    order = int(out["grid_order"])
-    out["grid_order"] = None if order < 0 else order
-    if len(out["input_rotations"]) == 0:
-        out["input_rotations"] = None
-    out["columns"] = {key[4:]: out.pop(key) for key in list(out) if key.startswith("col_")}
-    return out
 
 
 def prediction_attributes(data: dict) -> dict[str, np.ndarray]:
     """The ``_bp`` attributes (names without the prefix) of a prediction (:func:`load_prediction`'s dict): the
-    engine's bpDeep* columns (e.g. DeepConfidence, DeepTopProbability), DeepRot/Tilt/Psi (the mode, RELION degrees)
-    and, when the input was aligned, DeepAngleToInputDeg (symmetry-aware angle between the mode and the input
-    pose, degrees)."""
-    attrs = {name[2:]: np.asarray(values, dtype=np.int64 if np.issubdtype(np.asarray(values).dtype, np.integer)
-                                  else np.float64) for name, values in data["columns"].items()}
-    attrs.setdefault("DeepConfidence", np.asarray(data["confidence"], dtype=np.float64))
-    angles = matrix_to_euler(data["rotations"])
-    for col, label in enumerate(("Rot", "Tilt", "Psi")):
-        attrs[f"Deep{label}"] = angles[:, col]
+    schema's deep statistics (DeepConfidence, DeepTopProbability; :func:`scipion_attributes`), DeepRot/Tilt/Psi
+    (the mode) and DeepTop2AngleRot/Tilt/Psi (the second most probable cell; RELION degrees) and, when the input
+    was aligned, DeepAngleToInputDeg (symmetry-aware angle between the mode and the input pose, degrees)."""
+    attrs = scipion_attributes(data["results"].statistic_columns())
+    poses = {"Deep": data["rotations"]}
+    if data["top_rotations"].shape[1] > 1:
+        poses["DeepTop2Angle"] = data["top_rotations"][:, 1]
+    for prefix, rotations in poses.items():
+        angles = matrix_to_euler(rotations)
+        for col, label in enumerate(ANGLE_LABELS):
+            attrs[f"{prefix}{label}"] = angles[:, col]
     if data["input_rotations"] is not None:
         attrs["DeepAngleToInputDeg"] = symmetric_geodesic_distance_deg(
             data["rotations"], data["input_rotations"], symmetry_group(data["symmetry"]))
@@ -113,7 +85,7 @@ class ProtBayesposePredictPoses(EMProtocol):
     confidence (the probability mass near it). With a reference, every particle's posterior is computed on a local
     grid around its top-K predicted poses, with the predicted distribution as the rotation prior, and the MMSE pose
     becomes the alignment: network speed, Bayesian accuracy and uncertainty. The particles need the network's box
-    and pixel size (within 0.1 %).
+    and pixel size (within 0.1 %, ``NETWORK_PIXEL_RTOL``).
     """
 
     _label = "predict poses"
@@ -131,7 +103,8 @@ class ProtBayesposePredictPoses(EMProtocol):
                            "are shown in the summary of that protocol.")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
                       label="Particles",
-                      help="Particles to predict, with the network's box and pixel size (within 0.1 %). Their "
+                      help=f"Particles to predict, with the network's box and pixel size (within "
+                           f"{100 * NETWORK_PIXEL_RTOL:g} %). Their "
                            "alignment, if any, is only used to report the angle between the predicted and the "
                            "input poses (e.g. against a refinement or a simulation's ground truth).")
         form.addParam("topK", params.IntParam, default=8, validators=[params.Positive], label="Top-K poses",
@@ -162,10 +135,11 @@ class ProtBayesposePredictPoses(EMProtocol):
         form.addParam("maxResolution", params.FloatParam, default=0.0, condition="doRefine",
                       expertLevel=params.LEVEL_ADVANCED, label="Maximum resolution (Å)",
                       help="Highest resolution used in the likelihood, in Å; 0 = Nyquist.")
-        form.addParam("seedMass", params.FloatParam, default=0.99, condition="doRefine",
+        form.addParam("seedMass", params.FloatParam, default=DEFAULT_SEED_MASS, condition="doRefine",
                       expertLevel=params.LEVEL_ADVANCED, label="Searched fraction of the predicted probability",
                       help="The MMSE search starts from the most probable cells of the network's prediction that "
-                           "together hold this fraction of its probability (at most 128 cells), so uncertain "
+                           f"together hold this fraction of its probability (at most {DEFAULT_MAX_SEED_CELLS} "
+                           "cells), so uncertain "
                            "particles get wider searches; 0 = only the top-K predicted poses.")
         form.addParam("doFallback", params.BooleanParam, default=True, condition="doRefine",
                       label="Global search for poorly fitting particles?",
@@ -175,13 +149,13 @@ class ProtBayesposePredictPoses(EMProtocol):
                            "threshold — typically a network that was confidently wrong, e.g. a view turned by "
                            "180° — are re-assigned by the global search (uniform prior). No: keep every "
                            "deep-prior result (faster, but the network's mistakes stay).")
-        form.addParam("fallbackZ", params.FloatParam, default=-1.5, condition="doRefine and doFallback",
+        form.addParam("fallbackZ", params.FloatParam, default=AUTO_FALLBACK_Z, condition="doRefine and doFallback",
                       expertLevel=params.LEVEL_ADVANCED, label="Fallback threshold (fit z-score)",
                       help="Particles whose fit z-score is below this value are re-assigned by the global "
-                           "search (the z-score is credited with the loss of a pose half a grid step off). -1.5 (the "
-                           "default) was measured on simulated data to reach the global search's accuracy with "
-                           "about a quarter of its scored rotations; higher = more particles fall back (safer, "
-                           "slower).")
+                           "search (the z-score is credited with the loss of a pose half a grid step off). "
+                           f"{AUTO_FALLBACK_Z:g} (the default) was measured on simulated data to reach the global "
+                           "search's accuracy with about a quarter of its scored rotations; higher = more particles "
+                           "fall back (safer, slower).")
 
         form.addParallelSection(threads=2, mpi=0)
 
@@ -213,13 +187,14 @@ class ProtBayesposePredictPoses(EMProtocol):
         network = self.loadNetwork()
         prediction = predict_poses(network, particles, top_k=self.topK.get(), device=gpu_device(self),
                                    progress=progress_logger(self, "predicting")("predicting"))
-        save_prediction(self._getExtraPath(PREDICTION_NPZ), prediction, particles, str(network.symmetry).upper())
+        save_prediction(self._getExtraPath(PREDICTION_NPZ), prediction, particles, str(network.symmetry).upper(),
+                        ids=particles.extra.get(SCIPION_ID))
         write_star(self._getExtraPath(PREDICTED_STAR), prediction.to_particle_set(particles))
         self.info(f"predicted {len(particles)} particles; median confidence {np.median(prediction.confidence):.3f}")
 
     def refineStep(self):
         """Deep-prior MMSE (one call of :func:`deep_prior_assign`), saved like 'assign poses (MMSE)'."""
-        from bayespose.core.deep import deep_prior_assign, predict_poses
+        from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, predict_poses
 
         self._setThreads()
         particles = read_star(self._getExtraPath(INPUT_STAR))
@@ -228,12 +203,12 @@ class ProtBayesposePredictPoses(EMProtocol):
         # the full predicted distribution (the prior) is recomputed rather than stored: N x grid floats
         prediction = predict_poses(network, particles, top_k=self.topK.get(), device=gpu_device(self))
         search = self.poseSearch(str(network.symmetry).upper())
-        local = self.localRange.get()
-        seed_mass = self.seedMass.get()
-        result = deep_prior_assign(particles, prediction, volume, search, progress=progress_logger(self, "refining")(
-            "refining"), local_range_deg=local if local and local > 0 else None,
-            seed_mass=seed_mass if seed_mass and seed_mass > 0 else None,
-            fallback=self.fallbackZ.get() if self.doFallback.get() else "none")
+        local, seed_mass = self.localRange.get(), self.seedMass.get()
+        config = DeepPriorSearch(seed_mass=seed_mass if seed_mass and seed_mass > 0 else None,
+                                 local_range_deg=local if local and local > 0 else None,
+                                 fallback_z=self.fallbackZ.get() if self.doFallback.get() else None)
+        result = deep_prior_assign(particles, prediction, volume, search, config,
+                                   progress=progress_logger(self, "refining")("refining"))
         save_assignment(self._getExtraPath(RESULT_NPZ), result, "mmse", search.symmetry,
                         ids=particles.extra.get(SCIPION_ID), input_rotations=particles.rotations)
         write_star(self._getExtraPath(REFINED_STAR), result.to_particle_set(particles, "mmse"))
@@ -252,11 +227,10 @@ class ProtBayesposePredictPoses(EMProtocol):
         if self.refines():
             data = load_assignment(self._getExtraPath(RESULT_NPZ))
             attributes.update(assignment_attributes(data))
-            refined = read_star(self._getExtraPath(REFINED_STAR)).extra  # the fit check of deep_prior_assign
-            for column, name, kind in (("bpDeepFitZ", "DeepFitZ", np.float64),
-                                       ("bpDeepFallback", "DeepFallback", np.int64)):
-                if column in refined:
-                    attributes[name] = np.asarray(refined[column], dtype=kind)
+            # the fit check of deep_prior_assign (DeepFitZ, DeepFallback)
+            refined = ParticleResults.from_star_columns(read_star(self._getExtraPath(REFINED_STAR)).extra)
+            check = ParticleResults(deep_fit_z=refined.deep_fit_z, deep_fallback=refined.deep_fallback)
+            attributes.update(scipion_attributes(check.statistic_columns()))
             rotations, origins = data["mmse_rotations"], data["mmse_origins_A"]
             attributes["DeepToMmseDeg"] = symmetric_geodesic_distance_deg(
                 prediction["rotations"], rotations, symmetry_group(prediction["symmetry"]))
@@ -331,7 +305,8 @@ class ProtBayesposePredictPoses(EMProtocol):
         if model.getSamplingRate() and p_px and abs(model.getSamplingRate() - p_px) > (
                 NETWORK_PIXEL_RTOL * model.getSamplingRate()):
             errors.append(f"The network was trained at {model.getSamplingRate():.4f} Å/px but the particles have "
-                          f"{p_px:.4f} Å/px (more than 0.1 % apart): the network would see the molecule at another "
+                          f"{p_px:.4f} Å/px (more than {100 * NETWORK_PIXEL_RTOL:g} % apart): the network would "
+                          "see the molecule at another "
                           "magnification. Rescale the particles.")
         if self.doRefine.get():
             errors += self._validateVolume(parts)

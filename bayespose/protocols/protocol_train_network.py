@@ -14,6 +14,7 @@ from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
 from bayespose.convert import particles_from_scipion
+from bayespose.core.deep.vocabulary import CTF_CORRECTIONS, MODEL_TYPES
 from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.objects import BayesposePoseNetwork
 from bayespose.protocols._common import (
@@ -26,10 +27,11 @@ from bayespose.protocols._common import (
     symmetry_errors,
 )
 
-MODEL_CHOICES = ["so3grid", "quaternion"]
-MODEL_SO3GRID, MODEL_QUATERNION = range(2)
-CTF_CHOICES = ["phase_flip", "none"]
-CTF_PHASE_FLIP, CTF_NONE = range(2)
+# the engine's codes (bayespose.core.deep.vocabulary) are the choices; EnumParam stores their index
+MODEL_CHOICES = list(MODEL_TYPES)
+MODEL_SO3GRID, MODEL_QUATERNION = MODEL_CHOICES.index("so3grid"), MODEL_CHOICES.index("quaternion")
+CTF_CHOICES = list(CTF_CORRECTIONS)
+CTF_PHASE_FLIP, CTF_NONE = CTF_CHOICES.index("phase_flip"), CTF_CHOICES.index("none")
 MAX_GRID_ORDER = 3
 
 TRAIN_STAR = "train_particles.star"

@@ -16,11 +16,12 @@ from pwem.viewers.plotter import EmPlotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer, Viewer
 
 from bayespose.core.io.assignment import load_assignment
+from bayespose.core.io.prediction import load_prediction
 from bayespose.objects import BayesposePoseNetwork
 from bayespose.plotting.deep import plot_angular_errors, plot_predicted_distribution, plot_training_history
 from bayespose.plotting.poses import plot_pose_distribution
 from bayespose.protocols import ProtBayesposePredictPoses, ProtBayesposeTrainPoseNetwork
-from bayespose.protocols.protocol_predict_poses import PREDICTION_NPZ, RESULT_NPZ, load_prediction
+from bayespose.protocols.protocol_predict_poses import PREDICTION_NPZ, RESULT_NPZ
 from bayespose.viewers._common import ExtraFigureMixin, particle_row, unknown_particle_views
 
 

@@ -134,8 +134,9 @@ def test_predict_with_refine_map_gives_mmse_poses(data, trained, tmp_path):
     model, _ = trained
     test_star = data / "test" / "particles.star"
     plain, refined_star = tmp_path / "plain.star", tmp_path / "refined.star"
+    # the same thread count in both runs (torch's sums, hence the last digits, depend on it)
     assert main(["predict", "--model", str(model), "--particles", str(test_star), "--top-k", "4", "--device", "cpu",
-                 "--out", str(plain)]) == 0
+                 "--threads", "2", "--out", str(plain)]) == 0
     assert main(["predict", "--model", str(model), "--particles", str(test_star), "--top-k", "4", "--device", "cpu",
                  "--threads", "2", "--refine-map", str(fragment_map_path()), "--shift-range", "2", "--out",
                  str(refined_star)]) == 0
@@ -154,6 +155,45 @@ def test_predict_with_refine_map_gives_mmse_poses(data, trained, tmp_path):
     assert np.median(err[good]) < np.median(err_net[good]), (err[good], err_net[good])
     assert np.all(refined["bpExpectedErrorDeg"].to_numpy(dtype=float) >= 0)
     assert _is_png(tmp_path / "refined_poses.png")
+
+
+@pytest.mark.parametrize("options, expected", [
+    ([], dict(seed_mass=0.99, fallback_z=-1.5, local_range_deg=None)),
+    (["--seed-mass", "none", "--fallback", "none"], dict(seed_mass=None, fallback_z=None)),
+    (["--seed-mass", "0.5", "--fallback", "-2.5", "--local-range", "12"],
+     dict(seed_mass=0.5, fallback_z=-2.5, local_range_deg=12.0)),
+])
+def test_predict_options_become_the_deep_prior_settings(data, trained, tmp_path, monkeypatch, options, expected):
+    """--seed-mass F|none, --fallback auto|none|Z and --local-range reach deep_prior_assign as DeepPriorSearch
+    fields (None = the fixed top-K seeds / no fit check); nothing is written when the refinement stops."""
+    import bayespose.core.deep as deep
+
+    model, _ = trained
+    seen = {}
+
+    def fake(particles, prediction, volume, search, config, **kwargs):
+        seen["config"] = config
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(deep, "deep_prior_assign", fake)
+    out = tmp_path / "x.star"
+    with pytest.raises(RuntimeError, match="stop here"):
+        main(["predict", "--model", str(model), "--particles", str(data / "test" / "particles.star"), "--device",
+              "cpu", "--refine-map", str(fragment_map_path()), *options, "--out", str(out)])
+    assert isinstance(seen["config"], deep.DeepPriorSearch)
+    for name, value in expected.items():
+        assert getattr(seen["config"], name) == value, name
+    assert not out.exists()
+
+
+def test_train_resume_on_other_particles_is_refused(data, trained, tmp_path, capsys):
+    """--resume next to a network trained on other particles: one line naming what differs, nothing written."""
+    model, _ = trained
+    before = {path: path.read_bytes() for path in model.parent.iterdir()}
+    msg = _run_expecting_error(["train", "--particles", str(data / "test" / "particles.star"), *TRAIN_ARGS,
+                                "--epochs", str(EPOCHS + 1), "--resume", "--out", str(model)], capsys)
+    assert "cannot resume" in msg and f"number of particles {TRAIN_N} -> {TEST_N}" in msg and "poses" in msg, msg
+    assert {path: path.read_bytes() for path in model.parent.iterdir()} == before
 
 
 def _run_expecting_error(argv, capsys, code: int = 1) -> str:

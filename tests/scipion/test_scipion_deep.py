@@ -101,8 +101,9 @@ class TestDeepChain(BaseTest):
         self.assertTrue(_is_png(self.train._getExtraPath("viewer_training.png")))
 
     def test_predict_without_and_with_reference(self):
+        from bayespose.core.io.prediction import load_prediction
         from bayespose.protocols import ProtBayesposePredictPoses
-        from bayespose.protocols.protocol_predict_poses import PREDICTION_NPZ, load_prediction
+        from bayespose.protocols.protocol_predict_poses import PREDICTION_NPZ
         from bayespose.viewers import BayesposePredictPosesViewer
 
         truth = _truth(self.sim_test)
@@ -125,10 +126,15 @@ class TestDeepChain(BaseTest):
             deep = Rotation.from_euler("ZYZ", [[p._bpDeepRot.get(), p._bpDeepTilt.get(), p._bpDeepPsi.get()]
                                                for p in items], degrees=True)
             deep_err = np.degrees((deep.inv() * truth).magnitude())
+            top = np.array([p._bpDeepTopProbability.get() for p in items])
+            self.assertTrue(np.all((top > 0) & (top <= 1 + 1e-6)), top)
+            self.assertTrue(all(hasattr(p, "_bpDeepTop2AngleRot") for p in items))  # the second cell (top 4)
             to_input = np.array([p._bpDeepAngleToInputDeg.get() for p in items])
             np.testing.assert_allclose(to_input, deep_err, atol=1e-2)  # the input alignment is the truth
             if refine:
                 self.assertTrue(all(p._bpExpectedErrorDeg.get() >= 0 for p in items))
+                self.assertTrue(all(p._bpDeepFallback.get() in (0, 1) for p in items))  # the fit check ran
+                self.assertTrue(all(np.isfinite(p._bpDeepFitZ.get()) for p in items))
                 np.testing.assert_allclose([p._bpAngleToInputDeg.get() for p in items], err, atol=1e-2)
                 to_mmse = np.array([p._bpDeepToMmseDeg.get() for p in items])
                 np.testing.assert_allclose(to_mmse, np.degrees((deep.inv() * _poses(out)).magnitude()), atol=1e-2)

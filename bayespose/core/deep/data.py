@@ -35,17 +35,15 @@ import math
 import numpy as np
 import torch
 
+from bayespose.core.deep.vocabulary import CTF_CORRECTIONS, CtfCorrection
 from bayespose.core.geometry.rotations import matrix_to_quaternion
 from bayespose.core.geometry.symmetry import symmetry_group
 from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import shift_fourier
 from bayespose.core.imaging.particles import ParticleSet
 
-__all__ = ["CTF_CORRECTIONS", "preprocess_images", "fourier_resize", "normalise_background", "circular_mask",
+__all__ = ["preprocess_images", "fourier_resize", "normalise_background", "circular_mask",
            "rotate_shift_images", "inplane_rotation_matrix", "grid_targets", "symmetry_quaternions"]
-
-CTF_CORRECTIONS = ("phase_flip", "none")
-
 
 def fourier_resize(images: torch.Tensor, new_box: int) -> torch.Tensor:
     """Fourier crop (or zero-pad) real images (N, D, D) to (N, new_box, new_box), keeping the centre D // 2.
@@ -94,7 +92,8 @@ def normalise_background(images: torch.Tensor, radius: float | None = None) -> t
 
 
 def preprocess_images(images: np.ndarray | torch.Tensor, particles: ParticleSet, index: np.ndarray | None,
-                      net_box: int, ctf_correction: str = "phase_flip", batch_size: int = 512) -> torch.Tensor:
+                      net_box: int, ctf_correction: CtfCorrection = "phase_flip",
+                      batch_size: int = 512) -> torch.Tensor:
     """Network inputs (N, net_box, net_box) float32 (CPU) from particle images (N, D, D) (see module doc).
 
     ``particles``: the set the images belong to; ``index`` (N,): which of its particles the images are (None:

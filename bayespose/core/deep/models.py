@@ -3,7 +3,7 @@
 
 ``so3grid`` (paper 002 Appendix B, Image2Sphere; Klee et al. 2023), re-written with explicit einsums on e3nn's
 primitives (``o3.spherical_harmonics``, e3nn's Wigner-D convention via :func:`wigner_D_fast`, and e3nn's SO(3)
-grid and quadrature for the activation):
+grid for the activation with the quadrature weights of :func:`beta_quadrature_weights`):
 
 1. CNN encoder: image (1, net_box, net_box) -> feature map (C, h, w) (h = w = net_box / 4).
 2. Orthographic projection onto a hemisphere: HEALPix points ``n`` (e3nn xyz coordinates) with ``n_y >= 0``; point
@@ -39,12 +39,11 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from bayespose.core.deep.vocabulary import MODEL_TYPES, ModelType
 from bayespose.core.geometry.grids import healpix_grid
 
-__all__ = ["MODEL_TYPES", "CNNEncoder", "SO3GridNet", "QuaternionNet", "build_model", "relion_to_e3nn",
-           "flat_wigner_of"]
-
-MODEL_TYPES = ("so3grid", "quaternion")
+__all__ = ["CNNEncoder", "SO3GridNet", "QuaternionNet", "build_model", "relion_to_e3nn",
+           "flat_wigner_of", "beta_quadrature_weights"]
 
 _Q = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # (x, y, z) image/volume -> e3nn (x, -z, y)
 
@@ -89,22 +88,45 @@ def _flat_wigner_angles(lmax: int, alpha, beta, gamma) -> torch.Tensor:
     return torch.cat(parts, dim=-1).to(torch.float32)
 
 
+def beta_quadrature_weights(res_beta: int) -> np.ndarray:
+    """Quadrature weights (res_beta,) of the Euler angle beta on the samples ``beta_j = pi (j + 1/2) / res_beta``
+    (e3nn's ``o3.s2_grid``; ``res_beta = 2 b`` even) for the Haar probability measure of SO(3): with
+    ``res_alpha`` equispaced samples of alpha and of gamma (``2 pi i / res_alpha``; e3nn's angles, rotations
+    ``Y(alpha) X(beta) Y(gamma)``),
+
+        mean over SO(3) of f  =  sum_{i, j, k} w_j / res_alpha² f(alpha_i, beta_j, gamma_k)
+
+    exactly for every ``f`` whose Wigner expansion has degrees ``l < res_beta`` and orders ``|m|, |n| <
+    res_alpha`` (the quadrature of Kostelec & Rockmore, 2008, "FFTs on the rotation group", J. Fourier Anal.
+    Appl. 14:145-179, doi:10.1007/s00041-008-9013-5, after Driscoll & Healy 1994, doi:10.1006/aama.1994.1008):
+
+        w_j = (1 / b) sin(beta_j) sum_{k=0}^{b-1} sin((2k + 1) beta_j) / (2k + 1),   sum_j w_j = 1.
+
+    They integrate ``cos(beta)^m`` for ``m < res_beta`` against ``sin(beta) / 2`` exactly. float64."""
+    if res_beta < 2 or res_beta % 2:
+        raise ValueError(f"res_beta must be even and >= 2, got {res_beta}")
+    b = res_beta // 2
+    beta = math.pi * (np.arange(res_beta) + 0.5) / res_beta
+    odd = 2 * np.arange(b) + 1
+    return np.sin(beta) * (np.sin(np.outer(beta, odd)) / odd).sum(1) / b
+
+
 class SO3Activation(nn.Module):
-    """Pointwise nonlinearity of an SO(3) signal (e3nn's ``nn.SO3Activation``, the same grid, quadrature and
+    """Pointwise nonlinearity of an SO(3) signal (e3nn's ``nn.SO3Activation``: the same grid, quadrature and
     normalisation, with the fast Wigner matrices): coefficients -> values on an SO(3) grid of ``resolution``
-    -> ``act`` -> coefficients (``s(g) = flat_wigner(g) · x / sqrt(dim)`` on the grid)."""
+    -> ``act`` -> coefficients (``s(g) = flat_wigner(g) · x / sqrt(dim)`` on the grid; the quadrature weights of
+    :func:`beta_quadrature_weights`, exact for the products of two signals up to ``lmax < resolution``)."""
 
     def __init__(self, lmax: int, act, resolution: int, aspect_ratio: int = 2):
         super().__init__()
         from e3nn.math import normalize2mom
-        from e3nn.o3._s2grid import _quadrature_weights, s2_grid
 
         nb, na = 2 * resolution, round(2 * aspect_ratio * resolution)
-        b, a = s2_grid(nb, na)
+        b, a = o3.s2_grid(nb, na)
         d = _flat_wigner_angles(lmax, a[:, None, None].double(), b[None, :, None].double(),
                                 a[None, None, :].double())
         self.register_buffer("D", d.reshape(-1, d.shape[-1]))  # (points, dim), points = (alpha, beta, gamma)
-        qw = (_quadrature_weights(nb // 2) * nb ** 2 / na ** 2).to(torch.float32)
+        qw = torch.as_tensor(beta_quadrature_weights(nb) / na ** 2, dtype=torch.float32)
         self.register_buffer("qw", qw[None, :, None].expand(na, nb, na).reshape(-1).contiguous())
         self.act = normalize2mom(act)
 
@@ -280,7 +302,7 @@ class QuaternionNet(nn.Module):
         return q / q.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-def build_model(model: str, net_box: int, grid_order: int = 2, **options) -> nn.Module:
+def build_model(model: ModelType, net_box: int, grid_order: int = 2, **options) -> nn.Module:
     """The network of type ``model`` (``so3grid`` or ``quaternion``) for ``net_box`` px inputs."""
     if model == "so3grid":
         return SO3GridNet(net_box, grid_order, **options)

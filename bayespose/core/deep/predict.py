@@ -26,11 +26,13 @@ import numpy as np
 import torch
 
 from bayespose.core.deep.data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
+from bayespose.core.deep.vocabulary import NETWORK_PIXEL_RTOL
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.rotations import matrix_to_euler, project_to_so3, quaternion_to_matrix
 from bayespose.core.geometry.symmetry import nearest_symmetry_mate, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.mrc import read_images
+from bayespose.core.results import ANGLE_LABELS, ParticleResults
 from bayespose.core.runtime import choose_device
 
 __all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs"]
@@ -60,19 +62,29 @@ class PosePrediction:
     def __len__(self) -> int:
         return len(self.rotations)
 
+    def results(self) -> ParticleResults:
+        """The per-particle statistics of the schema (:mod:`bayespose.core.results`): ``deep_confidence`` and
+        ``deep_top_probability`` (probability of the best cell; 1/K for the quaternion model)."""
+        return ParticleResults(deep_confidence=np.asarray(self.confidence, dtype=np.float64),
+                               deep_top_probability=np.asarray(self.top_probabilities[:, 0], dtype=np.float64))
+
+    def star_columns(self) -> dict[str, np.ndarray]:
+        """The star columns of :meth:`results` (``bpDeepConfidence``, ``bpDeepTopProbability``) and, with K > 1,
+        ``bpDeepTop2AngleRot/Tilt/Psi`` (the second most probable cell, RELION degrees)."""
+        columns = self.results().statistic_columns()
+        if self.top_rotations.shape[1] > 1:
+            angles = matrix_to_euler(self.top_rotations[:, 1])
+            for col, label in enumerate(ANGLE_LABELS):
+                columns[f"bpDeepTop2Angle{label}"] = angles[:, col]
+        return columns
+
     def to_particle_set(self, particles: ParticleSet) -> ParticleSet:
-        """A copy of ``particles`` with the predicted mode as rotation (origins kept) and extra columns
-        ``bpDeepConfidence``, ``bpDeepTopProbability`` (probability of the best cell; 1/K for the quaternion
-        model) and ``bpDeepTop2AngleRot/Tilt/Psi`` (the second most probable cell, degrees)."""
+        """A copy of ``particles`` with the predicted mode as rotation (origins kept; zeros when they have none)
+        and the :meth:`star_columns` added to ``extra``."""
         if len(particles) != len(self):
             raise ValueError(f"prediction has {len(self)} particles, the set {len(particles)}")
         extra = dict(particles.extra)
-        extra["bpDeepConfidence"] = np.asarray(self.confidence, dtype=np.float64)
-        extra["bpDeepTopProbability"] = np.asarray(self.top_probabilities[:, 0], dtype=np.float64)
-        if self.top_rotations.shape[1] > 1:
-            angles = matrix_to_euler(self.top_rotations[:, 1])
-            for col, label in enumerate(("Rot", "Tilt", "Psi")):
-                extra[f"bpDeepTop2Angle{label}"] = angles[:, col]
+        extra.update(self.star_columns())
         origins = particles.origins_A if particles.origins_A is not None else np.zeros((len(particles), 2))
         return replace(particles, rotations=np.asarray(self.rotations, dtype=np.float64), origins_A=origins,
                        extra=extra)
@@ -80,14 +92,16 @@ class PosePrediction:
 
 def network_inputs(network, particles: ParticleSet, images: np.ndarray | None = None,
                    batch_size: int = 1024) -> torch.Tensor:
-    """Preprocessed network inputs (N, net_box, net_box) for all particles (images read in batches if None)."""
+    """Preprocessed network inputs (N, net_box, net_box) for all particles (images read in batches if None).
+
+    The particles need the network's box (px) and pixel size (Å/px, within ``NETWORK_PIXEL_RTOL``)."""
     cfg = network.config
     if particles.box != network.box:
         raise ValueError(f"the network was trained on {network.box} px particles, these are {particles.box} px "
                          "(re-extract or re-train)")
-    if network.pixel_size and abs(particles.pixel_size - network.pixel_size) > 1e-3 * network.pixel_size:
+    if network.pixel_size and abs(particles.pixel_size - network.pixel_size) > NETWORK_PIXEL_RTOL * network.pixel_size:
         raise ValueError(f"the network was trained at {network.pixel_size:g} Å/px, these particles are "
-                         f"{particles.pixel_size:g} Å/px")
+                         f"{particles.pixel_size:g} Å/px (more than {100 * NETWORK_PIXEL_RTOL:g} % apart)")
     if images is not None and len(images) != len(particles):
         raise ValueError(f"{len(images)} images for {len(particles)} particles")
     parts = []

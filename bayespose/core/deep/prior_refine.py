@@ -2,12 +2,15 @@
 particle, with a global-search fallback for the particles the network got wrong.
 
 DESIGN.md "Deep pose prediction" and paper 002 App. F (local refinement from predicted poses): the network's
-distribution narrows the search to a few regions of SO(3), and the MMSE engine (:mod:`bayespose.core.assign`)
-scores only there, with the network's distribution as the prior. Three stages:
+distribution narrows the search to a few regions of SO(3), and the MMSE engine (:mod:`bayespose.core.assign`) scores
+ only there, with the network's distribution as the prior. The settings of the three stages are one
+:class:`DeepPriorSearch`; the grid, shift and noise settings those of the engine's
+:class:`~bayespose.core.assign.PoseSearch`.
 
 1. **Seeds** (where to search). ``so3grid`` predictions: the most probable network cells that together hold
    ``seed_mass`` of the predicted probability (at most ``max_seed_cells`` of them), so an uncertain prediction
-   gets a wider search automatically; with ``seed_mass=None`` the prediction's fixed top-K rotations (``top_k``).
+   gets a wider search automatically; with ``seed_mass=None`` the prediction's fixed top-K rotations (``top_k``;
+   the better choice for ``"balls"``, where every seed adds a per-particle lattice).
    ``quaternion`` predictions (no distribution): the top-K test-time-augmentation rotations.
 2. **Search regions** (``method``):
 
@@ -22,7 +25,7 @@ scores only there, with the network's distribution as the prior. Three stages:
      are projected per particle, which costs far more per scored rotation on a CPU. Default range: 0.75 grid
      spacings (a HEALPix cell's corners lie within about 0.7 spacings of its centre), 20° for quaternions.
 
-3. **Verification and fallback** (``fallback``). A network can be confidently wrong (e.g. a view turned by 180°
+3. **Verification and fallback** (``fallback_z``). A network can be confidently wrong (e.g. a view turned by 180°
    that its low-resolution input does not tell apart): then the true pose is never searched and the MMSE of the
    searched region is wrong however good the map. Each particle's best searched pose (R, o) (the MLE of the
    searched set: the question is whether the region holds a pose that explains the data) is checked with the
@@ -36,8 +39,8 @@ scores only there, with the network's distribution as the prior. Three stages:
    the two projections in noise units, a quantity that the noise of the data does not mask (the ``|N|²`` term
    cancels). Particles with ``z < threshold`` are re-assigned by the global search of :func:`assign_poses`
    (HEALPix order and refinement of ``search``, uniform prior, the same noise model, shifts around the input
-   origins) and get its result. ``fallback="auto"`` uses ``AUTO_FALLBACK_Z``; ``"none"`` (or None) turns the check
-   off; a number is the threshold itself (higher = more particles fall back). The z-score assumes the noise model
+   origins) and get its result. ``fallback_z`` is that threshold (default ``AUTO_FALLBACK_Z``; higher = more
+   particles fall back); None turns the check off. The z-score assumes the noise model
    and reference scale are right: a scale off by a fraction ε shifts it by about ``-ε sqrt(2E)``.
 
 Measured (benchmarks/deep_poses.py section 4, benchmarks/results/deep/README.md: 300 test particles of the 3J9G
@@ -71,6 +74,14 @@ import torch
 
 from bayespose.core.assign import NoiseModel, PoseAssignment, PoseSearch, assign_poses
 from bayespose.core.deep.predict import PosePrediction
+from bayespose.core.deep.vocabulary import (
+    AUTO_FALLBACK_Z,
+    DEFAULT_MAX_SEED_CELLS,
+    DEFAULT_SEED_MASS,
+    SEARCH_METHODS,
+    SearchMethod,
+    fallback_threshold,
+)
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.priors import GridPrior, IGSO3Prior
 from bayespose.core.imaging.ctf import ctf_2d
@@ -78,21 +89,17 @@ from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
 from bayespose.core.imaging.noise import scoring_frequencies
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.mrc import read_images
+from bayespose.core.results import ParticleResults
 from bayespose.core.runtime import choose_device
 
-__all__ = ["deep_prior_assign", "default_local_range_deg", "cells_near", "seed_rotations", "fit_zscores",
-           "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit", "METHODS",
-           "AUTO_FALLBACK_Z", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS"]
+__all__ = ["deep_prior_assign", "DeepPriorSearch", "default_local_range_deg", "cells_near", "seed_rotations",
+           "fit_zscores", "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit",
+           "SEARCH_METHODS", "AUTO_FALLBACK_Z", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS"]
 
 QUATERNION_RANGE_DEG = 20.0
-METHODS = ("cells", "balls")
-# defaults chosen on benchmarks/deep_poses.py section 4 (README "Deep-prior MMSE: seeds and fallback")
-AUTO_FALLBACK_Z = -1.5
-DEFAULT_SEED_MASS = 0.99
-DEFAULT_MAX_SEED_CELLS = 128
 
 
-def default_local_range_deg(prediction: PosePrediction, method: str = "cells") -> float:
+def default_local_range_deg(prediction: PosePrediction, method: SearchMethod = "cells") -> float:
     """Default radius (degrees) of the searched regions around the seed rotations (module doc)."""
     if prediction.grid_order is None:
         return QUATERNION_RANGE_DEG
@@ -238,7 +245,7 @@ def _random_turns(n: int, n_axes: int, angle_deg: float, seed: int) -> np.ndarra
     return Rotation.from_rotvec(axes).as_matrix().reshape(n_axes, n, 3, 3)
 
 
-def final_spacing_deg(search: PoseSearch, method: str = "cells") -> float:
+def final_spacing_deg(search: PoseSearch, method: SearchMethod = "cells") -> float:
     """Angular step (degrees) of the finest grid a deep-prior search scores: the HEALPix spacing halved
     ``refine_levels`` times (``cells``), or the local lattice step (``balls``)."""
     if method == "balls":
@@ -246,108 +253,146 @@ def final_spacing_deg(search: PoseSearch, method: str = "cells") -> float:
     return healpix_grid(search.healpix_order).spacing_deg / 2 ** search.refine_levels
 
 
-def fallback_threshold(fallback: str | float | None) -> float | None:
-    """The z threshold of a ``fallback`` setting: ``"auto"`` -> ``AUTO_FALLBACK_Z``, ``"none"``/None -> None (no
-    check), a number (or a numeric string) -> itself."""
-    if fallback is None:
-        return None
-    if isinstance(fallback, str):
-        word = fallback.strip().lower()
-        if word == "auto":
-            return AUTO_FALLBACK_Z
-        if word in ("none", "off", "no"):
-            return None
-        try:
-            fallback = float(word)
-        except ValueError:
-            raise ValueError(f"fallback must be 'auto', 'none' or a z threshold (a number), got {fallback!r}") \
-                from None
-    if isinstance(fallback, bool) or not isinstance(fallback, (int, float)) or not math.isfinite(fallback):
-        raise ValueError(f"fallback must be 'auto', 'none' or a finite z threshold, got {fallback!r}")
-    return float(fallback)
+@dataclass(frozen=True)
+class DeepPriorSearch:
+    """Settings of deep-prior MMSE (:func:`deep_prior_assign`, module doc), checked when made (``ValueError``).
+
+    ``method``: ``"cells"`` (seeded coarse-to-fine search on the engine's HEALPix grid) or ``"balls"`` (local
+    lattices around the seeds). Seeds (:func:`seed_rotations`): ``seed_mass`` in (0, 1]: per particle the most
+    probable network cells holding this fraction of the predicted probability, at most ``max_seed_cells``;
+    ``seed_mass=None``: the prediction's fixed top-K rotations, the first ``top_k`` of them when given (use it
+    with ``"balls"``: every seed adds a whole per-particle lattice). Quaternion predictions always use the top-K.
+    ``local_range_deg``: radius (degrees, in (0, 90]) of the searched regions around the seeds (None:
+    :func:`default_local_range_deg`). ``fallback_z``: particles whose fit z-score is below it are re-assigned
+    by the global search (default ``AUTO_FALLBACK_Z``, measured; higher = more fall back); None: no check (every
+    particle keeps its deep-prior result). :func:`fallback_threshold` reads a user's ``auto | none | Z``.
+    """
+
+    method: SearchMethod = "cells"
+    seed_mass: float | None = DEFAULT_SEED_MASS
+    max_seed_cells: int = DEFAULT_MAX_SEED_CELLS
+    top_k: int | None = None
+    local_range_deg: float | None = None
+    fallback_z: float | None = AUTO_FALLBACK_Z
+
+    def __post_init__(self) -> None:
+        if self.method not in SEARCH_METHODS:
+            raise ValueError(f"method must be one of {SEARCH_METHODS}, got {self.method!r}")
+        if self.seed_mass is not None and not (_is_number(self.seed_mass) and 0 < self.seed_mass <= 1):
+            raise ValueError(f"seed_mass must be a fraction in (0, 1] of the predicted probability, or None for "
+                             f"the top-K seeds, got {self.seed_mass!r}")
+        if not (_is_number(self.max_seed_cells) and self.max_seed_cells >= 1):
+            raise ValueError(f"max_seed_cells must be >= 1, got {self.max_seed_cells!r}")
+        if self.top_k is not None and not (_is_number(self.top_k) and self.top_k >= 1):
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k!r}")
+        if self.local_range_deg is not None and not (_is_number(self.local_range_deg)
+                                                     and 0 < self.local_range_deg <= 90):
+            raise ValueError(f"local range must be in (0, 90] degrees or None, got {self.local_range_deg!r}")
+        if self.fallback_z is not None and not (_is_number(self.fallback_z) and math.isfinite(self.fallback_z)):
+            raise ValueError(f"fallback_z must be a finite z threshold or None (no check), got {self.fallback_z!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 @dataclass
 class DeepPriorAssignment(PoseAssignment):
-    """A :class:`~bayespose.core.assign.PoseAssignment` of deep-prior MMSE with the verification results:
-    ``fit_z`` (N,) fit z-score of each particle's best searched pose (the MLE of the deep-prior search),
-    ``fallback`` (N,) bool: re-assigned by the global search (its rows hold the global result), ``seed_counts``
-    (N,) seed rotations per particle. ``timings`` adds ``deep_s``, ``fit_s``, ``fallback_s``,
+    """A :class:`~bayespose.core.assign.PoseAssignment` of deep-prior MMSE with the network's and the
+    verification's per-particle results (fields of :class:`~bayespose.core.results.ParticleResults`):
+    ``deep_confidence`` and ``deep_top_probability`` (N,) of the prediction, ``deep_fit_z`` (N,) fit z-score of
+    each particle's best searched pose (the MLE of the deep-prior search; None without the check),
+    ``deep_fallback`` (N,) bool: re-assigned by the global search (its rows hold the global result), and
+    ``seed_counts`` (N,) seed rotations per particle. ``timings`` adds ``deep_s``, ``fit_s``, ``fallback_s``,
     ``fallback_particles``, ``deep_scored_rotations_per_particle`` (the deep-prior search alone),
     ``fallback_scored_rotations`` (total of the global re-assignment) and ``scoring_gflop`` (GFLOP of all
     scoring); ``scored_rotations_per_particle``, ``setup_s``, ``scoring_s`` and ``total_s`` count both searches
     (rotations per input particle)."""
 
-    fit_z: np.ndarray | None = None
-    fallback: np.ndarray | None = None
+    deep_confidence: np.ndarray | None = None
+    deep_top_probability: np.ndarray | None = None
+    deep_fit_z: np.ndarray | None = None
+    deep_fallback: np.ndarray | None = None
     seed_counts: np.ndarray | None = None
 
     def to_particle_set(self, particles: ParticleSet, estimator: str = "mmse") -> ParticleSet:
-        """:meth:`PoseAssignment.to_particle_set` plus columns ``bpDeepFitZ`` and ``bpDeepFallback`` (1: the
-        particle's pose comes from the global search)."""
+        """:meth:`PoseAssignment.to_particle_set` plus the deep columns of the schema
+        (:data:`~bayespose.core.results.COLUMNS`): ``bpDeepConfidence``, ``bpDeepTopProbability``, ``bpDeepFitZ``
+        and ``bpDeepFallback`` (1: the particle's pose comes from the global search), those that hold values."""
         out = super().to_particle_set(particles, estimator)
-        if self.fit_z is not None:
-            out.extra["bpDeepFitZ"] = np.asarray(self.fit_z, dtype=np.float64)
-        if self.fallback is not None:
-            out.extra["bpDeepFallback"] = np.asarray(self.fallback, dtype=np.int64)
+        deep = ParticleResults(**{name: getattr(self, name) for name in _DEEP_FIELDS})
+        out.extra.update(deep.statistic_columns())
         return out
 
 
+_DEEP_FIELDS = ("deep_confidence", "deep_top_probability", "deep_fit_z", "deep_fallback")
 _PER_PARTICLE = ("mmse_rotations", "mmse_origins_A", "map_rotations", "map_origins_A", "mle_rotations",
                  "mle_origins_A", "pmax", "n_significant", "expected_error_deg", "concentration", "log_evidence")
 
 
 def deep_prior_assign(particles: ParticleSet, prediction: PosePrediction, volume: np.ndarray,
-                      search: PoseSearch | None = None, images: np.ndarray | None = None,
-                      progress: Callable[[int, int], None] | None = None,
-                      local_range_deg: float | None = None, top_k: int | None = None,
-                      method: str = "cells", seed_mass: float | str | None = "auto",
-                      max_seed_cells: int = DEFAULT_MAX_SEED_CELLS,
-                      fallback: str | float | None = "auto", noise: NoiseModel | None = None) -> DeepPriorAssignment:
-    """MMSE pose assignment of ``particles`` against ``volume`` restricted to the network's predicted regions,
-    with a global-search fallback for the particles whose deep-prior pose does not fit (module doc).
+                      search: PoseSearch | None = None, config: DeepPriorSearch | None = None, *,
+                      images: np.ndarray | None = None, noise: NoiseModel | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> DeepPriorAssignment:
+    """MMSE pose assignment of ``particles`` against ``volume`` (D, D, D) restricted to the network's predicted
+    regions, with a global-search fallback for the particles whose deep-prior pose does not fit (module doc).
 
-    ``search``: grid, refinement, shift and noise settings (``healpix_order``/``refine_levels`` for ``cells`` and
-    for the fallback; ``local_step_deg`` (default range / 3) for ``balls``; ``symmetry`` default the
-    prediction's). ``local_range_deg``: radius of the regions around the seed rotations (default
-    :func:`default_local_range_deg`). Seeds (:func:`seed_rotations`): the cells holding ``seed_mass`` of the
-    predicted probability, at most ``max_seed_cells``; ``seed_mass=None``: the prediction's top-K rotations (the
-    first ``top_k`` when given); ``"auto"``: ``DEFAULT_SEED_MASS`` for ``cells``, the top-K for ``balls`` (every
-    seed there adds a whole per-particle lattice). ``method``: ``cells`` or ``balls``. ``fallback``: ``"auto"``
-    (z < ``AUTO_FALLBACK_Z``), ``"none"``/None, or a z threshold (:func:`fallback_threshold`). ``noise``: a given
-    noise model and reference scale (default: estimated from up to 1000 of the particles, as
-    :func:`assign_poses`; the fit z-score shifts by about ``-ε·sqrt(2E)`` for a scale off by a fraction ε, so
-    sets of a few dozen particles, whose scale estimate is a few % off, are better given one from more).
-    Returns a :class:`DeepPriorAssignment`; ``timings["scored_rotations_per_particle"]`` and ``timings["total_s"]``
-    measure the whole work (compare with a global :func:`assign_poses`).
+    ``prediction``: :func:`~bayespose.core.deep.predict_poses` of the same particles. ``search``: grid,
+    refinement, shift and device settings (``healpix_order``/``refine_levels`` for ``cells`` and for the
+    fallback; ``local_step_deg`` (default range / 3) for ``balls``; ``symmetry`` default the prediction's).
+    ``config``: seeds, regions and fallback (:class:`DeepPriorSearch`; default: adaptive seeds on cells, check at
+    ``AUTO_FALLBACK_Z``). ``images`` (N, D, D): the particle images if in memory. ``noise``: a given noise model
+    and reference scale (default: estimated from up to 1000 of the particles, as :func:`assign_poses`; the fit
+    z-score shifts by about ``-ε·sqrt(2E)`` for a scale off by a fraction ε, so sets of a few dozen particles,
+    whose scale estimate is a few % off, are better given one from more). ``progress(done, total)``: after each
+    batch of either search. Returns a :class:`DeepPriorAssignment`; ``timings["scored_rotations_per_particle"]``
+    and ``timings["total_s"]`` measure the whole work (compare with a global :func:`assign_poses`).
     """
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    threshold = fallback_threshold(fallback)
+    config = config or DeepPriorSearch()
     n = len(particles)
     if len(prediction) != n:
         raise ValueError(f"prediction has {len(prediction)} particles, the set {n}")
     if images is not None and len(images) != n:
         raise ValueError(f"{len(images)} images for {n} particles")
-    if isinstance(seed_mass, str):
-        if seed_mass != "auto":
-            raise ValueError(f"seed_mass must be a fraction in (0, 1], None or 'auto', got {seed_mass!r}")
-        seed_mass = DEFAULT_SEED_MASS if method == "cells" else None
-    centres, counts = seed_rotations(prediction, seed_mass, max_seed_cells, top_k)
-    range_deg = float(local_range_deg) if local_range_deg is not None else default_local_range_deg(prediction,
-                                                                                                   method)
-    if not 0 < range_deg <= 90:
-        raise ValueError(f"local range must be in (0, 90] degrees, got {range_deg}")
     search = search or PoseSearch()
     symmetry = search.symmetry if search.symmetry.upper() != "C1" else prediction.symmetry
+    # the engine centres the shift lattice on the input origins (zeros when the particles have none)
+    target = particles if particles.origins_A is not None else replace(particles, origins_A=np.zeros((n, 2)))
+    deep, deep_search, counts = _search_predicted_regions(target, prediction, volume, search, config, symmetry,
+                                                          images, noise, progress)
+    t_deep = time.perf_counter() - t_start
+    values = {f.name: getattr(deep, f.name) for f in fields(PoseAssignment)}
+    values.update(deep_confidence=np.asarray(prediction.confidence, dtype=np.float64),
+                  deep_top_probability=np.asarray(prediction.top_probabilities[:, 0], dtype=np.float64),
+                  deep_fallback=np.zeros(n, dtype=bool), seed_counts=counts)
+    result = DeepPriorAssignment(**values)
+    timings = dict(deep.timings)
+    timings.update(scoring_gflop=_gflop(deep.timings), deep_s=t_deep, fit_s=0.0,
+                   fallback_s=0.0, fallback_particles=0, fallback_scored_rotations=0.0,
+                   deep_scored_rotations_per_particle=deep.timings["scored_rotations_per_particle"])
+    result.timings = timings
+    if config.fallback_z is not None:
+        _verify_and_fall_back(result, target, volume, search, config, deep_search, symmetry, images, progress)
+    timings["scored_rotations_per_particle"] = (timings["deep_scored_rotations_per_particle"]
+                                                + timings["fallback_scored_rotations"] / n)
+    timings["total_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _search_predicted_regions(
+        target: ParticleSet, prediction: PosePrediction, volume: np.ndarray, search: PoseSearch,
+        config: DeepPriorSearch, symmetry: str, images: np.ndarray | None, noise: NoiseModel | None,
+        progress: Callable[[int, int], None] | None) -> tuple[PoseAssignment, PoseSearch, np.ndarray]:
+    """Stages 1-2 (module doc): the deep-prior assignment, the engine settings it ran with and the seed counts."""
+    centres, counts = seed_rotations(prediction, config.seed_mass, config.max_seed_cells, config.top_k)
+    range_deg = (float(config.local_range_deg) if config.local_range_deg is not None
+                 else default_local_range_deg(prediction, config.method))
     if prediction.log_probabilities is not None:
         prior = GridPrior(int(prediction.grid_order), prediction.log_probabilities)
     else:
         prior = IGSO3Prior(np.asarray(prediction.rotations, dtype=np.float64), math.radians(range_deg) / 3.0)
-    # the engine centres the shift lattice on the input origins (zeros when the particles have none)
-    target = particles if particles.origins_A is not None else replace(particles, origins_A=np.zeros((n, 2)))
-    if method == "cells":
+    if config.method == "cells":
         deep_search = replace(search, local_range_deg=None, symmetry=symmetry)
         seeds = cells_near(centres, deep_search.healpix_order, range_deg)
         deep = assign_poses(target, volume, deep_search, prior, images=images, noise=noise, progress=progress,
@@ -357,42 +402,38 @@ def deep_prior_assign(particles: ParticleSet, prediction: PosePrediction, volume
                               local_step_deg=search.local_step_deg or range_deg / 3.0, symmetry=symmetry)
         deep = assign_poses(target, volume, deep_search, prior, images=images, noise=noise, progress=progress,
                             centers=centres)
-    t_deep = time.perf_counter() - t_start
-    result = DeepPriorAssignment(**{f.name: getattr(deep, f.name) for f in fields(PoseAssignment)},
-                                 fallback=np.zeros(n, dtype=bool), seed_counts=counts)
-    timings = dict(deep.timings)
-    timings.update(scoring_gflop=_gflop(deep.timings), deep_s=t_deep, fit_s=0.0, fallback_s=0.0,
-                   fallback_particles=0, fallback_scored_rotations=0.0,
-                   deep_scored_rotations_per_particle=deep.timings["scored_rotations_per_particle"])
-    result.timings = timings
-    if threshold is None:
-        timings["total_s"] = time.perf_counter() - t_start
-        return result
+    return deep, deep_search, counts
+
+
+def _verify_and_fall_back(result: DeepPriorAssignment, target: ParticleSet, volume: np.ndarray,
+                          search: PoseSearch, config: DeepPriorSearch, deep_search: PoseSearch, symmetry: str,
+                          images: np.ndarray | None, progress: Callable[[int, int], None] | None) -> None:
+    """Stage 3 (module doc): the fit z-scores of the deep-prior poses, and the global search (results written
+    into ``result``'s rows, timings added) for the particles below ``config.fallback_z``."""
+    timings, n = result.timings, len(target)
     t0 = time.perf_counter()
     # the best-fitting searched pose (the MLE of the searched set, prior left out): does the region hold the data?
-    fit = fit_zscores(target, volume, deep.mle_rotations, deep.mle_origins_A, deep.noise,
-                      deep.timings["radii_px"][-1], images, search.device,
-                      tolerance_deg=final_spacing_deg(deep_search, method) / 2.0)
-    result.fit_z = fit.z
+    fit = fit_zscores(target, volume, result.mle_rotations, result.mle_origins_A, result.noise,
+                      timings["radii_px"][-1], images, search.device,
+                      tolerance_deg=final_spacing_deg(deep_search, config.method) / 2.0)
+    result.deep_fit_z = fit.z
     timings["fit_s"] = time.perf_counter() - t0
-    rows = np.flatnonzero(fit.z < threshold)
-    if len(rows):
-        t0 = time.perf_counter()
-        glob = _global_assign(target, rows, volume, replace(search, local_range_deg=None, symmetry=symmetry),
-                              images, deep.noise, progress, n)
-        for name in _PER_PARTICLE:
-            getattr(result, name)[rows] = getattr(glob, name)
-        result.fallback[rows] = True
-        timings.update(fallback_s=time.perf_counter() - t0, fallback_particles=int(len(rows)),
-                       fallback_scored_rotations=glob.timings["scored_rotations_per_particle"] * len(rows),
-                       setup_s=deep.timings["setup_s"] + glob.timings["setup_s"],
-                       scoring_s=deep.timings["scoring_s"] + glob.timings["scoring_s"])
-        timings["scoring_gflop"] = _gflop(deep.timings) + _gflop(glob.timings)
-        timings["scoring_gflops"] = timings["scoring_gflop"] / max(timings["scoring_s"], 1e-9)
-    timings["scored_rotations_per_particle"] = (timings["deep_scored_rotations_per_particle"]
-                                                + timings["fallback_scored_rotations"] / n)
-    timings["total_s"] = time.perf_counter() - t_start
-    return result
+    rows = np.flatnonzero(fit.z < config.fallback_z)
+    if not len(rows):
+        return
+    t0 = time.perf_counter()
+    glob = _global_assign(target, rows, volume, replace(search, local_range_deg=None, symmetry=symmetry),
+                          images, result.noise, progress, n)
+    for name in _PER_PARTICLE:
+        getattr(result, name)[rows] = getattr(glob, name)
+    result.deep_fallback[rows] = True
+    deep_gflop = timings["scoring_gflop"]
+    timings.update(fallback_s=time.perf_counter() - t0, fallback_particles=int(len(rows)),
+                   fallback_scored_rotations=glob.timings["scored_rotations_per_particle"] * len(rows),
+                   setup_s=timings["setup_s"] + glob.timings["setup_s"],
+                   scoring_s=timings["scoring_s"] + glob.timings["scoring_s"])
+    timings["scoring_gflop"] = deep_gflop + _gflop(glob.timings)
+    timings["scoring_gflops"] = timings["scoring_gflop"] / max(timings["scoring_s"], 1e-9)
 
 
 def _gflop(timings: dict) -> float:

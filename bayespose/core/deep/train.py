@@ -14,7 +14,9 @@ epoch runs over the shuffled training set with in-plane rotation (uniform 0-360�
 each epoch the validation loss and the validation angular errors of the predicted modes (symmetry-aware) are
 logged. The checkpoint ``out_path`` is rewritten atomically whenever the validation loss improves; training stops
 after ``patience`` epochs without improvement or at ``epochs``. A resumable state (model, optimiser, random
-generators, split, history) is written atomically after every epoch to ``<out_path stem>.last.pt`` next to it.
+generators, split, history, the TrainConfig and the :func:`training_fingerprint` of the particles) is written
+atomically after every epoch to ``<out_path stem>.last.pt`` next to it; a resume continues the run exactly (the
+same numbers as an uninterrupted one) and is refused for other particles or settings.
 
 Checkpoint (one ``torch.save`` dict, readable without bayespose's classes): ``format``, ``model`` (type),
 ``state_dict``, ``config`` (TrainConfig as dict), ``model_options``, ``box`` (px of the training particles),
@@ -25,6 +27,7 @@ Checkpoint (one ``torch.save`` dict, readable without bayespose's classes): ``fo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -35,25 +38,25 @@ import numpy as np
 import torch
 
 from bayespose.core.deep.data import (
-    CTF_CORRECTIONS,
     grid_targets,
     inplane_rotation_matrix,
     preprocess_images,
     rotate_shift_images,
     symmetry_quaternions,
 )
-from bayespose.core.deep.models import MODEL_TYPES, build_model
+from bayespose.core.deep.models import build_model
 from bayespose.core.deep.predict import predict_from_inputs
+from bayespose.core.deep.vocabulary import CTF_CORRECTIONS, MODEL_TYPES, CtfCorrection, ModelType
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.priors import GridPrior
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.atomic import atomic_file
 from bayespose.core.io.mrc import read_images
-from bayespose.core.runtime import choose_device
+from bayespose.core.runtime import choose_device, torch_threads
 
 __all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "train_pose_network", "load_pose_network",
-           "last_state_path", "CHECKPOINT_FORMAT"]
+           "last_state_path", "training_fingerprint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "bayespose-pose-network-1"
 
@@ -70,7 +73,7 @@ class TrainConfig:
     the random shifts (px of the network box) of the augmentation.
     """
 
-    model: str = "so3grid"
+    model: ModelType = "so3grid"
     net_box: int = 32
     epochs: int = 30
     batch_size: int = 64
@@ -80,7 +83,7 @@ class TrainConfig:
     symmetry: str = "C1"
     grid_order: int = 2
     augment: bool = True
-    ctf_correction: str = "phase_flip"
+    ctf_correction: CtfCorrection = "phase_flip"
     seed: int = 0
     device: str | None = None
     threads: int | None = None
@@ -195,16 +198,16 @@ def _make_model(config: TrainConfig) -> torch.nn.Module:
     return build_model(config.model, config.net_box, config.grid_order, **config.model_options())
 
 
-def _checkpoint(model, config, particles: ParticleSet, history, best_epoch, train_idx, val_idx) -> dict:
+def _checkpoint(run: _Run, config: TrainConfig, particles: ParticleSet) -> dict:
     return {
         "format": CHECKPOINT_FORMAT, "model": config.model,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()},
         "config": asdict(config), "model_options": config.model_options(), "box": int(particles.box),
         "pixel_size": float(particles.pixel_size),
         "net_pixel_size": float(particles.pixel_size) * particles.box / config.net_box,
-        "symmetry": config.symmetry, "grid_order": int(config.grid_order), "history": list(history),
-        "best_epoch": int(best_epoch), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
-        "val_idx": np.asarray(val_idx, dtype=np.int64).tolist(),
+        "symmetry": config.symmetry, "grid_order": int(config.grid_order), "history": list(run.history),
+        "best_epoch": int(run.best_epoch), "n_train": int(len(run.train_idx)), "n_val": int(len(run.val_idx)),
+        "val_idx": np.asarray(run.val_idx, dtype=np.int64).tolist(),
         "bayespose_version": _version(),
     }
 
@@ -224,6 +227,174 @@ def _evaluate(model, task: _Task, network_like, inputs: torch.Tensor, rotations:
     return total / max(len(inputs), 1), errors
 
 
+# ------------------------------------------------------------------------------------------- resumable state
+def training_fingerprint(particles: ParticleSet) -> dict:
+    """What identifies a training set: particle count, box (px), pixel size (Å/px) and SHA-256 digests of the
+    image references (file names + 0-based indices, in order), of the poses (RELION ``A`` rotations rounded to
+    1e-6 and origins in Å rounded to 1e-4) and of the CTF parameters (None without CTF). Stored in the resumable
+    state, so that a resume on other particles is refused (:func:`train_pose_network`)."""
+
+    def digest(*arrays) -> str:
+        h = hashlib.sha256()
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    files = "\n".join(str(f) for f in np.asarray(particles.image_files)).encode()
+    rotations = np.round(np.asarray(particles.rotations, dtype=np.float64), 6) + 0.0  # + 0.0: no negative zeros
+    origins = particles.origins_A if particles.origins_A is not None else np.zeros((len(particles), 2))
+    ctf = particles.ctf
+    return {
+        "particles": len(particles), "box": int(particles.box), "pixel_size": float(particles.pixel_size),
+        "images": digest(np.frombuffer(files, dtype=np.uint8), np.asarray(particles.image_indices, dtype=np.int64)),
+        "poses": digest(rotations, np.round(np.asarray(origins, dtype=np.float64), 4) + 0.0),
+        "ctf": None if ctf is None else digest(*(np.asarray(getattr(ctf, f.name), dtype=np.float64)
+                                                 for f in fields(ctf))),
+    }
+
+
+_FINGERPRINT_WORDS = {"particles": "number of particles", "box": "box (px)", "pixel_size": "pixel size (Å/px)",
+                      "images": "image files or indices", "poses": "poses", "ctf": "CTF parameters"}
+# settings that may change between an interrupted run and its resume (the others change what is trained)
+_RESUMABLE_CHANGES = ("epochs", "patience", "device", "threads")
+
+
+def _resume_differences(state: dict, config: TrainConfig, fingerprint: dict) -> list[str]:
+    """What differs between a saved state and this run: training particles (fingerprint) and settings."""
+    differences = []
+    saved = state["fingerprint"]
+    for key, word in _FINGERPRINT_WORDS.items():
+        if saved.get(key) != fingerprint[key]:
+            is_digest = key in ("images", "poses", "ctf")
+            differences.append(word if is_digest else f"{word} {saved.get(key)!r} -> {fingerprint[key]!r}")
+    before, now = asdict(TrainConfig.from_dict(state["config"])), asdict(config)
+    differences += [f"{name} {before[name]!r} -> {now[name]!r}" for name in now
+                    if name not in _RESUMABLE_CHANGES and before[name] != now[name]]
+    return differences
+
+
+def _load_resumable(last_path: Path, config: TrainConfig, particles: ParticleSet) -> dict:
+    """The saved state at ``last_path`` after checking that it belongs to these particles and settings (one-line
+    ``ValueError`` naming what differs otherwise)."""
+    state = torch.load(last_path, map_location="cpu", weights_only=False)
+    if "fingerprint" not in state:
+        raise ValueError(f"cannot resume {last_path}: it was written by an older bayespose that did not record its "
+                         "training particles; remove it to train afresh")
+    differences = _resume_differences(state, config, training_fingerprint(particles))
+    if differences:
+        raise ValueError(f"cannot resume {last_path}: it was trained on other particles or settings "
+                         f"({'; '.join(differences)}); only epochs and patience may change, or remove it to "
+                         "train afresh")
+    return state
+
+
+@dataclass
+class _Run:
+    """What a training run changes epoch by epoch (saved in the resumable state): the model, the optimiser, the
+    numpy generator (batch order, augmentation), the split, the history and the early-stopping counters."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    rng: np.random.Generator
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    best_val: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    epoch: int = 0  # the last completed epoch
+
+    def state(self, config: TrainConfig, fingerprint: dict) -> dict:
+        """The resumable state (``<stem>.last.pt``)."""
+        return {"config": asdict(config), "state_dict": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "history": self.history,
+                "best_val": self.best_val, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "val_idx": self.val_idx, "train_idx": self.train_idx, "n_particles": fingerprint["particles"],
+                "fingerprint": fingerprint, "numpy_rng": self.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state()}
+
+
+def _start_run(config: TrainConfig, n: int, device, state: dict | None) -> _Run:
+    """A new run (seeded: the split, then the initial weights) or, with a saved ``state``, the interrupted one."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    perm = rng.permutation(n)
+    n_val = min(max(1, int(round(config.val_fraction * n))), n - 1)
+    model = _make_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    run = _Run(model=model, optimizer=optimizer, rng=rng, train_idx=perm[n_val:], val_idx=np.sort(perm[:n_val]))
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        run.val_idx, run.train_idx = np.asarray(state["val_idx"]), np.asarray(state["train_idx"])
+        run.history = list(state["history"])
+        run.best_val, run.best_epoch, run.bad_epochs = state["best_val"], state["best_epoch"], state["bad_epochs"]
+        run.epoch = int(state["epoch"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+    return run
+
+
+def _train_epoch(run: _Run, task: _Task, inputs: torch.Tensor, rotations: np.ndarray, config: TrainConfig,
+                 device, callback: Callable[[int, int], None] | None) -> float:
+    """One pass over the shuffled training set with in-plane augmentation; the mean training loss."""
+    run.model.train()
+    order = run.rng.permutation(run.train_idx)
+    total, count = 0.0, 0
+    n_batches = -(-len(order) // config.batch_size)
+    for b in range(n_batches):
+        idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+        if len(idx) < 2 and count:  # BatchNorm needs two samples; a lone last sample is skipped
+            continue
+        x, rot = inputs[idx], rotations[idx]
+        if config.augment:
+            angle = run.rng.uniform(0.0, 360.0, len(idx))
+            shift = run.rng.uniform(-config.shift_augment_px, config.shift_augment_px, (len(idx), 2))
+            x = rotate_shift_images(x, angle, shift)
+            rot = inplane_rotation_matrix(angle) @ rot
+        out = run.model(x.to(device))
+        loss = task.loss(out, task.targets(rot).to(device))
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+        if callback:
+            callback(b + 1, n_batches)
+    return total / max(count, 1)
+
+
+def _validate_epoch(run: _Run, task: _Task, network_like: PoseNetwork, inputs: torch.Tensor, rotations: np.ndarray,
+                    config: TrainConfig, device, train_loss: float, seconds_from: float) -> tuple[dict, bool]:
+    """Validation of the epoch just trained: its history row (appended) and whether the loss improved (then the
+    early-stopping counters are reset, else advanced)."""
+    val_loss, errors = _evaluate(run.model, task, network_like, inputs[run.val_idx], rotations[run.val_idx],
+                                 config.batch_size, device)
+    row = {"epoch": run.epoch, "train_loss": train_loss, "val_loss": val_loss,
+           "val_mean_error_deg": float(np.mean(errors)), "val_median_error_deg": float(np.median(errors)),
+           "seconds": time.perf_counter() - seconds_from}
+    run.history.append(row)
+    improved = val_loss < run.best_val - 1e-7
+    if improved:
+        run.best_val, run.best_epoch, run.bad_epochs = val_loss, run.epoch, 0
+    else:
+        run.bad_epochs += 1
+    return row, improved
+
+
+def _check_training_inputs(particles: ParticleSet, config: TrainConfig, images: np.ndarray | None) -> None:
+    config.validate()
+    if not particles.has_alignment:
+        raise ValueError("training a pose network needs particles with poses (angles); these have none")
+    if len(particles) < 4:
+        raise ValueError(f"need at least 4 particles to train (a training and a validation set), got "
+                         f"{len(particles)}")
+    if images is not None and len(images) != len(particles):
+        raise ValueError(f"{len(images)} images for {len(particles)} particles")
+
+
 def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: str | Path,
                        images: np.ndarray | None = None, log: Callable[[str], None] | None = print,
                        progress: Callable[[str], Callable[[int, int], None]] | None = None,
@@ -232,125 +403,61 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
 
     ``images`` (N, D, D): the particle images if in memory (else read from their files). ``log``: one line per
     epoch (None: silent). ``progress(label)`` returns a ``callback(done, total)`` called after each training
-    batch (label ``"epoch E"``). ``resume``: continue from ``<stem>.last.pt`` if present (same data and config;
-    ``epochs`` and ``patience`` may be raised). See the module doc for losses, augmentation and files.
+    batch (label ``"epoch E"``). ``resume``: continue from ``<stem>.last.pt`` if present; it must come from the
+    same particles (:func:`training_fingerprint`) and settings, only ``epochs`` and ``patience`` (and the device
+    and threads) may change, else a ``ValueError`` names what differs before the images are read or any file
+    is written. See the module doc for losses, augmentation and files.
     """
-    config.validate()
-    if not particles.has_alignment:
-        raise ValueError("training a pose network needs particles with poses (angles); these have none")
-    n = len(particles)
-    if n < 4:
-        raise ValueError(f"need at least 4 particles to train (a training and a validation set), got {n}")
-    if images is not None and len(images) != n:
-        raise ValueError(f"{len(images)} images for {n} particles")
-    device = choose_device(config.device)
-    if config.threads:
-        torch.set_num_threads(int(config.threads))
+    _check_training_inputs(particles, config, images)
     out_path = Path(out_path)
     last_path = last_state_path(out_path)
     log = log or (lambda _line: None)
-
-    t_setup = time.perf_counter()
-    imgs = images if images is not None else read_images(particles)
-    inputs = preprocess_images(imgs, particles, None, config.net_box, config.ctf_correction)
-    rotations = np.asarray(particles.rotations, dtype=np.float64)
-    task = _Task(config)
-
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    perm = rng.permutation(n)
-    n_val = min(max(1, int(round(config.val_fraction * n))), n - 1)
-    val_idx, train_idx = np.sort(perm[:n_val]), perm[n_val:]
-    model = _make_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    history: list[dict] = []
-    best_val, best_epoch, bad_epochs, start_epoch = math.inf, 0, 0, 1
-
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        saved = TrainConfig.from_dict(state["config"])
-        for name in ("model", "net_box", "symmetry", "grid_order", "ctf_correction", "seed", "val_fraction",
-                     "lmax", "channels", "s2_channels", "so3_channels"):
-            if getattr(saved, name) != getattr(config, name):
-                raise ValueError(f"cannot resume {last_path}: {name} was {getattr(saved, name)!r}, now "
-                                 f"{getattr(config, name)!r}")
-        if state["n_particles"] != n:
-            raise ValueError(f"cannot resume {last_path}: it was trained on {state['n_particles']} particles, "
-                             f"now {n}")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        val_idx, train_idx = np.asarray(state["val_idx"]), np.asarray(state["train_idx"])
-        history = list(state["history"])
-        best_val, best_epoch, bad_epochs = state["best_val"], state["best_epoch"], state["bad_epochs"]
-        start_epoch = int(state["epoch"]) + 1
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        log(f"resuming from {last_path} after epoch {state['epoch']} (best epoch {best_epoch}, "
-            f"val loss {best_val:.4f})")
-    elif resume:
+    state = _load_resumable(last_path, config, particles) if resume and last_path.exists() else None
+    if resume and state is None:
         log(f"no saved state at {last_path}: starting afresh")
+    device = choose_device(config.device)
+    with torch_threads(config.threads):
+        t_setup = time.perf_counter()
+        imgs = images if images is not None else read_images(particles)
+        inputs = preprocess_images(imgs, particles, None, config.net_box, config.ctf_correction)
+        rotations = np.asarray(particles.rotations, dtype=np.float64)
+        task = _Task(config)
+        run = _start_run(config, len(particles), device, state)
+        if state is not None:
+            log(f"resuming from {last_path} after epoch {run.epoch} (best epoch {run.best_epoch}, "
+                f"val loss {run.best_val:.4f})")
+        network_like = PoseNetwork(model=run.model, config=config, box=particles.box,
+                                   pixel_size=particles.pixel_size, symmetry=config.symmetry,
+                                   grid_order=config.grid_order)
+        fingerprint = training_fingerprint(particles)
+        log(f"training {config.model} on {len(run.train_idx)} particles, validating on {len(run.val_idx)} "
+            f"(net box {config.net_box} px, {device}, setup {time.perf_counter() - t_setup:.1f} s)")
+        while run.epoch < config.epochs and run.bad_epochs < config.patience:
+            t0 = time.perf_counter()
+            run.epoch += 1
+            train_loss = _train_epoch(run, task, inputs, rotations, config, device,
+                                      progress(f"epoch {run.epoch}") if progress else None)
+            row, improved = _validate_epoch(run, task, network_like, inputs, rotations, config, device,
+                                            train_loss, t0)
+            if improved:
+                _atomic_save(_checkpoint(run, config, particles), out_path)
+            log(f"epoch {run.epoch:3d}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  val "
+                f"error mean {row['val_mean_error_deg']:.1f}° median {row['val_median_error_deg']:.1f}°  "
+                f"{row['seconds']:.1f} s" + ("  *" if improved else ""))
+            _atomic_save(run.state(config, fingerprint), last_path)
+    if run.bad_epochs >= config.patience:
+        log(f"early stop: no validation improvement for {config.patience} epochs (best epoch {run.best_epoch})")
+    _finish_checkpoint(out_path, run.history)
+    return TrainResult(checkpoint=out_path, history=run.history, best_epoch=run.best_epoch)
 
-    network_like = PoseNetwork(model=model, config=config, box=particles.box, pixel_size=particles.pixel_size,
-                               symmetry=config.symmetry, grid_order=config.grid_order)
-    val_inputs, val_rot = inputs[val_idx], rotations[val_idx]
-    log(f"training {config.model} on {len(train_idx)} particles, validating on {len(val_idx)} "
-        f"(net box {config.net_box} px, {device}, setup {time.perf_counter() - t_setup:.1f} s)")
-    for epoch in range(start_epoch, config.epochs + 1):
-        if bad_epochs >= config.patience:
-            break
-        t0 = time.perf_counter()
-        model.train()
-        order = rng.permutation(train_idx)
-        callback = progress(f"epoch {epoch}") if progress else None
-        total, count = 0.0, 0
-        n_batches = -(-len(order) // config.batch_size)
-        for b in range(n_batches):
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            if len(idx) < 2 and count:  # BatchNorm needs two samples; a lone last sample is skipped
-                continue
-            x, rot = inputs[idx], rotations[idx]
-            if config.augment:
-                angle = rng.uniform(0.0, 360.0, len(idx))
-                shift = rng.uniform(-config.shift_augment_px, config.shift_augment_px, (len(idx), 2))
-                x = rotate_shift_images(x, angle, shift)
-                rot = inplane_rotation_matrix(angle) @ rot
-            out = model(x.to(device))
-            loss = task.loss(out, task.targets(rot).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-            if callback:
-                callback(b + 1, n_batches)
-        val_loss, errors = _evaluate(model, task, network_like, val_inputs, val_rot, config.batch_size, device)
-        row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss,
-               "val_mean_error_deg": float(np.mean(errors)), "val_median_error_deg": float(np.median(errors)),
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        improved = val_loss < best_val - 1e-7
-        if improved:
-            best_val, best_epoch, bad_epochs = val_loss, epoch, 0
-            _atomic_save(_checkpoint(model, config, particles, history, best_epoch, train_idx, val_idx), out_path)
-        else:
-            bad_epochs += 1
-        log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  val error mean "
-            f"{row['val_mean_error_deg']:.1f}° median {row['val_median_error_deg']:.1f}°  {row['seconds']:.1f} s"
-            + ("  *" if improved else ""))
-        state = {"config": asdict(config), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "history": history, "best_val": best_val, "best_epoch": best_epoch,
-                 "bad_epochs": bad_epochs, "val_idx": val_idx, "train_idx": train_idx, "n_particles": n,
-                 "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
-        _atomic_save(state, last_path)
-    if bad_epochs >= config.patience:
-        log(f"early stop: no validation improvement for {config.patience} epochs (best epoch {best_epoch})")
+
+def _finish_checkpoint(out_path: Path, history: list[dict]) -> None:
+    """The checkpoint holds the history up to its best epoch; give it the whole history."""
     if not out_path.exists():
         raise RuntimeError(f"no checkpoint was written to {out_path}")
-    # the checkpoint holds the history up to its best epoch; give it the whole history
     ckpt = torch.load(out_path, map_location="cpu", weights_only=False)
     ckpt["history"] = list(history)
     _atomic_save(ckpt, out_path)
-    return TrainResult(checkpoint=out_path, history=history, best_epoch=best_epoch)
 
 
 def load_pose_network(path: str | Path, device=None) -> PoseNetwork:

@@ -7,7 +7,15 @@ import torch
 from e3nn import o3
 
 from bayespose.core.deep.data import inplane_rotation_matrix, symmetry_quaternions
-from bayespose.core.deep.models import QuaternionNet, SO3GridNet, flat_wigner_of, relion_to_e3nn, wigner_D_fast
+from bayespose.core.deep.models import (
+    QuaternionNet,
+    SO3Activation,
+    SO3GridNet,
+    beta_quadrature_weights,
+    flat_wigner_of,
+    relion_to_e3nn,
+    wigner_D_fast,
+)
 from bayespose.core.deep.train import TrainConfig, _Task
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.rotations import random_rotations
@@ -103,3 +111,29 @@ def test_quaternion_net_outputs_unit_quaternions():
     with torch.no_grad():
         q = net(torch.randn(4, 32, 32))
     np.testing.assert_allclose(q.norm(dim=1).numpy(), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("res_beta", [2, 4, 6, 10, 14])
+def test_beta_quadrature_integrates_polynomials_exactly(res_beta):
+    """sum_j w_j cos(beta_j)^m = ∫ cos(β)^m sin(β)/2 dβ over [0, π] (1/(m+1) for even m, 0 for odd m) for every
+    m < res_beta, and not for m = res_beta (the rule is exact to that degree, no further)."""
+    w = beta_quadrature_weights(res_beta)
+    beta = np.pi * (np.arange(res_beta) + 0.5) / res_beta
+    for m in range(res_beta):
+        exact = 1.0 / (m + 1) if m % 2 == 0 else 0.0
+        assert float(w @ np.cos(beta) ** m) == pytest.approx(exact, abs=1e-13), m
+    assert abs(float(w @ np.cos(beta) ** res_beta) - 1.0 / (res_beta + 1)) > 1e-9
+    with pytest.raises(ValueError, match="even"):
+        beta_quadrature_weights(5)
+
+
+@pytest.mark.parametrize("lmax", [1, 3, 6])
+def test_so3_activation_quadrature_makes_wigner_matrices_orthonormal(lmax):
+    """On the activation's grid, the weighted sums of products of the Wigner matrices sqrt(2l+1) D^l_mn are their
+    Haar integrals (Schur orthogonality): the identity. So the activation with the identity function returns its
+    input coefficients (up to e3nn's normalize2mom constant, 1 for the identity)."""
+    act = SO3Activation(lmax, lambda x: x, lmax + 1)
+    gram = (act.D.double() * act.qw.double()[:, None]).T @ act.D.double()
+    np.testing.assert_allclose(gram.numpy(), np.eye(act.D.shape[1]), atol=2e-6)
+    x = torch.randn(3, act.D.shape[1])
+    np.testing.assert_allclose(act(x).numpy(), x.numpy(), atol=1e-3, rtol=1e-3)

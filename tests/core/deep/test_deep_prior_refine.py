@@ -10,6 +10,7 @@ from bayespose.core.deep import PosePrediction
 from bayespose.core.deep.prior_refine import (
     AUTO_FALLBACK_Z,
     DeepPriorAssignment,
+    DeepPriorSearch,
     deep_prior_assign,
     fallback_threshold,
     fit_zscores,
@@ -97,32 +98,35 @@ def test_wrong_prediction_falls_back_to_the_global_result_and_right_ones_do_not(
     centres = np.where(wrong[:, None, None], FLIP @ particles.rotations, particles.rotations)
     pred = _prediction(centres)
     search = PoseSearch(shift_range_px=0.0, threads=1)
-    plain = deep_prior_assign(particles, pred, volume, search, images=images, fallback="none", noise=noise)
+    plain = deep_prior_assign(particles, pred, volume, search, DeepPriorSearch(fallback_z=None), images=images,
+                              noise=noise)
     err_plain = geodesic_distance_deg(plain.mmse_rotations, particles.rotations)
     assert (err_plain[wrong] > 60).all(), err_plain  # the setup: the true pose is never searched
-    assert plain.fallback is not None and not plain.fallback.any() and plain.fit_z is None
+    assert plain.deep_fallback is not None and not plain.deep_fallback.any() and plain.deep_fit_z is None
 
-    res = deep_prior_assign(particles, pred, volume, search, images=images, noise=noise)  # fallback "auto"
+    res = deep_prior_assign(particles, pred, volume, search, images=images, noise=noise)  # fallback_z AUTO
     assert isinstance(res, DeepPriorAssignment)
-    assert res.fallback[wrong].all(), res.fit_z
-    assert (res.fit_z[wrong] < AUTO_FALLBACK_Z).all()
-    assert res.fallback[~wrong].sum() <= 1, res.fit_z  # a right prediction does not fall back (noise: at most 1)
+    assert res.deep_fallback[wrong].all(), res.deep_fit_z
+    assert (res.deep_fit_z[wrong] < AUTO_FALLBACK_Z).all()
+    assert res.deep_fallback[~wrong].sum() <= 1, res.deep_fit_z  # a right prediction stays (noise: at most 1)
     glob = assign_poses(particles.subset(np.flatnonzero(wrong)), volume, search, images=images[wrong],
                         noise=res.noise)
     np.testing.assert_allclose(res.mmse_rotations[wrong], glob.mmse_rotations, atol=1e-4)
     np.testing.assert_allclose(res.log_evidence[wrong], glob.log_evidence, rtol=1e-5)
     err = geodesic_distance_deg(res.mmse_rotations, particles.rotations)
     assert np.median(err) < 6.0 and err.max() < 15.0, err
-    kept = ~res.fallback
+    kept = ~res.deep_fallback
     np.testing.assert_allclose(res.mmse_rotations[kept], plain.mmse_rotations[kept], atol=1e-6)
     # the work: the deep-prior search plus the global search of the fallen-back particles
     per_global = glob.timings["scored_rotations_per_particle"]
-    expected = plain.timings["scored_rotations_per_particle"] + res.fallback.sum() * per_global / n
+    expected = plain.timings["scored_rotations_per_particle"] + res.deep_fallback.sum() * per_global / n
     assert res.timings["scored_rotations_per_particle"] == pytest.approx(expected, rel=0.02)
-    assert res.timings["fallback_particles"] == res.fallback.sum()
+    assert res.timings["fallback_particles"] == res.deep_fallback.sum()
     out = res.to_particle_set(particles)
-    np.testing.assert_array_equal(out.extra["bpDeepFallback"], res.fallback.astype(int))
-    np.testing.assert_allclose(out.extra["bpDeepFitZ"], res.fit_z)
+    np.testing.assert_array_equal(out.extra["bpDeepFallback"], res.deep_fallback.astype(int))
+    np.testing.assert_allclose(out.extra["bpDeepFitZ"], res.deep_fit_z)
+    np.testing.assert_allclose(out.extra["bpDeepConfidence"], pred.confidence)
+    np.testing.assert_allclose(out.extra["bpDeepTopProbability"], pred.top_probabilities[:, 0])
 
 
 def test_fallback_keeps_the_shift_search_around_the_input_origins(tmp_path):
@@ -134,8 +138,8 @@ def test_fallback_keeps_the_shift_search_around_the_input_origins(tmp_path):
     volume, _ = read_map(fragment_map_path())
     pred = _prediction(FLIP @ particles.rotations)  # every prediction wrong
     search = PoseSearch(shift_range_px=1.0, threads=1)
-    res = deep_prior_assign(particles, pred, volume, search, images=images, fallback=0.0)
-    assert res.fallback.all()
+    res = deep_prior_assign(particles, pred, volume, search, DeepPriorSearch(fallback_z=0.0), images=images)
+    assert res.deep_fallback.all()
     assert np.median(geodesic_distance_deg(res.mmse_rotations, particles.rotations)) < 8.0
     np.testing.assert_allclose(res.mmse_origins_A, particles.origins_A, atol=1.0 * particles.pixel_size)
 
@@ -174,7 +178,11 @@ def test_bad_settings_are_rejected(particle_set):
     pred = _prediction(particles.rotations)
     with pytest.raises(ValueError, match="seed_mass"):
         seed_rotations(pred, seed_mass=1.5)
-    with pytest.raises(ValueError, match="fallback"):
-        deep_prior_assign(particles, pred, volume, PoseSearch(threads=1), images=images, fallback="maybe")
+    for bad, word in ((dict(fallback_z="maybe"), "fallback"), (dict(fallback_z=float("inf")), "fallback"),
+                      (dict(seed_mass=0.0), "seed_mass"), (dict(seed_mass="auto"), "seed_mass"),
+                      (dict(method="ball"), "method"), (dict(local_range_deg=120.0), "local range"),
+                      (dict(top_k=0), "top_k"), (dict(max_seed_cells=0), "max_seed_cells")):
+        with pytest.raises(ValueError, match=word):
+            DeepPriorSearch(**bad)
     with pytest.raises(ValueError, match="rotation"):
         fit_zscores(particles, volume, particles.rotations[:2], None, None, 10.0, images)

@@ -8,6 +8,7 @@ import pytest
 
 from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.deep import (
+    DeepPriorSearch,
     TrainConfig,
     deep_prior_assign,
     last_state_path,
@@ -119,6 +120,34 @@ def test_resume_equals_uninterrupted_training(training_set, tmp_path):
                            tmp_path / "b.pt", images=images[sub], log=None, resume=True)
 
 
+def test_resume_refuses_other_particles_or_settings_before_writing_anything(training_set, tmp_path):
+    """A resume must continue the same training: other particles (even as many), other poses of the same images
+    or other settings are refused with one line naming what differs, and the checkpoint and the saved state are
+    left as they were; the same particles and settings with more epochs resume."""
+    from dataclasses import replace
+
+    particles, images, _ = training_set
+    cfg = dict(QUATERNION, channels=8, batch_size=16, epochs=1)
+    first, other = np.arange(48), np.arange(48, 96)
+    out = tmp_path / "net.pt"
+    train_pose_network(particles.subset(first), TrainConfig(**cfg), out, images=images[first], log=None)
+    written = {path: path.read_bytes() for path in (out, last_state_path(out))}
+    more = TrainConfig(**dict(cfg, epochs=2))
+    with pytest.raises(ValueError, match=r"cannot resume .*\(image files or indices; poses; CTF parameters\)"):
+        train_pose_network(particles.subset(other), more, out, images=images[other], log=None, resume=True)
+    turned = replace(particles.subset(first), rotations=inplane_rotation_matrix(90.0) @ particles.rotations[first])
+    with pytest.raises(ValueError, match=r"cannot resume .*\(poses\)"):
+        train_pose_network(turned, more, out, images=images[first], log=None, resume=True)
+    with pytest.raises(ValueError, match=r"\(learning_rate 0.001 -> 0.002; augment True -> False\)"):
+        train_pose_network(particles.subset(first), TrainConfig(**dict(cfg, epochs=2, learning_rate=2e-3,
+                                                                            augment=False)),
+                           out, images=images[first], log=None, resume=True)
+    assert sorted(tmp_path.iterdir()) == sorted(written)  # no temporaries left
+    assert all(path.read_bytes() == data for path, data in written.items())
+    resumed = train_pose_network(particles.subset(first), more, out, images=images[first], log=None, resume=True)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+
+
 def test_training_needs_poses(training_set, tmp_path):
     from dataclasses import replace
 
@@ -161,8 +190,9 @@ def test_deep_prior_mmse_close_to_global_at_a_fraction_of_the_rotations(so3grid_
     pred = predict_poses(net, test, images=images, top_k=8)
     e_glob = pose_error_metrics(glob.mmse_rotations, test.rotations)
     e_net = pose_error_metrics(pred.rotations, test.rotations)
-    for method, slack in (("cells", 1.0), ("balls", 2.5)):
-        deep = deep_prior_assign(test, pred, volume, search, images=images, method=method)
+    for config, slack in ((DeepPriorSearch(), 1.0), (DeepPriorSearch(method="balls", seed_mass=None), 2.5)):
+        method = config.method
+        deep = deep_prior_assign(test, pred, volume, search, config, images=images)
         e_deep = pose_error_metrics(deep.mmse_rotations, test.rotations)
         print(method, "net", e_net, "\nglobal", e_glob, glob.timings, "\ndeep", e_deep, deep.timings)
         assert e_deep["median_deg"] < e_glob["median_deg"] + slack, (method, e_deep, e_glob)

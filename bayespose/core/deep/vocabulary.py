@@ -1,0 +1,61 @@
+"""The words and numbers of deep pose prediction that the engine, the CLI and the Scipion protocols share.
+
+Defined once here (no torch: the CLI builds its argument choices from this module without loading the engine):
+
+* :data:`ModelType` (``"so3grid"``: a distribution on a HEALPix x in-plane grid; ``"quaternion"``: one regressed
+  pose) and :data:`CtfCorrection` (``"phase_flip"``: images multiplied by the sign of their CTF; ``"none"``), as
+  ``Literal`` types and as the tuples :data:`MODEL_TYPES` / :data:`CTF_CORRECTIONS` of their values;
+* :data:`SearchMethod` / :data:`SEARCH_METHODS` of deep-prior MMSE (``"cells"``, ``"balls"``,
+  :mod:`.prior_refine`) and its measured defaults :data:`DEFAULT_SEED_MASS`, :data:`DEFAULT_MAX_SEED_CELLS` and
+  :data:`AUTO_FALLBACK_Z`, and :func:`fallback_threshold` that reads a user's ``auto | none | Z``;
+* :data:`NETWORK_PIXEL_RTOL`: the relative pixel-size tolerance between a network's training particles and the
+  particles it predicts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+__all__ = ["ModelType", "MODEL_TYPES", "CtfCorrection", "CTF_CORRECTIONS", "SearchMethod", "SEARCH_METHODS",
+           "NETWORK_PIXEL_RTOL", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS", "AUTO_FALLBACK_Z", "fallback_threshold"]
+
+ModelType = Literal["so3grid", "quaternion"]
+MODEL_TYPES: tuple[ModelType, ...] = get_args(ModelType)
+
+CtfCorrection = Literal["phase_flip", "none"]
+CTF_CORRECTIONS: tuple[CtfCorrection, ...] = get_args(CtfCorrection)
+
+SearchMethod = Literal["cells", "balls"]
+SEARCH_METHODS: tuple[SearchMethod, ...] = get_args(SearchMethod)
+
+# A network sees Fourier-cropped images in pixel units: particles at another pixel size show the molecule at
+# another magnification, and its predictions would be silently wrong. Pixel sizes must agree within 0.1 %.
+NETWORK_PIXEL_RTOL = 1e-3
+
+# deep-prior MMSE defaults, chosen on benchmarks/deep_poses.py section 4 (benchmarks/results/deep/README.md,
+# "Deep-prior MMSE: seeds and fallback")
+DEFAULT_SEED_MASS = 0.99  # the seeds: the most probable network cells holding 99 % of the predicted probability
+DEFAULT_MAX_SEED_CELLS = 128  # ... but at most this many cells per particle
+AUTO_FALLBACK_Z = -1.5  # particles whose fit z-score is below this go to the global search
+
+
+def fallback_threshold(fallback: str | float | None) -> float | None:
+    """The z threshold (``DeepPriorSearch.fallback_z``) of a user's ``fallback`` setting: ``"auto"`` ->
+    ``AUTO_FALLBACK_Z``, ``"none"``/None -> None (no check), a finite number (or a numeric string) -> itself."""
+    if fallback is None:
+        return None
+    if isinstance(fallback, str):
+        word = fallback.strip().lower()
+        if word == "auto":
+            return AUTO_FALLBACK_Z
+        if word in ("none", "off", "no"):
+            return None
+        try:
+            fallback = float(word)
+        except ValueError:
+            raise ValueError(f"fallback must be 'auto', 'none' or a z threshold (a number), got {fallback!r}") \
+                from None
+    if isinstance(fallback, bool) or not isinstance(fallback, (int, float)) or not math.isfinite(fallback):
+        raise ValueError(f"fallback must be 'auto', 'none' or a finite z threshold, got {fallback!r}")
+    return float(fallback)
