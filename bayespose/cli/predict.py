@@ -9,10 +9,12 @@ from pathlib import Path
 from bayespose.cli._common import (
     CliError,
     check_map_matches,
+    check_outputs,
     existing_file,
     positive_float,
     positive_int,
     progress_printer,
+    usage_errors,
 )
 
 
@@ -144,6 +146,10 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     particles = read_star(args.particles)
+    check_outputs(files={"--out": args.out, "the poses figure": _prediction_pngs(args.out)[0],
+                         "the errors figure": _prediction_pngs(args.out)[1]},
+                  inputs={"--model": args.model, "--particles": args.particles, "--refine-map": args.refine_map},
+                  particles=particles)
     network = _load_network(args.model, device)
     _check_network_matches(network, particles, args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +169,8 @@ def run(args) -> int:
         search = PoseSearch(shift_range_px=args.shift_range, shift_step_px=args.shift_step,
                             max_resolution_A=args.max_res, symmetry=str(network.symmetry).upper(), device=device,
                             threads=args.threads)
-        search.validate()
+        with usage_errors():
+            search.validate()
         seeds = {} if args.seed_mass is None else {"seed_mass": None if args.seed_mass == "none" else args.seed_mass}
         result = deep_prior_assign(particles, prediction, volume, search, progress=progress_printer("refining"),
                                    local_range_deg=args.local_range, fallback=args.fallback, **seeds)
