@@ -2,17 +2,35 @@
 
 One module per sub-command (``add_parser(sub)`` builds its arguments, ``run(args)`` does the job and returns the
 exit code); :mod:`._common` holds what they share. Every sub-command calls the same core function as its
-protocol. Bad arguments end with one readable line on stderr and exit code 2, unreadable inputs or failed work
-with exit code 1; outputs are written completely or not at all.
+protocol. Errors end with one readable line on stderr (warnings too), never a traceback; :func:`main` maps them
+to exit codes in one place:
+
+* 2: a bad argument, found by the parser or afterwards (:class:`~._common.UsageError`: a value out of range, an
+  unknown symmetry or prior, an ``--out`` that would overwrite an input);
+* 1: an unreadable or inconsistent input, or failed work (:class:`~._common.CliError`, ``ValueError`` of the
+  readers, ``OSError`` such as a full disk, ``MemoryError``);
+* 130: interrupted (Ctrl-C).
+
+Outputs are written completely or not at all, also when interrupted; no command writes over its inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import warnings
 
 from bayespose.cli import assign, demo, import_cs, plot_poses, predict, refine, simulate, train
-from bayespose.cli._common import EXIT_INPUT_ERROR, EXIT_USAGE, CliError, Parser
+from bayespose.cli._common import (
+    EXIT_INPUT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CliError,
+    Parser,
+    UsageError,
+    end_progress_line,
+)
 
 COMMANDS = (simulate, import_cs, plot_poses, assign, refine, train, predict, demo)
 
@@ -30,18 +48,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        return args.func(args)
-    except (CliError, ValueError, FileNotFoundError, PermissionError, OSError) as exc:
-        sys.stderr.write(f"bayespose {args.command}: error: {exc}\n")
-        return EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        sys.stderr.write("bayespose: interrupted\n")
-        return 130
+def _os_error_message(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC and exc.filename is not None:
+        return f"no space left on the device while writing {exc.filename}; free some space or write elsewhere"
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return exc.strerror or str(exc)
 
+
+def main(argv: list[str] | None = None) -> int:
+    prog = "bayespose"
+
+    def fail(message: str, code: int) -> int:
+        end_progress_line()
+        sys.stderr.write(f"{prog}: {message}\n")
+        return code
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        end_progress_line()
+        sys.stderr.write(f"{prog}: warning: {message}\n")
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        prog = f"bayespose {args.command}"
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            return args.func(args)
+    except UsageError as exc:
+        return fail(f"error: {exc}", EXIT_USAGE)
+    except KeyboardInterrupt:
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except MemoryError as exc:
+        return fail(f"error: out of memory: {exc}", EXIT_INPUT_ERROR)
+    except OSError as exc:
+        return fail(f"error: {_os_error_message(exc)}", EXIT_INPUT_ERROR)
+    except (CliError, ValueError) as exc:
+        return fail(f"error: {exc}", EXIT_INPUT_ERROR)

@@ -1,26 +1,48 @@
 """What every ``bayespose`` sub-command shares: one-line errors and exit codes, argument types, progress output,
-and the checks of a map against its particles."""
+the check that no output overwrites an input, and the checks of a map against its particles."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 EXIT_INPUT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 MAP_PIXEL_RTOL = 0.01  # the map's and the particles' pixel sizes must agree within 1 %
 
 
 class CliError(Exception):
-    """An error to show the user as one line (no traceback)."""
+    """An error to show the user as one line (no traceback); exit code 1 (unreadable input, failed work)."""
+
+
+class UsageError(CliError):
+    """An argument value rejected after parsing (alone, or against the inputs it came with); exit code 2."""
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn the ``ValueError`` of a configuration check (``spec.validate()``, ``symmetry_group(...)``) into a
+    :class:`UsageError`: the user gave a bad argument value."""
+    try:
+        yield
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one readable line instead of usage + message
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(EXIT_USAGE)
+
+
+_progress_line = {"open": False}  # a progress bar is on stderr without its end of line
 
 
 def progress_printer(label: str):
@@ -32,11 +54,19 @@ def progress_printer(label: str):
         filled = int(width * done / max(total, 1))
         rate = done / max(time.time() - start, 1e-9)
         sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({rate:.0f}/s)")
+        _progress_line["open"] = done < total
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
     return report
+
+
+def end_progress_line() -> None:
+    """End an unfinished progress bar, so that an error message gets a line of its own."""
+    if _progress_line["open"]:
+        sys.stderr.write("\n")
+        _progress_line["open"] = False
 
 
 def existing_file(text: str) -> Path:
@@ -47,10 +77,15 @@ def existing_file(text: str) -> Path:
 
 
 def positive_int(text: str) -> int:
+    """A positive integer, also in scientific notation when it is a whole number (``1e4`` = 10000; ``1.5`` and
+    ``1e-3`` are refused)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        number = Decimal(text.strip())
+        if not number.is_finite() or number != number.to_integral_value():
+            raise InvalidOperation
+        value = int(number)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
@@ -102,3 +137,81 @@ def read_mask(mask_path: Path, shape: tuple[int, ...]):
     return mask
 
 
+def check_outputs(files: Mapping[str, Path | None] | None = None, folders: Mapping[str, Path | None] | None = None,
+                  inputs: Mapping[str, Path | None] | None = None, particles=None) -> None:
+    """Refuse, before any work, outputs that would destroy an input or cannot be written (:class:`UsageError`).
+
+    ``files`` / ``folders``: ``{label: path}`` of the output files (with the figures written next to them) and
+    output folders (replaced as a unit); ``inputs``: ``{label: path}`` of the input files; ``particles``: a
+    ParticleSet whose image stacks are inputs too. An output may not be an input, a link to one or a folder that
+    contains one; an output file may not be a folder; an output folder may not be a file, nor hold the working
+    folder (replacing it would pull it from under the shell). Missing folders above the output files are created.
+    """
+    from bayespose.core.io.atomic import refuse_overwriting_inputs
+
+    files, folders = dict(files or {}), dict(folders or {})
+    every_input = {label: path for label, path in (inputs or {}).items() if path is not None}
+    if particles is not None:
+        import numpy as np
+
+        for k, stack in enumerate(np.unique(particles.image_files.astype(str))):
+            every_input[f"image stack #{k + 1} of the particles"] = stack
+    with usage_errors():
+        refuse_overwriting_inputs({**files, **folders}, every_input)
+    cwd = Path.cwd().resolve()
+    for label, folder in folders.items():
+        if folder is None:
+            continue
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{label} {folder} exists and is not a folder")
+        if folder.resolve() == cwd or folder.resolve() in cwd.parents:
+            raise UsageError(f"{label} {folder} is (or holds) the working folder, which the output would replace; "
+                             "give a new sub-folder")
+        existing = folder.resolve()
+        while not existing.exists():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write {label} {folder}: no write permission in {existing}")
+    for label, file in files.items():
+        if file is None:
+            continue
+        if file.is_dir():
+            raise UsageError(f"{label} {file} is a folder; give a file name")
+        parent = file.parent if str(file.parent) else Path(".")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the folder of {label} {file}: {exc.strerror or exc}") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write {label} {file}: no write permission in {parent}")
+
+
+FIGURE_DPI = 110  # what bayespose.plotting saves at
+
+
+def figure_path(path: Path, label: str = "--out") -> Path:
+    """The file a figure given as ``path`` is written to: ``path`` with ``.png`` added when it has no suffix (as
+    matplotlib does); a :class:`UsageError` for a suffix matplotlib cannot write."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise UsageError(f"{label} {path}: matplotlib cannot write {path.suffix} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure atomically (complete or absent) in the format its suffix names, and close it."""
+    import matplotlib.pyplot as plt
+
+    from bayespose.core.io.atomic import atomic_file
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:].lower(), dpi=FIGURE_DPI)
+    finally:
+        plt.close(fig)

@@ -6,13 +6,15 @@ import sys
 from pathlib import Path
 
 from bayespose.cli._common import (
-    CliError,
+    UsageError,
+    check_outputs,
     existing_file,
     positive_float,
     positive_int,
     progress_printer,
     read_mask,
     read_particles_and_map,
+    usage_errors,
 )
 from bayespose.core.assign.search import PoseSearch
 from bayespose.core.results import ESTIMATORS
@@ -65,20 +67,24 @@ def run(args) -> int:
     from bayespose.core.io.relion_star import write_star
 
     particles, volume = read_particles_and_map(args.particles, args.map)
+    check_outputs(files={"--out": args.out}, inputs={"--particles": args.particles, "--map": args.map,
+                                                     "--mask": args.mask}, particles=particles)
     if args.mask is not None:
         volume = volume * read_mask(args.mask, volume.shape)
     if args.prior.strip().lower().startswith("local") and not particles.has_alignment:
-        raise CliError(f"--prior {args.prior} searches around the input poses, but {args.particles} has no "
-                       "rlnAngleRot/Tilt/Psi columns")
+        raise UsageError(f"--prior {args.prior} searches around the input poses, but {args.particles} has no "
+                         "rlnAngleRot/Tilt/Psi columns")
     if not particles.has_ctf:
         sys.stderr.write(f"note: {args.particles} has no CTF columns; scoring without CTF\n")
-    spec = prior_from_spec(args.prior, particles.rotations)
+    with usage_errors():
+        spec = prior_from_spec(args.prior, particles.rotations)
     search = PoseSearch(healpix_order=args.healpix_order, refine_levels=args.refine_levels,
                         max_resolution_A=args.max_res, shift_range_px=args.shift_range,
                         shift_step_px=args.shift_step, symmetry=args.sym.strip().upper(),
                         local_range_deg=spec.local_range_deg, local_step_deg=args.local_step,
                         device=None if args.device == "auto" else args.device, threads=args.threads)
-    search.validate()
+    with usage_errors():
+        search.validate()
     result = assign_poses(particles, volume, search, spec.prior, progress=progress_printer("assigning"))
     write_star(args.out, result.to_particle_set(particles, args.estimator))  # stale result columns dropped
     print(f"assigned {len(particles)} particles ({args.estimator.upper()}, prior {spec.prior.describe()}): median "

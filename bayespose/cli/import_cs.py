@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bayespose.cli._common import existing_file, positive_float
+from bayespose.cli._common import check_outputs, existing_file, positive_float
 
 
 def add_parser(sub) -> None:
@@ -26,6 +26,8 @@ def run(args) -> int:
 
     particles = read_cryosparc(args.cs, passthrough_path=args.passthrough, blob_root=args.blob_root,
                                pixel_size=args.pixel_size)
+    check_outputs(files={"--out": args.out}, inputs={"--cs": args.cs, "--passthrough": args.passthrough},
+                  particles=particles)
     write_star(args.out, particles)
     aligned = "with poses" if particles.has_alignment else "without poses"
     print(f"wrote {len(particles)} particles {aligned} to {args.out}")

@@ -9,10 +9,12 @@ from pathlib import Path
 from bayespose.cli._common import (
     CliError,
     check_map_matches,
+    check_outputs,
     existing_file,
     positive_float,
     positive_int,
     progress_printer,
+    usage_errors,
 )
 from bayespose.core.deep.vocabulary import AUTO_FALLBACK_Z, DEFAULT_SEED_MASS, NETWORK_PIXEL_RTOL, fallback_threshold
 
@@ -138,6 +140,10 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     particles = read_star(args.particles)
+    check_outputs(files={"--out": args.out, "the poses figure": _prediction_pngs(args.out)[0],
+                         "the errors figure": _prediction_pngs(args.out)[1]},
+                  inputs={"--model": args.model, "--particles": args.particles, "--refine-map": args.refine_map},
+                  particles=particles)
     network = _load_network(args.model, device)
     _check_network_matches(network, particles, args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,9 +163,10 @@ def run(args) -> int:
         search = PoseSearch(shift_range_px=args.shift_range, shift_step_px=args.shift_step,
                             max_resolution_A=args.max_res, symmetry=str(network.symmetry).upper(), device=device,
                             threads=args.threads)
-        search.validate()
-        config = DeepPriorSearch(seed_mass=args.seed_mass, local_range_deg=args.local_range,
-                                 fallback_z=fallback_threshold(args.fallback))
+        with usage_errors():
+            search.validate()
+            config = DeepPriorSearch(seed_mass=args.seed_mass, local_range_deg=args.local_range,
+                                     fallback_z=fallback_threshold(args.fallback))
         result = deep_prior_assign(particles, prediction, volume, search, config,
                                    progress=progress_printer("refining"))
         # the schema's to_particle_set drops every earlier bp column: keep the network's beside the MMSE results

@@ -7,12 +7,15 @@ from pathlib import Path
 
 from bayespose.cli._common import (
     CliError,
+    UsageError,
+    check_outputs,
     existing_file,
     positive_float,
     positive_int,
     progress_printer,
     read_mask,
     read_particles_and_map,
+    usage_errors,
 )
 
 _MIN_PER_HALF = 10  # gold-standard half sets: the FSC of fewer particles is meaningless
@@ -115,6 +118,8 @@ def run(args) -> int:
     from bayespose.core.refine.outputs import write_refine_outputs
 
     particles, volume = read_particles_and_map(args.particles, args.map)
+    check_outputs(folders={"--out": args.out}, inputs={"--particles": args.particles, "--map": args.map,
+                                                       "--mask": args.mask}, particles=particles)
     if args.no_ctf:
         particles = replace(particles, ctf=None)
     elif not particles.has_ctf:
@@ -144,9 +149,10 @@ def run(args) -> int:
                           device=None if args.device == "auto" else args.device, seed=args.seed,
                           **{k: v for k, v in given.items() if v is not None})  # unset: the engine's defaults
     if config.healpix_order > config.max_healpix_order:
-        raise CliError(f"the coarse HEALPix order {config.healpix_order} is finer than the finest "
-                       f"{config.max_healpix_order} (--healpix-order / --max-healpix-order)")
-    config.validate()
+        raise UsageError(f"the coarse HEALPix order {config.healpix_order} is finer than the finest "
+                         f"{config.max_healpix_order} (--healpix-order / --max-healpix-order)")
+    with usage_errors():
+        config.validate()
     print(f"refining {len(particles)} particles: {config.iterations} iterations max, HEALPix order "
           f"{config.healpix_order}..{config.max_healpix_order}, shifts ±{config.shift_range_px:g} px step "
           f"{config.shift_step_px:g} px, initial low-pass {config.initial_lowpass_A:g} Å, {config.mode}, "

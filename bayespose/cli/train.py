@@ -5,7 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bayespose.cli._common import CliError, existing_file, positive_float, positive_int, progress_printer
+from bayespose.cli._common import (
+    CliError,
+    UsageError,
+    check_outputs,
+    existing_file,
+    positive_float,
+    positive_int,
+    progress_printer,
+    usage_errors,
+)
 from bayespose.core.deep.vocabulary import CTF_CORRECTIONS, MODEL_TYPES
 
 
@@ -58,22 +67,27 @@ def _training_png(checkpoint: Path) -> Path:
 
 def run(args) -> int:
     from bayespose.core.deep import TrainConfig, train_pose_network
+    from bayespose.core.deep.train import last_state_path
     from bayespose.core.geometry.symmetry import symmetry_group
     from bayespose.core.io.relion_star import read_star
     from bayespose.plotting.deep import plot_training_history
 
     if not 0.0 < args.val_fraction < 1.0:
-        raise CliError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.net_box < 8 or args.net_box % 4:
-        raise CliError(f"--net-box must be a multiple of 4 and at least 8 px, got {args.net_box}")
+        raise UsageError(f"--net-box must be a multiple of 4 and at least 8 px, got {args.net_box}")
     symmetry = args.sym.strip().upper()
-    symmetry_group(symmetry)  # ValueError with the accepted names
+    with usage_errors():
+        symmetry_group(symmetry)  # the accepted names
     particles = read_star(args.particles)
+    check_outputs(files={"--out": args.out, "the resumable state": last_state_path(args.out),
+                         "the training figure": _training_png(args.out)},
+                  inputs={"--particles": args.particles}, particles=particles)
     if not particles.has_alignment:
         raise CliError(f"{args.particles} has no rlnAngleRot/Tilt/Psi columns: training needs particles with known "
                        "poses (e.g. from a refinement or a simulation)")
     if args.net_box > particles.box:
-        raise CliError(f"--net-box {args.net_box} px is larger than the particles' box ({particles.box} px); images "
+        raise UsageError(f"--net-box {args.net_box} px is larger than the particles' box ({particles.box} px); images "
                        "are only ever cropped, not padded")
     ctf_correction = args.ctf_correction
     if ctf_correction != "none" and not particles.has_ctf:

@@ -102,15 +102,17 @@ def test_estimator_option_writes_that_estimators_pose(simulated, assigned, tmp_p
     assert np.all(_angle_deg(_rotations(map_run), _rotations(mmse_run)) < FINAL_SPACING_DEG)
 
 
-def _run_expecting_error(argv, capsys) -> str:
+def _run_expecting_error(argv, capsys, code: int = 1) -> str:
     rc = main(argv)
     err = capsys.readouterr().err.strip()
-    assert rc == 1, err
+    assert rc == code, err
     assert err and "\n" not in err, err
     return err
 
 
-def test_bad_inputs_exit_1_with_one_line(simulated, tmp_path, capsys):
+def test_bad_inputs_and_arguments_exit_with_one_line(simulated, tmp_path, capsys):
+    """Bad inputs exit 1, arguments rejected after parsing (a local prior without input poses, an unknown
+    symmetry) exit 2."""
     volume, px = read_map(fragment_map_path())
     small = tmp_path / "box48.mrc"
     write_map(small, volume[8:56, 8:56, 8:56], px)
@@ -131,9 +133,9 @@ def test_bad_inputs_exit_1_with_one_line(simulated, tmp_path, capsys):
     msg = _run_expecting_error([*base, "--map", str(other_px)], capsys)
     assert "5.0000" in msg and "4.4000" in msg
     msg = _run_expecting_error(["assign", "--particles", str(no_angles_star), "--map", str(fragment_map_path()),
-                                "--prior", "local:10", "--out", str(out)], capsys)
+                                "--prior", "local:10", "--out", str(out)], capsys, code=2)
     assert "rlnAngleRot" in msg
-    msg = _run_expecting_error([*base, "--map", str(fragment_map_path()), "--sym", "X7"], capsys)
+    msg = _run_expecting_error([*base, "--map", str(fragment_map_path()), "--sym", "X7"], capsys, code=2)
     assert "X7" in msg
     assert not out.exists()
 

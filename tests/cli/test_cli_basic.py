@@ -40,7 +40,7 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(args, code, fragment):
 def test_bad_values_fail_cleanly_and_write_nothing(tmp_path, demo_map_path, capsys):
     out = tmp_path / "sim"
     assert main(["simulate", "--map", str(demo_map_path), "--n", "4", "--snr", "1", "--pose-dist", "banana",
-                 "--out", str(out)]) == 1
+                 "--out", str(out)]) == 2  # a bad argument value, found after parsing
     assert "unknown pose distribution" in capsys.readouterr().err
     assert not (out / "particles.star").exists()
     not_a_map = tmp_path / "not_a_map.mrc"

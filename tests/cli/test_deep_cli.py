@@ -222,14 +222,15 @@ def test_bad_inputs_exit_with_one_line(data, trained, tmp_path, capsys):
     msg = _run_expecting_error(["train", "--particles", str(no_angles), "--out", str(tmp_path / "m.pt")], capsys)
     assert "rlnAngleRot" in msg and "poses" in msg
     assert not (tmp_path / "m.pt").exists()
+    # arguments rejected after parsing: usage errors (exit 2)
     msg = _run_expecting_error(["train", "--particles", str(train_star), "--sym", "X7", "--out",
-                                str(tmp_path / "m.pt")], capsys)
+                                str(tmp_path / "m.pt")], capsys, code=2)
     assert "X7" in msg
     msg = _run_expecting_error(["train", "--particles", str(train_star), "--val-fraction", "1.5", "--out",
-                                str(tmp_path / "m.pt")], capsys)
+                                str(tmp_path / "m.pt")], capsys, code=2)
     assert "val-fraction" in msg
     msg = _run_expecting_error(["train", "--particles", str(train_star), "--net-box", "96", "--out",
-                                str(tmp_path / "m.pt")], capsys)
+                                str(tmp_path / "m.pt")], capsys, code=2)
     assert "96" in msg and "64" in msg
 
     # missing file / bad number: usage errors (exit 2)

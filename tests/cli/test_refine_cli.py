@@ -127,14 +127,14 @@ def test_bad_input_gives_one_line_errors(data, refined, tmp_path, capsys):
     write_map(wrong_px, data["truth"], 4.4)
     assert "Å/px" in _fails(capsys, ["refine", "--particles", star, "--map", str(wrong_px), "--out",
                                      str(tmp_path / "b")])
-    assert "symmetry" in _fails(capsys, [*base, "--sym", "X7", "--out", str(tmp_path / "c")]).lower()
+    assert "symmetry" in _fails(capsys, [*base, "--sym", "X7", "--out", str(tmp_path / "c")], code=2).lower()
     assert "not empty" in _fails(capsys, [*base, "--out", str(refined)])
     assert "no earlier refinement" in _fails(capsys, [*base, "--resume", "--out", str(tmp_path / "d")])
     bad_mask = tmp_path / "mask.mrc"
     write_map(bad_mask, np.ones((24, 24, 24), np.float32), 8.8)
     assert "mask" in _fails(capsys, [*base, "--mask", str(bad_mask), "--out", str(tmp_path / "e")])
     assert "finer than" in _fails(capsys, [*base, "--healpix-order", "3", "--max-healpix-order", "2", "--out",
-                                           str(tmp_path / "f")])
+                                           str(tmp_path / "f")], code=2)
 
     # too few particles for two half sets of 10
     table = starfile.read(data["star"], always_dict=True)

@@ -8,16 +8,21 @@ RELION 3.1 ``particles.star`` with the ground truth.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from bayespose.core.geometry import so3_distributions as so3d
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.imaging.simulate import simulate_images
+from bayespose.core.io.atomic import atomic_folder
 from bayespose.core.io.mrc import read_map, write_stack
 from bayespose.core.io.relion_star import write_star
 
@@ -91,6 +96,41 @@ def sample_ctf(spec: SimulationSpec, rng: np.random.Generator) -> CTFParams:
                      amplitude_contrast=np.full(n, spec.amplitude_contrast), phase_shift=np.zeros(n))
 
 
+_BYTES_PER_PARTICLE = 400  # poses, origins, CTF, image names (float64 / object arrays) besides the image
+_NOISE_STACKS = 4  # peak copies of the stack while noise is added (clean, float64 variance copy, noise, sum)
+
+
+def check_resources(n_particles: int, box: int, noisy: bool, out_dir: str | Path) -> None:
+    """Raise before any work when the simulation cannot fit: ``MemoryError`` when ``n_particles`` images of
+    ``box`` × ``box`` float32 (with the copies made while adding noise) exceed the available memory, ``OSError``
+    (``errno.ENOSPC``) when the stack does not fit on the file system of ``out_dir``."""
+    stack = n_particles * box * box * 4
+    needed = stack * (_NOISE_STACKS if noisy else 1) + n_particles * _BYTES_PER_PARTICLE
+    available = psutil.virtual_memory().available
+    if needed > available:
+        fit = max(available // (box * box * 4 * (_NOISE_STACKS if noisy else 1) + _BYTES_PER_PARTICLE), 0)
+        raise MemoryError(f"simulating {n_particles} particles of {box}x{box} px needs about {_size(needed)} of "
+                          f"memory but {_size(available)} is available; simulate at most about {fit} particles "
+                          "per run")
+    existing = Path(os.path.abspath(out_dir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if stack > free:
+        raise OSError(errno.ENOSPC, f"the stack of {n_particles} particles needs {_size(stack)} but only "
+                                    f"{_size(free)} is free on the file system of {existing}")
+
+
+def _size(n_bytes: float) -> str:
+    """``1.6 MB``-style sizes (powers of 1000)."""
+    units = ("bytes", "KB", "MB", "GB", "TB")
+    k = 0
+    while n_bytes >= 1000 and k < len(units) - 1:
+        n_bytes /= 1000
+        k += 1
+    return f"{n_bytes:.0f} bytes" if k == 0 else f"{n_bytes:.1f} {units[k]}"
+
+
 def simulate_dataset(map_path: str | Path, spec: SimulationSpec, out_dir: str | Path,
                      progress: Callable[[int, int], None] | None = None,
                      pixel_size: float | None = None) -> ParticleSet:
@@ -98,8 +138,13 @@ def simulate_dataset(map_path: str | Path, spec: SimulationSpec, out_dir: str | 
 
     Writes ``particles.mrcs`` (float32 stack, pixel size from the map), ``particles.star`` (RELION 3.1 with the
     ground-truth angles, origins and CTF) and ``simulation.json`` (the spec and the noise sigma). Returns the
-    ParticleSet that the star file describes. Outputs are written atomically (complete or absent).
+    ParticleSet that the star file describes. The three files replace earlier ones as a unit (written into a
+    hidden sibling folder that then takes ``out_dir``'s place; other files of ``out_dir`` are kept), so a reader
+    never sees a new stack beside an old star, and an interrupted run leaves ``out_dir`` as it was.
     ``pixel_size`` (Å/px) overrides the map header's (Scipion passes the Volume's sampling rate).
+
+    Raises ``ValueError`` for a map without a pixel size or without signal (constant), ``MemoryError`` /
+    ``OSError`` (ENOSPC) up front when the images do not fit in memory / on disk (:func:`check_resources`).
     """
     spec.validate()
     volume, header_pixel_size = read_map(map_path)
@@ -108,8 +153,12 @@ def simulate_dataset(map_path: str | Path, spec: SimulationSpec, out_dir: str | 
         raise ValueError(f"{map_path}: pixel size unknown (header says {header_pixel_size}); give one")
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
         raise ValueError(f"{map_path}: need a cubic 3D map, got shape {volume.shape}")
-    rng = np.random.default_rng(spec.seed)
+    if float(volume.max()) == float(volume.min()):
+        raise ValueError(f"{map_path}: the map is constant ({float(volume.min()):g} everywhere): its projections "
+                         "have no signal to simulate")
     n, box = spec.n_particles, volume.shape[0]
+    check_resources(n, box, spec.snr is not None, out_dir)
+    rng = np.random.default_rng(spec.seed)
     rotations = sample_poses(n, spec.pose_distribution, rng)
     origins_px = rng.uniform(-spec.max_shift_px, spec.max_shift_px, (n, 2)) if spec.max_shift_px else np.zeros((n, 2))
     ctf = sample_ctf(spec, rng) if spec.ctf else None
@@ -117,16 +166,17 @@ def simulate_dataset(map_path: str | Path, spec: SimulationSpec, out_dir: str | 
     images, noise_sigma = simulate_images(volume, pixel_size, rotations, origins_px * pixel_size, ctf,
                                           spec.snr, seed=spec.seed, progress=progress)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stack_path = out_dir / "particles.mrcs"
-    write_stack(stack_path, images, pixel_size)
-    particles = ParticleSet(pixel_size=pixel_size, box=box, image_files=[str(stack_path.resolve())] * n,
+    out_dir = Path(os.path.abspath(out_dir))
+    final = out_dir.resolve()
+    stack_path = final / "particles.mrcs"  # the final path: the star file refers to it, not to the temporary
+    particles = ParticleSet(pixel_size=pixel_size, box=box, image_files=[str(stack_path)] * n,
                             image_indices=np.arange(n), rotations=rotations, origins_A=origins_px * pixel_size,
                             ctf=ctf, optics_group=np.ones(n, dtype=int),
                             half_set=np.where(np.arange(n) % 2 == 0, 1, 2))
-    write_star(out_dir / "particles.star", particles)
     info = {"map": str(Path(map_path).resolve()), "pixel_size_A": pixel_size, "box": box,
             "noise_sigma": float(noise_sigma), **asdict(spec)}
-    (out_dir / "simulation.json").write_text(json.dumps(info, indent=2))
+    with atomic_folder(out_dir, keep_other_entries=True) as tmp:
+        write_stack(tmp / stack_path.name, images, pixel_size)
+        write_star(tmp / "particles.star", particles, relative_to=final)
+        (tmp / "simulation.json").write_text(json.dumps(info, indent=2))
     return particles

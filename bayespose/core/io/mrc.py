@@ -10,6 +10,9 @@ Conventions:
   untouched when a write fails).
 * Old RELION stacks without the ``MAP`` id string in their header are accepted (``mrcfile`` permissive mode);
   a file whose data are truncated raises ``ValueError``.
+* Data are checked when read: a map, stack or particle image with NaN or infinite values raises ``ValueError``
+  naming the file and the (1-based) image, and so does a particle that refers to an image beyond the end of its
+  stack.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ __all__ = [
     "read_stack",
     "write_stack",
     "stack_shape",
+    "stack_length",
+    "stack_index_error",
     "read_images",
     "resolve_relative_paths",
 ]
@@ -88,6 +93,7 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         if data.ndim != 3:
             raise ValueError(f"{path}: expected a 3D map, got data of shape {data.shape}")
         volume = np.ascontiguousarray(_zyx(data, mrc.header), dtype=np.float32)
+        _check_finite_map(volume, path)
         voxel = mrc.voxel_size
         sizes = np.array([float(voxel.x), float(voxel.y), float(voxel.z)])
     if len(set(volume.shape)) != 1:
@@ -95,6 +101,25 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     if sizes.max() > 0 and not np.allclose(sizes, sizes[0], rtol=1e-3):
         raise ValueError(f"{path}: anisotropic voxel size (x, y, z) = {tuple(sizes)} Å is not supported")
     return volume, float(sizes[0])
+
+
+def _check_finite_map(volume: np.ndarray, path) -> None:
+    bad = ~np.isfinite(volume)
+    if bad.any():
+        z, y, x = np.argwhere(bad)[0]
+        raise ValueError(f"{path}: the map has {int(bad.sum())} NaN or infinite voxel(s), the first at (z, y, x) = "
+                         f"({z}, {y}, {x})")
+
+
+def _check_finite_images(images: np.ndarray, path, numbers: np.ndarray) -> None:
+    """ValueError naming ``path`` and the 1-based image numbers (``numbers[i]`` for ``images[i]``) of images with
+    NaN or infinite pixels."""
+    bad = ~np.isfinite(images).all(axis=(1, 2))
+    if bad.any():
+        shown = sorted(set(numbers[bad].tolist()))
+        listed = ", ".join(map(str, shown[:10])) + (", ..." if len(shown) > 10 else "")
+        raise ValueError(f"{path}: image(s) {listed} (1-based, as in RELION's N@file) have NaN or infinite "
+                         f"pixels ({len(shown)} image(s)); remove those particles or re-extract them")
 
 
 def _check_pixel_size(pixel_size: float) -> float:
@@ -141,7 +166,9 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
             data = data[None]
         if data.ndim != 3:
             raise ValueError(f"{path}: expected a 2D image or a stack, got data of shape {data.shape}")
-        return np.array(data, dtype=np.float32, copy=True)
+        images = np.array(data, dtype=np.float32, copy=True)
+    _check_finite_images(images, path, np.arange(1, len(images) + 1))
+    return images
 
 
 def stack_shape(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -149,6 +176,18 @@ def stack_shape(path: str | os.PathLike) -> tuple[int, int, int]:
     with _open_mrc(path, mmap=True) as mrc:
         shape = mrc.data.shape
     return (1,) + tuple(shape) if len(shape) == 2 else tuple(shape)
+
+
+def stack_length(path: str | os.PathLike) -> int:
+    """Number of images of a stack (1 for a single image), from the first header fields only (fast: used to
+    check the image numbers of a star file against its stacks)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            with mrcfile.open(str(path), mode="r", permissive=True, header_only=True) as mrc:
+                return int(mrc.header.nz)
+        except (ValueError, OSError, AttributeError):
+            return stack_shape(path)[0]  # raises the readable error of a broken file
 
 
 def write_stack(path: str | os.PathLike, images: np.ndarray, pixel_size: float) -> None:
@@ -192,8 +231,8 @@ def read_images(particles: ParticleSet, index=None) -> np.ndarray:
 
     Images are read from their stacks through a memory map, one file at a time (each stack is opened once), so
     only the referenced slices are read. The output order follows ``index``. Raises ``FileNotFoundError`` listing
-    the missing stacks, ``IndexError`` for a slice index beyond the end of its stack, and ``ValueError`` when an
-    image is not ``box x box``.
+    the missing stacks, and ``ValueError`` naming the file and image for a slice index beyond the end of its
+    stack, an image that is not ``box x box`` or an image with NaN or infinite pixels.
     """
     positions = _as_positions(len(particles), index)
     box = int(particles.box)
@@ -220,11 +259,19 @@ def read_images(particles: ParticleSet, index=None) -> np.ndarray:
                                  f"says box = {box}")
             bad = (wanted < 0) | (wanted >= n_in_file)
             if bad.any():
-                raise IndexError(f"{name} has {n_in_file} images but the particles refer to 0-based slice(s) "
-                                 f"{sorted(set(wanted[bad].tolist()))[:10]}")
+                raise ValueError(stack_index_error(name, sorted(set((wanted[bad] + 1).tolist())), n_in_file))
             order = np.argsort(wanted, kind="stable")  # read in file order
-            out[rows[order]] = data[wanted[order]]
+            chunk = np.asarray(data[wanted[order]], dtype=np.float32)
+            _check_finite_images(chunk, name, wanted[order] + 1)
+            out[rows[order]] = chunk
     return out
+
+
+def stack_index_error(path, numbers: Sequence[int], n_images: int) -> str:
+    """The message for particles that refer to 1-based images ``numbers`` of a stack that has ``n_images``."""
+    listed = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+    return (f"{path} has {n_images} image(s) but the particles refer to image(s) {listed} (1-based, as in "
+            "RELION's N@file): the star file does not belong to this stack, or the stack is incomplete")
 
 
 # --------------------------------------------------------------------------------------------------------------

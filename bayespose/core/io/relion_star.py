@@ -34,6 +34,11 @@ Decisions (documented here because the file formats leave them open):
   writes them back, so a round trip keeps them. Optics-table columns other than the CTF constants, pixel size and
   box (beam tilt, Zernike terms, MTF, ...) are not carried over.
 
+Values are checked when read: a particle or optics column that must be numeric (angles, origins, CTF, pixel size,
+box, optics group, half set) with a value that is not a finite number, a CTF with a voltage <= 0, a last line with
+fewer values than its table has columns (a file cut short) and a particle that refers to an image beyond the end of
+an existing stack raise ``ValueError`` naming the file, the table row (1-based) and the column.
+
 Writing (:func:`write_star`) produces a RELION 3.1 file (``data_optics`` + ``data_particles``), atomically.
 """
 
@@ -51,7 +56,7 @@ import starfile
 from bayespose.core.geometry.rotations import euler_to_matrix, matrix_to_euler
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.io.atomic import atomic_file
-from bayespose.core.io.mrc import resolve_relative_paths, stack_shape
+from bayespose.core.io.mrc import resolve_relative_paths, stack_index_error, stack_length, stack_shape
 
 __all__ = ["read_star", "write_star", "split_image_names"]
 
@@ -64,6 +69,11 @@ _WRITE_FLOAT_FORMAT = "%.10g"
 _PIXEL_RTOL = 1e-4
 # RELION's CTF::read defaults when a label is absent (ctf.cpp): 200 kV, Cs 0 mm, Q0 0
 _RELION_DEFAULTS = {"rlnVoltage": 200.0, "rlnSphericalAberration": 0.0, "rlnAmplitudeContrast": 0.0}
+# columns read as numbers: a value there that is not a finite number is an error naming the row and column
+_NUMERIC_LABELS = (*_ANGLES, "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY", "rlnDefocusU",
+                   "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", *_CTF_CONSTANT_LABELS, *_PIXEL_LABELS,
+                   "rlnImageSize", "rlnOpticsGroup", "rlnRandomSubset")
+_TAIL_BYTES = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -99,16 +109,55 @@ def _tables(path: Path) -> dict[str, pd.DataFrame]:
         blocks = starfile.read(path, always_dict=True, parse_as_string=_STRING_LABELS)
     except Exception as exc:  # starfile raises assorted errors on malformed files
         raise ValueError(f"cannot parse STAR file {path}: {exc}") from exc
+    if blocks:
+        last_name, last = next(reversed(blocks.items()))
+        if isinstance(last, pd.DataFrame):
+            _check_last_line(path, last_name, len(last.columns))
     return {name: df for name, df in blocks.items() if isinstance(df, pd.DataFrame)}
+
+
+def _check_last_line(path: Path, block: str, n_columns: int) -> None:
+    """ValueError when the file's last line, a row of the table ``block``, has fewer than ``n_columns`` values (a
+    file cut short: pandas would fill the missing values with NaN)."""
+    with open(path, "rb") as fh:
+        fh.seek(max(fh.seek(0, os.SEEK_END) - _TAIL_BYTES, 0))
+        lines = [line.strip() for line in fh.read().splitlines() if line.strip()]
+    if not lines or lines[-1].startswith((b"_", b"#", b"loop_", b"data_")):
+        return
+    n_values = len(lines[-1].split())
+    if n_values < n_columns:
+        raise ValueError(f"{path}: the last line has {n_values} of the {n_columns} values of a data_{block} row: "
+                         "the file is cut short (truncated during a copy or a write?)")
+
+
+def _shown(value) -> str:
+    return "NaN (or no value)" if value is None or (isinstance(value, float) and np.isnan(value)) else repr(value)
+
+
+def _check_numbers(table: pd.DataFrame, path: Path, block: str) -> pd.DataFrame:
+    """``table`` with its :data:`_NUMERIC_LABELS` columns as float64; ``ValueError`` naming the file, row (1-based)
+    and column of the first value that is not a finite number."""
+    table = table.copy()
+    for label in _NUMERIC_LABELS:
+        if label not in table.columns:
+            continue
+        raw = table[label]
+        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            more = f" (and {len(bad) - 1} more row(s))" if len(bad) > 1 else ""
+            raise ValueError(f"{path}: data_{block} row {bad[0] + 1}, column {label}: expected a finite number, got "
+                             f"{_shown(raw.iloc[bad[0]])}{more}")
+        table[label] = values
+    return table
 
 
 def _particle_table(tables: dict[str, pd.DataFrame], path: Path) -> pd.DataFrame:
     with_images = {name: df for name, df in tables.items() if "rlnImageName" in df.columns}
     if not with_images:
         raise ValueError(f"{path}: no table with an rlnImageName column (found blocks: {list(tables)})")
-    if "particles" in with_images:
-        return with_images["particles"].reset_index(drop=True)
-    return next(iter(with_images.values())).reset_index(drop=True)
+    name = "particles" if "particles" in with_images else next(iter(with_images))
+    return _check_numbers(with_images[name].reset_index(drop=True), path, name)
 
 
 def _optics_rows(particles: pd.DataFrame, tables: dict[str, pd.DataFrame], path: Path) -> pd.DataFrame | None:
@@ -116,7 +165,7 @@ def _optics_rows(particles: pd.DataFrame, tables: dict[str, pd.DataFrame], path:
     optics = tables.get("optics")
     if optics is None or "rlnOpticsGroup" not in optics.columns:
         return None
-    optics = optics.reset_index(drop=True)
+    optics = _check_numbers(optics.reset_index(drop=True), path, "optics")
     if "rlnOpticsGroup" in particles.columns:
         groups = particles["rlnOpticsGroup"].to_numpy().astype(np.int64)
     elif len(optics) == 1:
@@ -185,6 +234,22 @@ def _box(particles, optics, override, files, path: Path) -> int:
     raise ValueError(f"{path}: no rlnImageSize and no image stack found to read the box size from; pass box=")
 
 
+def _check_stack_indices(files: np.ndarray, indices: np.ndarray, path: Path) -> None:
+    """ValueError naming the row of the first particle that refers to an image beyond the end of its stack; stacks
+    are measured from their headers only (missing or unreadable ones are left to ``read_images`` to report)."""
+    unique, inverse = np.unique(files.astype(str), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    for k, name in enumerate(unique):
+        try:
+            n_images = stack_length(name)
+        except (ValueError, OSError):
+            continue
+        rows = np.flatnonzero((inverse == k) & (indices >= n_images))
+        if len(rows):
+            raise ValueError(f"{path}: particle row {rows[0] + 1}: "
+                             + stack_index_error(name, sorted(set((indices[rows] + 1).tolist())), n_images))
+
+
 def _candidate_bases(star_path: Path, project_dir) -> list[Path]:
     if project_dir is not None:
         return [Path(project_dir)]
@@ -216,6 +281,10 @@ def _ctf(particles, optics, path: Path) -> CTFParams | None:
         amplitude_contrast=value("rlnAmplitudeContrast", _RELION_DEFAULTS["rlnAmplitudeContrast"]),
         phase_shift=value("rlnPhaseShift", 0.0),
     )
+    bad = np.flatnonzero(ctf.voltage <= 0)
+    if len(bad):
+        raise ValueError(f"{path}: particle row {bad[0] + 1} has a voltage of {ctf.voltage[bad[0]]:g} kV "
+                         "(rlnVoltage must be > 0)")
     important = [d for d in defaulted if d.split("=")[0] in _CTF_CONSTANT_LABELS]
     if important:
         warnings.warn(f"{path}: no {', '.join(d.split('=')[0] for d in important)} in the file; using RELION's "
@@ -259,6 +328,7 @@ def read_star(path: str | os.PathLike, pixel_size: float | None = None, box: int
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         warnings.warn(f"{path}: {len(missing)} image stack(s) not found ({shown}); metadata read anyway",
                       stacklevel=2)
+    _check_stack_indices(files, indices, path)
     px = _pixel_size(particles, optics, pixel_size, path)
     side = _box(particles, optics, box, files, path)
 

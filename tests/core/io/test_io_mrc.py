@@ -186,7 +186,7 @@ def test_read_images_groups_several_files_and_keeps_order():
 def test_read_images_errors_are_clear(tmp_path):
     stack = ASPIRE / "rln_proj_64.mrcs"  # 5 images
     too_far = ParticleSet(pixel_size=1.0, box=64, image_files=[str(stack)] * 2, image_indices=[1, 5])
-    with pytest.raises(IndexError, match=r"has 5 images.*\[5\]"):
+    with pytest.raises(ValueError, match=r"has 5 image\(s\) but the particles refer to image\(s\) 6 \(1-based"):
         read_images(too_far)
     missing = ParticleSet(pixel_size=1.0, box=64, image_files=[str(tmp_path / "gone.mrcs")], image_indices=[0])
     with pytest.raises(FileNotFoundError, match="gone.mrcs"):
