@@ -142,13 +142,13 @@ def test_bad_inputs_and_arguments_exit_with_one_line(simulated, tmp_path, capsys
 
 def test_search_limits_are_the_engines(simulated, tmp_path, capsys):
     """The grid options take the ranges of :class:`PoseSearch`: an order above its maximum is a usage error (exit 2),
-    levels beyond the finest grid a one-line error (exit 1); nothing is written."""
+    levels beyond the finest grid too, found after parsing (exit 2, one line); nothing is written."""
     top, out = PoseSearch.MAX_HEALPIX_ORDER, tmp_path / "never.star"
     base = ["assign", "--particles", str(simulated), "--map", str(fragment_map_path()), "--out", str(out)]
     with pytest.raises(SystemExit) as exc:
         main([*base, "--healpix-order", str(top + 1)])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
     msg = _run_expecting_error([*base, "--healpix-order", str(top), "--refine-levels",
-                                str(PoseSearch.MAX_FINEST_ORDER - top + 1)], capsys)
+                                str(PoseSearch.MAX_FINEST_ORDER - top + 1)], capsys, code=2)
     assert "refinement levels" in msg
     assert not out.exists()
