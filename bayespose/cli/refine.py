@@ -14,8 +14,7 @@ from bayespose.cli._common import (
     read_mask,
     read_particles_and_map,
 )
-
-_MIN_PER_HALF = 10  # gold-standard half sets: the FSC of fewer particles is meaningless
+from bayespose.core.refine.config import MODES, PRIOR_MODES
 
 
 def add_parser(sub) -> None:
@@ -38,10 +37,10 @@ def add_parser(sub) -> None:
                    help="optional soft mask (MRC, map box, values 0..1) applied to the reference maps")
     p.add_argument("--sym", default="C1", help="point group in RELION's notation (C1, Cn, Dn, T, O, I, I1-I4) [C1]")
     p.add_argument("--iters", type=positive_int, metavar="N", help="maximum number of EM iterations [engine default]")
-    p.add_argument("--prior", choices=("uniform", "estimate"), default="uniform",
+    p.add_argument("--prior", choices=PRIOR_MODES, default="uniform",
                    help="rotation prior: uniform (Haar) or estimate the viewing-direction distribution each "
                         "iteration (M-step; in-plane uniform) [uniform]")
-    p.add_argument("--mode", choices=("soft", "hard"), default="soft",
+    p.add_argument("--mode", choices=MODES, default="soft",
                    help="soft: posterior-weighted (EM); hard: best pose only (the MLE baseline) [soft]")
     p.add_argument("--lowpass", type=positive_float, metavar="A",
                    help="initial low-pass filter of the map in Å (keeps the start free of detail it may have wrong) "
@@ -73,24 +72,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _check_half_sizes(particles) -> None:
-    """One-line error when a gold-standard half set would have fewer than ``_MIN_PER_HALF`` particles (the halves
-    come from rlnRandomSubset when every particle has 1 or 2, else from a random split, as in the engine)."""
-    import numpy as np
-
-    n = len(particles)
-    half = particles.half_set
-    if half is not None and set(np.unique(half).tolist()) == {1, 2}:
-        sizes = [int(np.sum(half == h)) for h in (1, 2)]
-        where = "rlnRandomSubset"
-    else:
-        sizes = [n - n // 2, n // 2]
-        where = "a random split"
-    if min(sizes) < _MIN_PER_HALF:
-        raise CliError(f"too few particles: {n} give half sets of {sizes[0]} and {sizes[1]} ({where}); EM "
-                       f"refinement needs at least {_MIN_PER_HALF} per half set")
-
-
 def _check_out_dir(out: Path, resume: bool) -> Path:
     """The engine's working folder ``out/iterations``; refuses to overwrite an earlier run unless resuming."""
     work = out / "iterations"
@@ -106,12 +87,11 @@ def _check_out_dir(out: Path, resume: bool) -> Path:
 
 
 def run(args) -> int:
-    import inspect
     from dataclasses import replace
 
     import numpy as np
 
-    from bayespose.core.refine.engine import RefineConfig, refine
+    from bayespose.core.refine import RefineConfig, check_half_set_sizes, refine, subset_counts
     from bayespose.core.refine.outputs import write_refine_outputs
 
     particles, volume = read_particles_and_map(args.particles, args.map)
@@ -121,21 +101,12 @@ def run(args) -> int:
         raise CliError(f"{args.particles} has no CTF columns (rlnDefocusU/V/Angle), which the likelihood and the "
                        "reconstruction need; pass --no-ctf for simulated particles without CTF or CTF-corrected "
                        "images")
-    _check_half_sizes(particles)
-    engine = inspect.signature(refine).parameters
-    extra_args = {}
+    check_half_set_sizes(len(particles), subset_counts(particles.half_set), "input")
+    mask = None
     if args.mask is not None:
         mask = read_mask(args.mask, volume.shape)
         if not np.any(mask > 0):
             raise CliError(f"the mask {args.mask} is empty (no voxel > 0)")
-        if "mask" not in engine:
-            raise CliError("this version of the refinement engine does not support --mask")
-        extra_args["mask"] = mask
-    work = _check_out_dir(args.out, args.resume)
-    if args.resume:
-        if "resume" not in engine:
-            raise CliError("this version of the refinement engine does not support --resume")
-        extra_args["resume"] = True
     given = {"iterations": args.iters, "healpix_order": args.healpix_order, "max_healpix_order":
              args.max_healpix_order, "prior_order": args.prior_order, "shift_range_px": args.shift_range,
              "shift_step_px": args.shift_step, "initial_lowpass_A": args.lowpass,
@@ -147,6 +118,7 @@ def run(args) -> int:
         raise CliError(f"the coarse HEALPix order {config.healpix_order} is finer than the finest "
                        f"{config.max_healpix_order} (--healpix-order / --max-healpix-order)")
     config.validate()
+    work = _check_out_dir(args.out, args.resume)
     print(f"refining {len(particles)} particles: {config.iterations} iterations max, HEALPix order "
           f"{config.healpix_order}..{config.max_healpix_order}, shifts ±{config.shift_range_px:g} px step "
           f"{config.shift_step_px:g} px, initial low-pass {config.initial_lowpass_A:g} Å, {config.mode}, "
@@ -154,7 +126,8 @@ def run(args) -> int:
     # columns of an earlier bayespose run (e.g. assign's estimator angles) would be stale: drop them
     fresh = replace(particles, extra={k: v for k, v in particles.extra.items() if not k.startswith("bp")})
     start = time.time()
-    result = refine(fresh, volume, config, out_dir=work, log=print, progress=progress_printer, **extra_args)
+    result = refine(fresh, volume, config, out_dir=work, log=print, progress=progress_printer, mask=mask,
+                    resume=args.resume)
     write_refine_outputs(result, args.out, pixel_size=particles.pixel_size, particles_template=fresh, config=config,
                          title=Path(args.particles).name)
     print(f"refined {len(particles)} particles in {len(result.history)} iteration(s) ({args.mode}, {args.prior} "

@@ -20,8 +20,8 @@ import starfile
 from scipy.spatial.transform import Rotation
 
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.refine import IterationLog, RefineResult
 from bayespose.core.refine import outputs as ro
-from bayespose.core.refine.engine import IterationLog, RefineResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOX, PIXEL_SIZE, N = 16, 3.0, 24
