@@ -25,21 +25,12 @@ from bayespose.cli import main
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.data import fragment_map_path
+from tests.helpers import fourier_crop
 from tests.helpers import star_rotations as _rotations
 
 BOX = 32
 RUN_ARGS = ["--iters", "2", "--healpix-order", "1", "--max-healpix-order", "2", "--shift-range", "0",
             "--prior", "estimate", "--threads", "2", "--device", "cpu"]
-
-
-def fourier_crop(volume: np.ndarray, box: int) -> np.ndarray:
-    """Fourier-crop a (D, D, D) map to (box, box, box) (pixel size x D / box), keeping the mean density."""
-    d = volume.shape[0]
-    f = np.fft.fftshift(np.fft.fftn(volume))
-    lo = d // 2 - box // 2
-    f = f[lo:lo + box, lo:lo + box, lo:lo + box]
-    return (np.fft.ifftn(np.fft.ifftshift(f)).real * (box / d) ** 3).astype(np.float32)
-
 
 
 @pytest.fixture(scope="module")

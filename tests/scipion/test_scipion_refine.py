@@ -21,6 +21,7 @@ import pytest
 import starfile
 from pyworkflow.tests import BaseTest, setupTestProject
 
+from tests.helpers import fourier_crop
 from tests.helpers import star_rotations as _rotations
 from tests.scipion.scipion_imports import import_relion_particles, import_volume, simulate_star
 
@@ -32,15 +33,6 @@ N_PARTICLES = 60
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-
-def _fourier_crop(volume: np.ndarray, box: int) -> np.ndarray:
-    d = volume.shape[0]
-    f = np.fft.fftshift(np.fft.fftn(volume))
-    lo = d // 2 - box // 2
-    f = f[lo:lo + box, lo:lo + box, lo:lo + box]
-    return (np.fft.ifftn(np.fft.ifftshift(f)).real * (box / d) ** 3).astype(np.float32)
-
-
 class TestRefineChain(BaseTest):
     @classmethod
     def setUpClass(cls):
@@ -49,7 +41,7 @@ class TestRefineChain(BaseTest):
 
         setupTestProject(cls, writeLocalConfig=True)
         full, _ = read_map(fragment_map_path())
-        cls.truth = _fourier_crop(full, BOX)
+        cls.truth = fourier_crop(full, BOX)
         folder = cls.getOutputPath("maps")
         os.makedirs(folder, exist_ok=True)
         cls.truth_path = os.path.join(folder, "truth32.mrc")
