@@ -162,3 +162,21 @@ def test_resume_continues_the_saved_iterations(data, refined, tmp_path):
     assert [h["iteration"] for h in after] == [1, 2, 3]  # one more iteration, the first two kept
     assert [h["resolution_A"] for h in after[:2]] == [h["resolution_A"] for h in before]
     assert json.loads((run / "summary.json").read_text())["iterations"] == 3
+
+
+def test_resume_refuses_other_settings(data, refined, tmp_path, capsys):
+    """--resume continues only the same run: other particles, --sym or --mode give one line naming what differs."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(refined, run)
+    base = ["refine", "--particles", str(data["star"]), "--map", str(data["map"]), *RUN_ARGS, "--resume", "--out",
+            str(run)]
+    line = _fails(capsys, [*base, "--sym", "C2", "--mode", "hard"])
+    assert "symmetry (C1, now C2)" in line and "mode (soft, now hard)" in line, line
+    table = starfile.read(data["star"], always_dict=True)
+    fewer = data["star"].parent / "fewer.star"
+    starfile.write({"optics": table["optics"], "particles": table["particles"].iloc[:50]}, fewer)
+    base[base.index("--particles") + 1] = str(fewer)
+    assert "particles (60, now 50)" in _fails(capsys, base)
+    assert json.loads((run / "history.json").read_text()) == json.loads((refined / "history.json").read_text())

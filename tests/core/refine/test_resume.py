@@ -10,6 +10,10 @@ A run is stopped by an exception from its progress callback in the middle of ite
 half set 2), as a Ctrl-C or a killed job would stop it: iteration k is the last complete one on disk. Before the
 fix, the resumed run measured the pose change of its first iteration against the poses it was updating in place
 (0.00°), and after k = 2 declared convergence at iteration 3 (map correlation 0.95 with the uninterrupted run).
+
+A resume checks the saved run's fingerprint: other particles, CTF, initial map, mask, half sets or settings (other
+than the number of iterations, threads, device, batch size) are refused with one line naming them; before, a
+resume silently continued with whatever it was given (only a different particle count was caught).
 """
 
 from __future__ import annotations
@@ -89,3 +93,36 @@ def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(data, whole, t
     assert resumed.resolution_A == pytest.approx(whole.resolution_A)
     on_disk = json.loads((tmp_path / "history.json").read_text())
     assert [entry["iteration"] for entry in on_disk] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_other_particles_maps_or_settings(data, tmp_path):
+    """The saved run's fingerprint (particles, image files, CTF, pixel size, box, initial map, mask, half sets and
+    settings) must match: otherwise one line names what differs and nothing is computed or written."""
+    particles, images, truth = data
+    config = RefineConfig(iterations=1, **SETTINGS)
+    refine(particles, truth, config, out_dir=tmp_path, images=images, log=None)
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def resume(message, parts=particles, volume=truth, cfg=config, **kwargs):
+        imgs = images if len(parts) == len(particles) else images[:len(parts)]
+        with pytest.raises(ValueError, match=message) as error:
+            refine(parts, volume, cfg, out_dir=tmp_path, images=imgs, log=None, resume=True, **kwargs)
+        assert "\n" not in str(error.value)
+
+    resume(r"different symmetry \(C1, now C2\);", cfg=RefineConfig(iterations=1, symmetry="C2", **SETTINGS))
+    resume(r"different mode \(soft, now hard\);", cfg=RefineConfig(iterations=1, mode="hard", **SETTINGS))
+    resume(r"different prior_mode \(uniform, now estimate\);",
+           cfg=RefineConfig(iterations=1, prior_mode="estimate", **SETTINGS))
+    resume(r"different half sets, half_split \(input, now random\);",
+           cfg=RefineConfig(iterations=1, half_split="random", **SETTINGS))
+    resume(r"different initial map;", volume=2 * truth)
+    resume(r"different mask;", mask=np.ones_like(truth))
+    shifted = particles.subset(np.arange(len(particles)))  # copies
+    shifted.ctf.defocus_u[0] += 100.0
+    resume(r"different CTF;", parts=shifted)
+    resume(r"different particles \(40, now 36\), image files, CTF, half sets", parts=particles.subset(range(36)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    # what may change: the number of iterations, threads, device, batch size, the final pass
+    more = RefineConfig(iterations=2, **dict(SETTINGS, threads=2, batch_size=16, device="cpu"))
+    resumed = refine(particles, truth, more, out_dir=tmp_path, images=images, log=None, resume=True)
+    assert [entry.iteration for entry in resumed.history] == [1, 2]
