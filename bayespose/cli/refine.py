@@ -67,22 +67,34 @@ def add_parser(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to compute: cuda when available (auto), cpu or cuda [auto]")
     p.add_argument("--resume", action="store_true",
-                   help="continue the refinement kept in DIR/iterations/ instead of starting anew")
-    p.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty unless --resume)")
+                   help="continue the refinement kept in DIR/iterations/ (same particles, maps and settings; --iters "
+                        "may grow) instead of starting anew; with no complete iteration there, start from the "
+                        "beginning")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: new, empty, or holding an unfinished run (replaced) unless --resume")
     p.set_defaults(func=run)
 
 
 def _check_out_dir(out: Path, resume: bool) -> Path:
-    """The engine's working folder ``out/iterations``; refuses to overwrite an earlier run unless resuming."""
+    """The engine's working folder ``out/iterations``. Without ``resume``, ``out`` must be new, empty or hold only
+    an unfinished refinement (its ``iterations/`` files, no final outputs), which the new run replaces; a finished
+    run or other files need a new folder or ``--resume``."""
+    from bayespose.core.refine.state import engine_files
+
     work = out / "iterations"
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a folder")
     if resume:
-        if not work.is_dir() or not any(work.iterdir()):
+        if not work.is_dir():
             raise CliError(f"--resume: {work} holds no earlier refinement to continue")
     elif out.is_dir() and any(out.iterdir()):
-        raise CliError(f"--out {out} is not empty (an earlier run?); use --resume to continue it or choose a new "
-                       "folder")
+        entries = list(out.iterdir())
+        unfinished = (entries == [work] and work.is_dir()
+                      and {p.name for p in work.iterdir()} == {p.name for p in engine_files(work)})
+        if not unfinished:
+            raise CliError(f"--out {out} is not empty (a finished run or other files); use --resume to continue a "
+                           "run or choose a new folder")
+        print(f"--out {out} holds an unfinished refinement (no final outputs): replacing it")
     return work
 
 

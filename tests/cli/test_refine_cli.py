@@ -180,3 +180,27 @@ def test_resume_refuses_other_settings(data, refined, tmp_path, capsys):
     base[base.index("--particles") + 1] = str(fewer)
     assert "particles (60, now 50)" in _fails(capsys, base)
     assert json.loads((run / "history.json").read_text()) == json.loads((refined / "history.json").read_text())
+
+
+def test_an_unfinished_run_can_be_resumed_or_replaced(data, tmp_path, capsys):
+    """A run interrupted in iteration 1 (or failed) leaves DIR/iterations/ without a complete iteration: --resume
+    starts it from the beginning, and a new run without --resume replaces it (saying so); a finished run or a
+    folder with other files still needs --resume or a new folder."""
+    base = ["refine", "--particles", str(data["star"]), "--map", str(data["map"]), *RUN_ARGS, "--out"]
+    base[base.index("--iters") + 1] = "1"
+    for name in ("resumed", "replaced"):
+        (tmp_path / name / "iterations").mkdir(parents=True)  # what an interrupted first iteration leaves
+        (tmp_path / name / "iterations" / ".it001_half1.mrc.abc.part").write_bytes(b"partial")
+    assert main([*base, str(tmp_path / "resumed"), "--resume"]) == 0
+    assert "starting from the beginning" in capsys.readouterr().out
+    assert main([*base, str(tmp_path / "replaced")]) == 0
+    assert "holds an unfinished refinement (no final outputs): replacing it" in capsys.readouterr().out
+    for name in ("resumed", "replaced"):
+        history = json.loads((tmp_path / name / "history.json").read_text())
+        assert [h["iteration"] for h in history] == [1] and (tmp_path / name / "summary.json").is_file()
+    # a finished run, or a folder with other files, is not replaced
+    assert "not empty" in _fails(capsys, [*base, str(tmp_path / "resumed")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert "not empty" in _fails(capsys, [*base, str(tmp_path / "other")])
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

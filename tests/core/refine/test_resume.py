@@ -13,7 +13,9 @@ fix, the resumed run measured the pose change of its first iteration against the
 
 A resume checks the saved run's fingerprint: other particles, CTF, initial map, mask, half sets or settings (other
 than the number of iterations, threads, device, batch size) are refused with one line naming them; before, a
-resume silently continued with whatever it was given (only a different particle count was caught).
+resume silently continued with whatever it was given (only a different particle count was caught). A resume with
+no complete iteration starts from the beginning and says so; a fresh start removes an earlier run's files (before,
+they stayed, and a later resume continued the old run's last iteration).
 """
 
 from __future__ import annotations
@@ -125,4 +127,38 @@ def test_resume_refuses_other_particles_maps_or_settings(data, tmp_path):
     # what may change: the number of iterations, threads, device, batch size, the final pass
     more = RefineConfig(iterations=2, **dict(SETTINGS, threads=2, batch_size=16, device="cpu"))
     resumed = refine(particles, truth, more, out_dir=tmp_path, images=images, log=None, resume=True)
+    assert [entry.iteration for entry in resumed.history] == [1, 2]
+
+
+def test_resume_without_a_complete_iteration_starts_from_the_beginning(data, tmp_path):
+    """A run stopped in iteration 1 leaves no complete iteration (here: a stale temporary and a lone half map):
+    resuming it starts from the beginning, says so, and gives the fresh run's result."""
+    particles, images, truth = data
+    config = RefineConfig(iterations=1, **SETTINGS)
+    with pytest.raises(Stop):
+        refine(particles, truth, config, out_dir=tmp_path / "a", images=images, log=None, progress=stop_in(1))
+    (tmp_path / "a" / ".it001_state.npz.x1y2.part").write_bytes(b"partial")
+    write_map(tmp_path / "a" / "it001_half1.mrc", truth, particles.pixel_size)
+    lines = []
+    resumed = refine(particles, truth, config, out_dir=tmp_path / "a", images=images, log=lines.append, resume=True)
+    assert lines[0] == f"no complete iteration in {tmp_path / 'a'}: starting from the beginning", lines
+    fresh = refine(particles, truth, config, out_dir=tmp_path / "b", images=images, log=None)
+    np.testing.assert_allclose(resumed.map, fresh.map, atol=1e-5 * np.abs(fresh.map).max())
+    assert not (tmp_path / "a" / ".it001_state.npz.x1y2.part").exists()
+
+
+def test_a_fresh_start_replaces_an_earlier_run_in_the_folder(data, tmp_path):
+    """Starting anew (resume=False) in a folder that holds an earlier, longer run removes its files: a later resume
+    continues the new run, not the old run's last iteration."""
+    particles, images, truth = data
+    refine(particles, truth, RefineConfig(iterations=3, **SETTINGS), out_dir=tmp_path, images=images, log=None)
+    lines = []
+    refine(particles, truth, RefineConfig(iterations=1, **SETTINGS), out_dir=tmp_path, images=images,
+           log=lines.append)
+    assert not (tmp_path / "it003_state.npz").exists() and not (tmp_path / "it002_map.mrc").exists()
+    assert lines[0] == f"removed the files of an earlier refinement in {tmp_path}"
+    lines = []
+    resumed = refine(particles, truth, RefineConfig(iterations=2, **SETTINGS), out_dir=tmp_path, images=images,
+                     log=lines.append, resume=True)
+    assert lines[0].startswith("resuming after iteration 1")
     assert [entry.iteration for entry in resumed.history] == [1, 2]
