@@ -33,6 +33,14 @@ RUN_ARGS = ["--iters", "2", "--healpix-order", "1", "--max-healpix-order", "2", 
             "--prior", "estimate", "--threads", "2", "--device", "cpu"]
 
 
+def strict_json(path):
+    """``json.loads`` that rejects the non-standard NaN / Infinity (as JavaScript and jq do)."""
+    def reject(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("refine_cli")
@@ -57,8 +65,10 @@ def test_refine_writes_all_outputs(data, refined):
                  "history.json", "history.csv", "summary.json", "fsc.png", "history.png", "slices.png", "prior.png"):
         assert (refined / name).is_file(), name
     assert any((refined / "iterations").iterdir())  # the engine's working files, for --resume
-    summary = json.loads((refined / "summary.json").read_text())
-    history = json.loads((refined / "history.json").read_text())
+    # standard JSON (NaN, e.g. the first iteration's pose change, is null): a strict parser reads every file
+    summary, history, work_history = (strict_json(refined / name) for name in
+                                      ("summary.json", "history.json", "iterations/history.json"))
+    assert history[0]["pose_change_deg"] is None and work_history == history
     assert summary["n_particles"] == 60 and summary["iterations"] == len(history) == 2
     assert summary["config"]["prior_mode"] == "estimate" and summary["config"]["healpix_order"] == 1
     # the reported resolution is where the written FSC crosses 0.143 (independent csv parse), within one shell

@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,41 +38,16 @@ from bayespose.core.io.atomic import atomic_file
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.refine._maps import Maps
 from bayespose.core.refine.config import RESUMABLE_SETTINGS, RefineConfig
+from bayespose.core.refine.outputs import history_records, jsonable, to_json
 from bayespose.core.results import ParticleResults
 
-__all__ = ["EMState", "FinalState", "IterationLog", "STATE_VERSION", "HISTORY_FILE", "jsonable", "to_json",
-           "history_records", "iteration_logs", "run_fingerprint", "check_same_run", "last_complete_iteration",
+__all__ = ["EMState", "FinalState", "IterationLog", "STATE_VERSION", "HISTORY_FILE", "iteration_logs",
+           "run_fingerprint", "check_same_run", "last_complete_iteration",
            "engine_files", "remove_engine_files"]
 
 STATE_VERSION = 2  # 2: fingerprint, ParticleResults fields (origins in Å), maps record
 HISTORY_FILE = "history.json"
 _DIGEST = "sha256:"
-
-
-# ------------------------------------------------------------------------------------------------ JSON
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data: dataclasses -> dicts, numpy scalars / arrays -> Python numbers / lists,
-    paths -> strings, and NaN / ±inf -> None (JSON has no such numbers; :func:`history_records` reads them back)."""
-    if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    elif isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def to_json(value: Any, indent: int | None = None) -> str:
-    """Standard JSON text of ``value`` (:func:`jsonable`: never ``NaN`` / ``Infinity``)."""
-    return json.dumps(jsonable(value), indent=indent, allow_nan=False)
 
 
 @dataclass
@@ -91,12 +66,6 @@ class IterationLog:
     mean_candidates: float = float("nan")  # rotations per particle given to the M-step
     broad_particles: int = 0  # particles that took the shared-grid path
     converged: bool = False
-
-
-def history_records(records: list[dict]) -> list[dict]:
-    """History records read from JSON with null -> NaN (no history field is legitimately None; a NaN, e.g. the
-    first iteration's pose change, was written as null)."""
-    return [{k: math.nan if v is None else v for k, v in record.items()} for record in records]
 
 
 def iteration_logs(records: list[dict]) -> list[IterationLog]:
