@@ -14,7 +14,7 @@ from bayespose.cli._common import (
     read_mask,
     read_particles_and_map,
 )
-from bayespose.core.refine.config import MODES, PRIOR_MODES
+from bayespose.core.refine.config import HALF_SPLITS, MODES, PRIOR_MODES
 
 
 def add_parser(sub) -> None:
@@ -62,7 +62,10 @@ def add_parser(sub) -> None:
     p.add_argument("--no-ctf", action="store_true",
                    help="ignore the CTF (only for simulated particles without CTF or CTF-corrected images); "
                         "without it, particles without CTF columns are an error")
-    p.add_argument("--seed", type=int, default=0, help="random seed (half-set split when the star has none) [0]")
+    p.add_argument("--half-sets", choices=HALF_SPLITS, default="input",
+                   help="gold-standard half sets: input = the star's rlnRandomSubset when every particle has 1 or 2 "
+                        "(else a random split), random = a random split (--seed) [input]")
+    p.add_argument("--seed", type=int, default=0, help="random seed (half-set split, noise estimate) [0]")
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads [all cores]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to compute: cuda when available (auto), cpu or cuda [auto]")
@@ -113,7 +116,7 @@ def run(args) -> int:
         raise CliError(f"{args.particles} has no CTF columns (rlnDefocusU/V/Angle), which the likelihood and the "
                        "reconstruction need; pass --no-ctf for simulated particles without CTF or CTF-corrected "
                        "images")
-    check_half_set_sizes(len(particles), subset_counts(particles.half_set), "input")
+    check_half_set_sizes(len(particles), subset_counts(particles.half_set), args.half_sets)
     mask = None
     if args.mask is not None:
         mask = read_mask(args.mask, volume.shape)
@@ -124,7 +127,8 @@ def run(args) -> int:
              "shift_step_px": args.shift_step, "initial_lowpass_A": args.lowpass,
              "particle_diameter_A": args.diameter, "threads": args.threads}
     config = RefineConfig(symmetry=args.sym.strip().upper(), mode=args.mode, prior_mode=args.prior,
-                          device=None if args.device == "auto" else args.device, seed=args.seed,
+                          half_split=args.half_sets, device=None if args.device == "auto" else args.device,
+                          seed=args.seed,
                           **{k: v for k, v in given.items() if v is not None})  # unset: the engine's defaults
     if config.healpix_order > config.max_healpix_order:
         raise CliError(f"the coarse HEALPix order {config.healpix_order} is finer than the finest "

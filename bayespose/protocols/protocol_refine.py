@@ -25,7 +25,7 @@ from bayespose.convert import HALF_SET_ATTRIBUTES, SCIPION_ID, particles_from_sc
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
-from bayespose.core.refine import MODES, PRIOR_MODES, RefineConfig, check_half_set_sizes, refine
+from bayespose.core.refine import HALF_SPLITS, MODES, PRIOR_MODES, RefineConfig, check_half_set_sizes, refine
 from bayespose.core.refine.outputs import (
     FIGURES,
     HALF_FILES,
@@ -48,13 +48,16 @@ from bayespose.protocols._common import (
 )
 from bayespose.protocols.protocol_simulate import volume_file
 
-# the form's choices, in the order of the engine's MODES / PRIOR_MODES
+# the form's choices, in the order of the engine's MODES / PRIOR_MODES / HALF_SPLITS
 _MODE_LABELS = {"soft": "soft (EM, posterior-weighted)", "hard": "hard (best pose only)"}
 _PRIOR_LABELS = {"uniform": "uniform", "estimate": "estimate (preferred orientation)"}
+_SPLIT_LABELS = {"input": "input half sets (random if none)", "random": "random split"}
 MODE_CHOICES = [_MODE_LABELS[m] for m in MODES]
 PRIOR_CHOICES = [_PRIOR_LABELS[m] for m in PRIOR_MODES]
+SPLIT_CHOICES = [_SPLIT_LABELS[m] for m in HALF_SPLITS]
 MAX_HEALPIX_ORDER = 6
-_DEFAULTS = RefineConfig()  # the form's defaults are the engine's
+_DEFAULTS = RefineConfig()  # the form's defaults are the engine's, except the prior (the protocol's point)
+DEFAULT_PRIOR = "estimate"
 _ESTIMATE_CONDITION = f"priorMode=={PRIOR_MODES.index('estimate')}"  # form fields of the estimated prior
 
 INPUT_STAR = "input_particles.star"
@@ -115,8 +118,14 @@ class ProtBayesposeRefine(ProtRefine3D):
                       label="Input particles",
                       help="Particles with CTF (e.g. imported from RELION or cryoSPARC), MRC stacks. Their "
                            "alignment, if any, is not used (global search) except to report how far the poses "
-                           "moved. RELION half sets (_rlnRandomSubset) are kept; otherwise the particles are "
-                           "split at random.")
+                           "moved. Their half sets (_rlnRandomSubset) are used or not as set below.")
+        form.addParam("halfSets", params.EnumParam, choices=SPLIT_CHOICES,
+                      default=HALF_SPLITS.index(_DEFAULTS.half_split), display=params.EnumParam.DISPLAY_HLIST,
+                      label="Half sets",
+                      help="The two gold-standard half sets, refined independently and compared by the FSC. "
+                           "input half sets: the particles' own (_rlnRandomSubset 1/2, e.g. from a RELION "
+                           "refinement) when every particle has one, else a random split. random split: a new "
+                           "random split (see the random seed), whatever the input has.")
         form.addParam("inputVolume", params.PointerParam, pointerClass="Volume", important=True,
                       label="Initial volume",
                       help="The starting map, with the particles' box and pixel size (within 1 %). It is low-pass "
@@ -144,13 +153,13 @@ class ProtBayesposeRefine(ProtRefine3D):
                       label="Maximum iterations",
                       help="Number of EM iterations (each: E-step on both half sets, M-step map/prior/noise, FSC).")
         form.addParam("priorMode", params.EnumParam, choices=PRIOR_CHOICES,
-                      default=PRIOR_MODES.index(_DEFAULTS.prior_mode),
+                      default=PRIOR_MODES.index(DEFAULT_PRIOR),
                       display=params.EnumParam.DISPLAY_HLIST, label="Rotation prior",
                       help="uniform: every orientation equally likely, every iteration. estimate: the "
                            "viewing-direction distribution is estimated in each M-step from the posterior mass "
                            "(smoothed over HEALPix neighbours, in-plane uniform) and used as the prior of the next "
-                           "E-step; helps with strongly preferred orientations (Balanov, Xu, Bendory & Singer "
-                           "2026, App. F2).")
+                           "E-step (the point of this protocol; Balanov, Xu, Bendory & Singer 2026, App. F2); "
+                           "helps with strongly preferred orientations.")
         form.addParam("priorPseudocount", params.FloatParam, default=_DEFAULTS.prior_pseudocount,
                       expertLevel=params.LEVEL_ADVANCED,
                       condition=_ESTIMATE_CONDITION, label="Prior pseudocount (particles per direction)",
@@ -186,7 +195,7 @@ class ProtBayesposeRefine(ProtRefine3D):
                       label="Shift step (px)",
                       help="Spacing of the candidate origins (pixels); the output origin is the posterior mean.")
         form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed",
-                      help="Seed of the random half-set split (when the particles have no RELION half sets).")
+                      help="Seed of the random half-set split (see 'Half sets') and of the noise estimate.")
 
         form.addParallelSection(threads=2, mpi=0)
 
@@ -276,6 +285,7 @@ class ProtBayesposeRefine(ProtRefine3D):
                             max_healpix_order=self.maxHealpixOrder.get(), shift_range_px=self.shiftRange.get(),
                             shift_step_px=self.shiftStep.get(), symmetry=self.symmetry(),
                             mode=MODES[self.assignmentMode.get()], prior_mode=PRIOR_MODES[self.priorMode.get()],
+                            half_split=HALF_SPLITS[self.halfSets.get()],
                             prior_pseudocount=self.priorPseudocount.get(), prior_order=self.priorOrder.get(),
                             initial_lowpass_A=self.initialLowPass.get(),
                             particle_diameter_A=diameter if diameter and diameter > 0 else None,
@@ -301,7 +311,7 @@ class ProtBayesposeRefine(ProtRefine3D):
         if parts is None or volume is None:
             return ["Select the input particles and the initial volume."]
         try:
-            check_half_set_sizes(parts.getSize(), self._inputHalfSetCounts(parts), _DEFAULTS.half_split)
+            check_half_set_sizes(parts.getSize(), self._inputHalfSetCounts(parts), HALF_SPLITS[self.halfSets.get()])
         except ValueError as exc:
             errors.append(f"{str(exc)[0].upper()}{str(exc)[1:]}.")
         errors += self._validateGeometry(parts, volume)
