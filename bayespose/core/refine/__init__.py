@@ -27,10 +27,10 @@ from bayespose.core.refine.config import (
     subset_counts,
 )
 
-_LAZY = {"refine": "engine", "run_iteration": "engine", "RefineResult": "engine", "EMState": "state",
+_LAZY = {"refine": "engine", "RefineResult": "engine", "EMState": "state",
          "IterationLog": "state"}
 
-__all__ = ["refine", "run_iteration", "RefineConfig", "RefineResult", "IterationLog", "EMState", "Mode",
+__all__ = ["refine", "RefineConfig", "RefineResult", "IterationLog", "EMState", "Mode",
            "PriorMode", "HalfSplit", "MODES", "PRIOR_MODES", "HALF_SPLITS", "MIN_PER_HALF", "half_set_sizes",
            "check_half_set_sizes", "split_half_sets", "subset_counts"]
 

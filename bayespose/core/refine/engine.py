@@ -53,7 +53,7 @@ from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import prepare_volume
 from bayespose.core.imaging.noise import noise_power_from_background, radial_average, resolution_to_radius
 from bayespose.core.imaging.particles import ParticleSet
-from bayespose.core.imaging.reconstruct import lowpass
+from bayespose.core.imaging.reconstruct import FourierAccumulator, lowpass
 from bayespose.core.imaging.volumes import soft_sphere_mask
 from bayespose.core.io.mrc import read_images
 from bayespose.core.refine._estep import STATISTICS, HalfEStep, Sampling, e_step, sampling_for
@@ -72,7 +72,7 @@ from bayespose.core.refine.state import (
 from bayespose.core.results import ParticleResults
 from bayespose.core.runtime import choose_device, torch_threads
 
-__all__ = ["refine", "run_iteration", "RefineResult"]
+__all__ = ["refine", "run_iteration", "RefineResult", "RefineRun"]
 
 
 @dataclass
@@ -93,8 +93,9 @@ class RefineResult:
 
 
 @dataclass(frozen=True)
-class _Run:
-    """The fixed inputs of one :func:`refine` call (what does not change from one iteration to the next)."""
+class RefineRun:
+    """The fixed inputs of one :func:`refine` call (what does not change from one iteration to the next), built
+    by :func:`refine` after checking them; :func:`run_iteration` takes it with the state."""
 
     particles: ParticleSet
     images: np.ndarray | None  # (N, D, D) in memory, or None (read from the files batch by batch)
@@ -166,7 +167,7 @@ def refine(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
 
 
 def _setup(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig, out_dir, images, log, progress,
-           mask, resume: bool) -> tuple[_Run, np.ndarray]:
+           mask, resume: bool) -> tuple[RefineRun, np.ndarray]:
     """Check the inputs (``ValueError``, nothing written) and gather them; returns the run and the initial map as
     float32."""
     config.validate()
@@ -192,12 +193,12 @@ def _setup(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(particles, images, config, device, mask, reference_mask, diameter, symmetry_group(config.symmetry),
+    run = RefineRun(particles, images, config, device, mask, reference_mask, diameter, symmetry_group(config.symmetry),
                halves, half_source, out_dir, log, progress)
     return run, initial_map
 
 
-def _start(run: _Run, initial_map: np.ndarray, fingerprint: dict, resume: bool) -> EMState:
+def _start(run: RefineRun, initial_map: np.ndarray, fingerprint: dict, resume: bool) -> EMState:
     """The state saved after the last complete iteration (``resume``; the same run, checked), or the start."""
     if resume:
         done = last_complete_iteration(run.out_dir)
@@ -212,7 +213,7 @@ def _start(run: _Run, initial_map: np.ndarray, fingerprint: dict, resume: bool) 
     return _initial_state(run, initial_map, fingerprint)
 
 
-def _initial_state(run: _Run, initial_map: np.ndarray, fingerprint: dict) -> EMState:
+def _initial_state(run: RefineRun, initial_map: np.ndarray, fingerprint: dict) -> EMState:
     """Iteration 0: both half maps the initial map low-passed to ``initial_lowpass_A``, the noise model from the
     particles (reference scale by the method of moments, or ``initial_scale``), a uniform prior."""
     config, px = run.config, run.px
@@ -235,7 +236,7 @@ def _initial_state(run: _Run, initial_map: np.ndarray, fingerprint: dict) -> EMS
 
 
 # ------------------------------------------------------------------------------------------------ one iteration
-def run_iteration(state: EMState, run: _Run) -> EMState:
+def run_iteration(state: EMState, run: RefineRun) -> EMState:
     """One EM iteration from ``state`` (not modified): E-step and M-step of both half sets, new maps, noise model
     and prior, convergence bookkeeping and the history entry; returns the next state (with the supports of the
     final pass)."""
@@ -280,12 +281,12 @@ def _half_rows(state: EMState) -> list[np.ndarray]:
 class _MStepSums:
     """What the iteration keeps of a half set's M-step: its Fourier accumulator and residual power per shell."""
 
-    accumulator: object
+    accumulator: FourierAccumulator
     noise_sum: np.ndarray
     noise_count: np.ndarray
 
 
-def _half_passes(state: EMState, run: _Run, sampling: Sampling, radius: float, label: str,
+def _half_passes(state: EMState, run: RefineRun, sampling: Sampling, radius: float, label: str,
                  m_steps: bool) -> tuple[list[HalfEStep], list[_MStepSums]]:
     """E-step (and, with ``m_steps``, M-step) of both half sets against the state's references, up to ``radius``
     (Fourier px); progress labels ``"{label} half H E-step"`` / ``"... M-step"``."""
@@ -322,7 +323,7 @@ def _pose_change(a: np.ndarray, b: np.ndarray | None, group: np.ndarray) -> floa
     return float(np.mean(np.degrees(np.arccos(np.clip((trace - 1) / 2, -1, 1)))))
 
 
-def _log_iteration(run: _Run, entry: IterationLog, sampling: Sampling, go_local: bool) -> None:
+def _log_iteration(run: RefineRun, entry: IterationLog, sampling: Sampling, go_local: bool) -> None:
     run.say(f"iteration {entry.iteration}: {sampling.describe()}, scored to {entry.scored_resolution_A:.1f} Å, "
             f"resolution {entry.resolution_A:.1f} Å (FSC 0.143), log-likelihood {entry.log_likelihood:.1f}, "
             f"pose change {entry.pose_change_deg:.2f}°, {entry.mean_candidates:.1f} rotations/particle"
@@ -333,7 +334,7 @@ def _log_iteration(run: _Run, entry: IterationLog, sampling: Sampling, go_local:
 
 
 # ------------------------------------------------------------------------------------------------ final pass
-def _final_maps(state: EMState, run: _Run) -> Maps:
+def _final_maps(state: EMState, run: RefineRun) -> Maps:
     """The maps of the final full-resolution pass after the state's iteration: computed from the last E-step's
     supports, or, when no iteration ran in this call (a resumed run), read back from ``out_dir`` or recomputed."""
     supports = state.supports
@@ -345,7 +346,7 @@ def _final_maps(state: EMState, run: _Run) -> Maps:
     return _final_pass(supports, state.iteration, run)
 
 
-def _recompute_supports(state: EMState, run: _Run) -> list:
+def _recompute_supports(state: EMState, run: RefineRun) -> list:
     """The joint-weight supports of both halves from one more E-step against the saved references (a resumed,
     finished run: the last E-step's weights live in memory only)."""
     radius = min(run.box * run.px / state.resolution + run.config.extra_shells, run.nyquist)
@@ -355,7 +356,7 @@ def _recompute_supports(state: EMState, run: _Run) -> list:
     return [e.support for e in esteps]
 
 
-def _final_pass(supports: list, it: int, run: _Run) -> Maps:
+def _final_pass(supports: list, it: int, run: RefineRun) -> Maps:
     """RELION's final reconstruction: each half's data inserted at ALL frequencies up to Nyquist (``D // 2``
     Fourier px) at the last E-step's joint weights (scored on that E-step's band), the FSC and resolution of
     these unregularised full-resolution half maps, the half maps with τ² from that FSC and the combined map
