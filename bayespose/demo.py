@@ -170,7 +170,7 @@ def _refine_step(out_dir: Path, seed: int, progress, n: int = 200, snr: float = 
     import healpy
 
     from bayespose.core.imaging.reconstruct import fsc
-    from bayespose.core.refine.engine import RefineConfig, refine
+    from bayespose.core.refine import RefineConfig, refine
     from bayespose.core.refine.outputs import resolution_from_fsc, write_refine_outputs
 
     start = time.perf_counter()

@@ -57,9 +57,11 @@ from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance
 from bayespose.core.imaging.forward import prepare_volume  # noqa: E402
 from bayespose.core.imaging.reconstruct import fsc, lowpass, resolution_at, tau2_from_fsc  # noqa: E402
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset  # noqa: E402
+from bayespose.core.imaging.volumes import soft_sphere_mask  # noqa: E402
 from bayespose.core.io.mrc import read_images, read_map, write_map, write_stack  # noqa: E402
 from bayespose.core.io.relion_star import read_star  # noqa: E402
-from bayespose.core.refine.engine import RefineConfig, _HalfMStep, refine, soft_sphere_mask  # noqa: E402
+from bayespose.core.refine import RefineConfig, refine  # noqa: E402
+from bayespose.core.refine._mstep import _HalfMStep  # noqa: E402
 from bayespose.data import fragment_map_path  # noqa: E402
 
 START_A = 30.0

@@ -63,3 +63,13 @@ def need_relion(*binaries: str) -> None:
     names = binaries or ("relion_refine",)
     if not has_relion(*names):
         pytest.skip(f"RELION binary not installed: {', '.join(names)} (Debian package 'relion')")
+
+
+def fourier_crop(volume: np.ndarray, box: int) -> np.ndarray:
+    """Fourier-crop a (D, D, D) map to (box, box, box) (pixel size x D / box), keeping the mean density (numpy
+    FFTs only): small, fast test maps from the demo map."""
+    d = volume.shape[0]
+    f = np.fft.fftshift(np.fft.fftn(volume))
+    lo = d // 2 - box // 2
+    f = f[lo:lo + box, lo:lo + box, lo:lo + box]
+    return (np.fft.ifftn(np.fft.ifftshift(f)).real * (box / d) ** 3).astype(np.float32)

@@ -17,8 +17,8 @@ from bayespose.cli._common import (
     read_particles_and_map,
     usage_errors,
 )
-
-_MIN_PER_HALF = 10  # gold-standard half sets: the FSC of fewer particles is meaningless
+from bayespose.core.assign.search import PoseSearch
+from bayespose.core.refine.config import HALF_SPLITS, MAX_FINEST_ORDER, MODES, PRIOR_MODES
 
 
 def add_parser(sub) -> None:
@@ -41,18 +41,18 @@ def add_parser(sub) -> None:
                    help="optional soft mask (MRC, map box, values 0..1) applied to the reference maps")
     p.add_argument("--sym", default="C1", help="point group in RELION's notation (C1, Cn, Dn, T, O, I, I1-I4) [C1]")
     p.add_argument("--iters", type=positive_int, metavar="N", help="maximum number of EM iterations [engine default]")
-    p.add_argument("--prior", choices=("uniform", "estimate"), default="uniform",
+    p.add_argument("--prior", choices=PRIOR_MODES, default="uniform",
                    help="rotation prior: uniform (Haar) or estimate the viewing-direction distribution each "
                         "iteration (M-step; in-plane uniform) [uniform]")
-    p.add_argument("--mode", choices=("soft", "hard"), default="soft",
+    p.add_argument("--mode", choices=MODES, default="soft",
                    help="soft: posterior-weighted (EM); hard: best pose only (the MLE baseline) [soft]")
     p.add_argument("--lowpass", type=positive_float, metavar="A",
                    help="initial low-pass filter of the map in Å (keeps the start free of detail it may have wrong) "
                         "[engine default]")
-    p.add_argument("--healpix-order", type=int, choices=range(0, 7), metavar="R",
-                   help="coarse global grid scored exhaustively, HEALPix order 0-6 (60°/2^R: 60, 30, 15, 7.5, 3.75°"
-                        "...) [engine default]")
-    p.add_argument("--max-healpix-order", type=int, choices=range(0, 7), metavar="R",
+    p.add_argument("--healpix-order", type=int, choices=PoseSearch.HEALPIX_ORDERS, metavar="R",
+                   help=f"coarse global grid scored exhaustively, HEALPix order 0-{PoseSearch.MAX_HEALPIX_ORDER} "
+                        "(60°/2^R: 60, 30, 15, 7.5, 3.75°) [engine default]")
+    p.add_argument("--max-healpix-order", type=int, choices=range(0, MAX_FINEST_ORDER + 1), metavar="R",
                    help="finest HEALPix order; significant cells are refined coarse-to-fine as the resolution asks "
                         "[engine default]")
     p.add_argument("--prior-order", type=int, choices=range(0, 5), metavar="R",
@@ -66,55 +66,51 @@ def add_parser(sub) -> None:
     p.add_argument("--no-ctf", action="store_true",
                    help="ignore the CTF (only for simulated particles without CTF or CTF-corrected images); "
                         "without it, particles without CTF columns are an error")
-    p.add_argument("--seed", type=int, default=0, help="random seed (half-set split when the star has none) [0]")
+    p.add_argument("--half-sets", choices=HALF_SPLITS, default="input",
+                   help="gold-standard half sets: input = the star's rlnRandomSubset when every particle has 1 or 2 "
+                        "(else a random split), random = a random split (--seed) [input]")
+    p.add_argument("--seed", type=int, default=0, help="random seed (half-set split, noise estimate) [0]")
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads [all cores]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to compute: cuda when available (auto), cpu or cuda [auto]")
     p.add_argument("--resume", action="store_true",
-                   help="continue the refinement kept in DIR/iterations/ instead of starting anew")
-    p.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty unless --resume)")
+                   help="continue the refinement kept in DIR/iterations/ (same particles, maps and settings; --iters "
+                        "may grow) instead of starting anew; with no complete iteration there, start from the "
+                        "beginning")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: new, empty, or holding an unfinished run (replaced) unless --resume")
     p.set_defaults(func=run)
 
 
-def _check_half_sizes(particles) -> None:
-    """One-line error when a gold-standard half set would have fewer than ``_MIN_PER_HALF`` particles (the halves
-    come from rlnRandomSubset when every particle has 1 or 2, else from a random split, as in the engine)."""
-    import numpy as np
-
-    n = len(particles)
-    half = particles.half_set
-    if half is not None and set(np.unique(half).tolist()) == {1, 2}:
-        sizes = [int(np.sum(half == h)) for h in (1, 2)]
-        where = "rlnRandomSubset"
-    else:
-        sizes = [n - n // 2, n // 2]
-        where = "a random split"
-    if min(sizes) < _MIN_PER_HALF:
-        raise CliError(f"too few particles: {n} give half sets of {sizes[0]} and {sizes[1]} ({where}); EM "
-                       f"refinement needs at least {_MIN_PER_HALF} per half set")
-
-
 def _check_out_dir(out: Path, resume: bool) -> Path:
-    """The engine's working folder ``out/iterations``; refuses to overwrite an earlier run unless resuming."""
+    """The engine's working folder ``out/iterations``. Without ``resume``, ``out`` must be new, empty or hold only
+    an unfinished refinement (its ``iterations/`` files, no final outputs), which the new run replaces; a finished
+    run or other files need a new folder or ``--resume``."""
+    from bayespose.core.refine.state import engine_files
+
     work = out / "iterations"
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a folder")
     if resume:
-        if not work.is_dir() or not any(work.iterdir()):
+        if not work.is_dir():
             raise CliError(f"--resume: {work} holds no earlier refinement to continue")
     elif out.is_dir() and any(out.iterdir()):
-        raise CliError(f"--out {out} is not empty (an earlier run?); use --resume to continue it or choose a new "
-                       "folder")
+        entries = list(out.iterdir())
+        unfinished = (entries == [work] and work.is_dir()
+                      and {p.name for p in work.iterdir()} == {p.name for p in engine_files(work)})
+        if not unfinished:
+            raise CliError(f"--out {out} is not empty (a finished run or other files); use --resume to continue a "
+                           "run or choose a new folder")
+        print(f"--out {out} holds an unfinished refinement (no final outputs): replacing it")
     return work
 
 
 def run(args) -> int:
-    import inspect
     from dataclasses import replace
 
     import numpy as np
 
-    from bayespose.core.refine.engine import RefineConfig, refine
+    from bayespose.core.refine import RefineConfig, check_half_set_sizes, refine, subset_counts
     from bayespose.core.refine.outputs import write_refine_outputs
 
     particles, volume = read_particles_and_map(args.particles, args.map)
@@ -126,33 +122,26 @@ def run(args) -> int:
         raise CliError(f"{args.particles} has no CTF columns (rlnDefocusU/V/Angle), which the likelihood and the "
                        "reconstruction need; pass --no-ctf for simulated particles without CTF or CTF-corrected "
                        "images")
-    _check_half_sizes(particles)
-    engine = inspect.signature(refine).parameters
-    extra_args = {}
+    check_half_set_sizes(len(particles), subset_counts(particles.half_set), args.half_sets)
+    mask = None
     if args.mask is not None:
         mask = read_mask(args.mask, volume.shape)
         if not np.any(mask > 0):
             raise CliError(f"the mask {args.mask} is empty (no voxel > 0)")
-        if "mask" not in engine:
-            raise CliError("this version of the refinement engine does not support --mask")
-        extra_args["mask"] = mask
-    work = _check_out_dir(args.out, args.resume)
-    if args.resume:
-        if "resume" not in engine:
-            raise CliError("this version of the refinement engine does not support --resume")
-        extra_args["resume"] = True
     given = {"iterations": args.iters, "healpix_order": args.healpix_order, "max_healpix_order":
              args.max_healpix_order, "prior_order": args.prior_order, "shift_range_px": args.shift_range,
              "shift_step_px": args.shift_step, "initial_lowpass_A": args.lowpass,
              "particle_diameter_A": args.diameter, "threads": args.threads}
     config = RefineConfig(symmetry=args.sym.strip().upper(), mode=args.mode, prior_mode=args.prior,
-                          device=None if args.device == "auto" else args.device, seed=args.seed,
+                          half_split=args.half_sets, device=None if args.device == "auto" else args.device,
+                          seed=args.seed,
                           **{k: v for k, v in given.items() if v is not None})  # unset: the engine's defaults
     if config.healpix_order > config.max_healpix_order:
         raise UsageError(f"the coarse HEALPix order {config.healpix_order} is finer than the finest "
                          f"{config.max_healpix_order} (--healpix-order / --max-healpix-order)")
     with usage_errors():
         config.validate()
+    work = _check_out_dir(args.out, args.resume)
     print(f"refining {len(particles)} particles: {config.iterations} iterations max, HEALPix order "
           f"{config.healpix_order}..{config.max_healpix_order}, shifts ±{config.shift_range_px:g} px step "
           f"{config.shift_step_px:g} px, initial low-pass {config.initial_lowpass_A:g} Å, {config.mode}, "
@@ -160,7 +149,8 @@ def run(args) -> int:
     # columns of an earlier bayespose run (e.g. assign's estimator angles) would be stale: drop them
     fresh = replace(particles, extra={k: v for k, v in particles.extra.items() if not k.startswith("bp")})
     start = time.time()
-    result = refine(fresh, volume, config, out_dir=work, log=print, progress=progress_printer, **extra_args)
+    result = refine(fresh, volume, config, out_dir=work, log=print, progress=progress_printer, mask=mask,
+                    resume=args.resume)
     write_refine_outputs(result, args.out, pixel_size=particles.pixel_size, particles_template=fresh, config=config,
                          title=Path(args.particles).name)
     print(f"refined {len(particles)} particles in {len(result.history)} iteration(s) ({args.mode}, {args.prior} "

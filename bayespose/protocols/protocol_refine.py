@@ -12,7 +12,6 @@ prior.npy/.json, history, figures) and ``createOutputStep`` (``outputVolume`` wi
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import replace
 
@@ -22,11 +21,11 @@ from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
-from bayespose.convert import SCIPION_ID, particles_from_scipion
+from bayespose.convert import HALF_SET_ATTRIBUTES, SCIPION_ID, particles_from_scipion
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
-from bayespose.core.refine.engine import RefineConfig, refine
+from bayespose.core.refine import HALF_SPLITS, MODES, PRIOR_MODES, RefineConfig, check_half_set_sizes, refine
 from bayespose.core.refine.outputs import (
     FIGURES,
     HALF_FILES,
@@ -49,13 +48,17 @@ from bayespose.protocols._common import (
 )
 from bayespose.protocols.protocol_simulate import volume_file
 
-MODES = ("soft", "hard")  # RefineConfig.mode, in the order of MODE_CHOICES
-PRIOR_MODES = ("uniform", "estimate")  # RefineConfig.prior_mode, in the order of PRIOR_CHOICES
-MODE_CHOICES = ["soft (EM, posterior-weighted)", "hard (best pose only)"]
-PRIOR_CHOICES = ["uniform", "estimate (preferred orientation)"]
+# the form's choices, in the order of the engine's MODES / PRIOR_MODES / HALF_SPLITS
+_MODE_LABELS = {"soft": "soft (EM, posterior-weighted)", "hard": "hard (best pose only)"}
+_PRIOR_LABELS = {"uniform": "uniform", "estimate": "estimate (preferred orientation)"}
+_SPLIT_LABELS = {"input": "input half sets (random if none)", "random": "random split"}
+MODE_CHOICES = [_MODE_LABELS[m] for m in MODES]
+PRIOR_CHOICES = [_PRIOR_LABELS[m] for m in PRIOR_MODES]
+SPLIT_CHOICES = [_SPLIT_LABELS[m] for m in HALF_SPLITS]
 MAX_HEALPIX_ORDER = 6
-_DEFAULTS = RefineConfig()  # the form's defaults are the engine's
-MIN_PER_HALF = 10
+_DEFAULTS = RefineConfig()  # the form's defaults are the engine's, except the prior (the protocol's point)
+DEFAULT_PRIOR = "estimate"
+_ESTIMATE_CONDITION = f"priorMode=={PRIOR_MODES.index('estimate')}"  # form fields of the estimated prior
 
 INPUT_STAR = "input_particles.star"
 INITIAL_MAP = "initial.mrc"
@@ -115,8 +118,14 @@ class ProtBayesposeRefine(ProtRefine3D):
                       label="Input particles",
                       help="Particles with CTF (e.g. imported from RELION or cryoSPARC), MRC stacks. Their "
                            "alignment, if any, is not used (global search) except to report how far the poses "
-                           "moved. RELION half sets (_rlnRandomSubset) are kept; otherwise the particles are "
-                           "split at random.")
+                           "moved. Their half sets (_rlnRandomSubset) are used or not as set below.")
+        form.addParam("halfSets", params.EnumParam, choices=SPLIT_CHOICES,
+                      default=HALF_SPLITS.index(_DEFAULTS.half_split), display=params.EnumParam.DISPLAY_HLIST,
+                      label="Half sets",
+                      help="The two gold-standard half sets, refined independently and compared by the FSC. "
+                           "input half sets: the particles' own (_rlnRandomSubset 1/2, e.g. from a RELION "
+                           "refinement) when every particle has one, else a random split. random split: a new "
+                           "random split (see the random seed), whatever the input has.")
         form.addParam("inputVolume", params.PointerParam, pointerClass="Volume", important=True,
                       label="Initial volume",
                       help="The starting map, with the particles' box and pixel size (within 1 %). It is low-pass "
@@ -143,19 +152,21 @@ class ProtBayesposeRefine(ProtRefine3D):
         form.addParam("numberOfIterations", params.IntParam, default=_DEFAULTS.iterations,
                       label="Maximum iterations",
                       help="Number of EM iterations (each: E-step on both half sets, M-step map/prior/noise, FSC).")
-        form.addParam("priorMode", params.EnumParam, choices=PRIOR_CHOICES, default=0,
+        form.addParam("priorMode", params.EnumParam, choices=PRIOR_CHOICES,
+                      default=PRIOR_MODES.index(DEFAULT_PRIOR),
                       display=params.EnumParam.DISPLAY_HLIST, label="Rotation prior",
                       help="uniform: every orientation equally likely, every iteration. estimate: the "
                            "viewing-direction distribution is estimated in each M-step from the posterior mass "
                            "(smoothed over HEALPix neighbours, in-plane uniform) and used as the prior of the next "
-                           "E-step; helps with strongly preferred orientations (paper 000 App. F2).")
+                           "E-step (the point of this protocol; Balanov, Xu, Bendory & Singer 2026, App. F2); "
+                           "helps with strongly preferred orientations.")
         form.addParam("priorPseudocount", params.FloatParam, default=_DEFAULTS.prior_pseudocount,
                       expertLevel=params.LEVEL_ADVANCED,
-                      condition="priorMode==1", label="Prior pseudocount (particles per direction)",
+                      condition=_ESTIMATE_CONDITION, label="Prior pseudocount (particles per direction)",
                       help="Added to the posterior mass of every viewing direction before normalising, so that no "
                            "direction gets zero prior probability. Larger = smoother, closer to uniform.")
         form.addParam("priorOrder", params.IntParam, default=_DEFAULTS.prior_order,
-                      expertLevel=params.LEVEL_ADVANCED, condition="priorMode==1",
+                      expertLevel=params.LEVEL_ADVANCED, condition=_ESTIMATE_CONDITION,
                       label="Prior resolution (HEALPix order)",
                       help="HEALPix order of the estimated viewing-direction density: 1 = 48 directions (~30°), "
                            "2 = 192 (~15°), 3 = 768 (~7.5°). Finer needs more particles per direction.")
@@ -184,7 +195,7 @@ class ProtBayesposeRefine(ProtRefine3D):
                       label="Shift step (px)",
                       help="Spacing of the candidate origins (pixels); the output origin is the posterior mean.")
         form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed",
-                      help="Seed of the random half-set split (when the particles have no RELION half sets).")
+                      help="Seed of the random half-set split (see 'Half sets') and of the noise estimate.")
 
         form.addParallelSection(threads=2, mpi=0)
 
@@ -215,23 +226,18 @@ class ProtBayesposeRefine(ProtRefine3D):
         particles = read_star(self._getExtraPath(INPUT_STAR))
         volume, _ = read_map(self._getExtraPath(INITIAL_MAP))
         config = self.refineConfig()
-        engine = inspect.signature(refine).parameters
-        kwargs = {}
-        if os.path.exists(self._getExtraPath(MASK_MAP)):
-            if "mask" not in engine:
-                raise ValueError("this version of the refinement engine does not support a mask")
-            kwargs["mask"] = read_map(self._getExtraPath(MASK_MAP))[0]
+        mask = read_map(self._getExtraPath(MASK_MAP))[0] if os.path.exists(self._getExtraPath(MASK_MAP)) else None
         work = self._getExtraPath(WORK_DIR)
-        if "resume" in engine and os.path.isdir(work) and os.listdir(work):
-            kwargs["resume"] = True  # the step is run again (Scipion 'continue'): pick up the saved iterations
-            self.info(f"resuming from {work}")
+        resume = os.path.isdir(work) and bool(os.listdir(work))  # the step runs again (Scipion 'continue')
+        if resume:
+            self.info(f"continuing the refinement in {work}")
         self.info(f"EM: {config.iterations} iterations, {config.mode} assignment, {config.prior_mode} prior, "
                   f"HEALPix order {config.healpix_order}..{config.max_healpix_order}, shifts "
                   f"±{config.shift_range_px:g} px step {config.shift_step_px:g} px, symmetry {config.symmetry}, "
                   f"initial low-pass {config.initial_lowpass_A:g} Å; device {config.device}, {config.threads} "
                   f"thread(s)")
         result = refine(particles, volume, config, out_dir=work, log=self.info, progress=self._progressLogger,
-                        **kwargs)
+                        mask=mask, resume=resume)
         write_refine_outputs(result, self._getExtraPath(), pixel_size=particles.pixel_size,
                              particles_template=particles, config=config, title=self.getRunName())
         self.info(f"final resolution {result.resolution_A:.2f} Å (FSC 0.143); outputs in {self._getExtraPath()}")
@@ -279,6 +285,7 @@ class ProtBayesposeRefine(ProtRefine3D):
                             max_healpix_order=self.maxHealpixOrder.get(), shift_range_px=self.shiftRange.get(),
                             shift_step_px=self.shiftStep.get(), symmetry=self.symmetry(),
                             mode=MODES[self.assignmentMode.get()], prior_mode=PRIOR_MODES[self.priorMode.get()],
+                            half_split=HALF_SPLITS[self.halfSets.get()],
                             prior_pseudocount=self.priorPseudocount.get(), prior_order=self.priorOrder.get(),
                             initial_lowpass_A=self.initialLowPass.get(),
                             particle_diameter_A=diameter if diameter and diameter > 0 else None,
@@ -303,10 +310,10 @@ class ProtBayesposeRefine(ProtRefine3D):
         parts, volume = self.inputParticles.get(), self.inputVolume.get()
         if parts is None or volume is None:
             return ["Select the input particles and the initial volume."]
-        size = parts.getSize()
-        if size < 2 * MIN_PER_HALF:
-            errors.append(f"The input has {size} particles; EM refinement needs at least {MIN_PER_HALF} per half "
-                          f"set ({2 * MIN_PER_HALF} in all).")
+        try:
+            check_half_set_sizes(parts.getSize(), self._inputHalfSetCounts(parts), HALF_SPLITS[self.halfSets.get()])
+        except ValueError as exc:
+            errors.append(f"{str(exc)[0].upper()}{str(exc)[1:]}.")
         errors += self._validateGeometry(parts, volume)
         if not parts.hasCTF() and not self.ignoreCtf.get():
             errors.append("The input particles have no CTF parameters, which the likelihood and the "
@@ -317,6 +324,16 @@ class ProtBayesposeRefine(ProtRefine3D):
         errors += symmetry_errors(self.symmetry())
         errors += self._validateSampling(parts)
         return errors
+
+    @staticmethod
+    def _inputHalfSetCounts(parts) -> dict[int, int] | None:
+        """``{half set: particles}`` of the input's own half sets (one SQL query), None when it has none."""
+        first = parts.getFirstItem()
+        attribute = next((a for a in HALF_SET_ATTRIBUTES if first is not None and hasattr(first, a)), None)
+        if attribute is None:
+            return None
+        rows = parts.aggregate(["COUNT"], attribute, [attribute])
+        return {int(row[attribute]): int(row["COUNT"]) for row in rows if row[attribute] is not None}
 
     def _validateGeometry(self, parts, volume) -> list[str]:
         return geometry_errors(parts, volume, "initial volume", mask=self.inputMask.get())
@@ -338,7 +355,7 @@ class ProtBayesposeRefine(ProtRefine3D):
             errors.append("The initial low-pass filter must be > 0 Å.")
         elif lowpass < 2 * px - 1e-6:
             errors.append(f"The initial low-pass filter ({lowpass} Å) is beyond Nyquist ({2 * px:.3f} Å).")
-        if self.priorMode.get() == 1 and (self.priorPseudocount.get() or 0) < 0:
+        if PRIOR_MODES[self.priorMode.get()] == "estimate" and (self.priorPseudocount.get() or 0) < 0:
             errors.append("The prior pseudocount must be >= 0.")
         if not errors:
             try:
@@ -359,7 +376,7 @@ class ProtBayesposeRefine(ProtRefine3D):
                  f"{MODES[self.assignmentMode.get()]} assignment, {PRIOR_MODES[self.priorMode.get()]} prior, "
                  f"symmetry {self.symmetry()}",
                  f"final resolution {out.resolution_A:.2f} Å (gold-standard FSC 0.143)"]
-        if self.priorMode.get() == 1:
+        if PRIOR_MODES[self.priorMode.get()] == "estimate":
             lines.append(f"estimated viewing-direction density: min {out.direction_prior.min():.2f}, max "
                          f"{out.direction_prior.max():.2f} x uniform (HEALPix order {out.prior_order}; "
                          f"{PRIOR_NPY} in the extra folder)")

@@ -25,6 +25,7 @@ from bayespose.cli import main
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.data import fragment_map_path
+from tests.helpers import fourier_crop
 from tests.helpers import star_rotations as _rotations
 
 BOX = 32
@@ -32,14 +33,12 @@ RUN_ARGS = ["--iters", "2", "--healpix-order", "1", "--max-healpix-order", "2", 
             "--prior", "estimate", "--threads", "2", "--device", "cpu"]
 
 
-def fourier_crop(volume: np.ndarray, box: int) -> np.ndarray:
-    """Fourier-crop a (D, D, D) map to (box, box, box) (pixel size x D / box), keeping the mean density."""
-    d = volume.shape[0]
-    f = np.fft.fftshift(np.fft.fftn(volume))
-    lo = d // 2 - box // 2
-    f = f[lo:lo + box, lo:lo + box, lo:lo + box]
-    return (np.fft.ifftn(np.fft.ifftshift(f)).real * (box / d) ** 3).astype(np.float32)
+def strict_json(path):
+    """``json.loads`` that rejects the non-standard NaN / Infinity (as JavaScript and jq do)."""
+    def reject(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
 
+    return json.loads(path.read_text(), parse_constant=reject)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +65,10 @@ def test_refine_writes_all_outputs(data, refined):
                  "history.json", "history.csv", "summary.json", "fsc.png", "history.png", "slices.png", "prior.png"):
         assert (refined / name).is_file(), name
     assert any((refined / "iterations").iterdir())  # the engine's working files, for --resume
-    summary = json.loads((refined / "summary.json").read_text())
-    history = json.loads((refined / "history.json").read_text())
+    # standard JSON (NaN, e.g. the first iteration's pose change, is null): a strict parser reads every file
+    summary, history, work_history = (strict_json(refined / name) for name in
+                                      ("summary.json", "history.json", "iterations/history.json"))
+    assert history[0]["pose_change_deg"] is None and work_history == history
     assert summary["n_particles"] == 60 and summary["iterations"] == len(history) == 2
     assert summary["config"]["prior_mode"] == "estimate" and summary["config"]["healpix_order"] == 1
     # the reported resolution is where the written FSC crosses 0.143 (independent csv parse), within one shell
@@ -171,3 +172,45 @@ def test_resume_continues_the_saved_iterations(data, refined, tmp_path):
     assert [h["iteration"] for h in after] == [1, 2, 3]  # one more iteration, the first two kept
     assert [h["resolution_A"] for h in after[:2]] == [h["resolution_A"] for h in before]
     assert json.loads((run / "summary.json").read_text())["iterations"] == 3
+
+
+def test_resume_refuses_other_settings(data, refined, tmp_path, capsys):
+    """--resume continues only the same run: other particles, --sym or --mode give one line naming what differs."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(refined, run)
+    base = ["refine", "--particles", str(data["star"]), "--map", str(data["map"]), *RUN_ARGS, "--resume", "--out",
+            str(run)]
+    line = _fails(capsys, [*base, "--sym", "C2", "--mode", "hard"])
+    assert "symmetry (C1, now C2)" in line and "mode (soft, now hard)" in line, line
+    table = starfile.read(data["star"], always_dict=True)
+    fewer = data["star"].parent / "fewer.star"
+    starfile.write({"optics": table["optics"], "particles": table["particles"].iloc[:50]}, fewer)
+    base[base.index("--particles") + 1] = str(fewer)
+    assert "particles (60, now 50)" in _fails(capsys, base)
+    assert json.loads((run / "history.json").read_text()) == json.loads((refined / "history.json").read_text())
+
+
+def test_an_unfinished_run_can_be_resumed_or_replaced(data, tmp_path, capsys):
+    """A run interrupted in iteration 1 (or failed) leaves DIR/iterations/ without a complete iteration: --resume
+    starts it from the beginning, and a new run without --resume replaces it (saying so); a finished run or a
+    folder with other files still needs --resume or a new folder."""
+    base = ["refine", "--particles", str(data["star"]), "--map", str(data["map"]), *RUN_ARGS, "--out"]
+    base[base.index("--iters") + 1] = "1"
+    for name in ("resumed", "replaced"):
+        (tmp_path / name / "iterations").mkdir(parents=True)  # what an interrupted first iteration leaves
+        (tmp_path / name / "iterations" / ".it001_half1.mrc.abc.part").write_bytes(b"partial")
+    assert main([*base, str(tmp_path / "resumed"), "--resume"]) == 0
+    assert "starting from the beginning" in capsys.readouterr().out
+    assert main([*base, str(tmp_path / "replaced")]) == 0
+    assert "holds an unfinished refinement (no final outputs): replacing it" in capsys.readouterr().out
+    for name in ("resumed", "replaced"):
+        history = json.loads((tmp_path / name / "history.json").read_text())
+        assert [h["iteration"] for h in history] == [1] and (tmp_path / name / "summary.json").is_file()
+    # a finished run, or a folder with other files, is not replaced
+    assert "not empty" in _fails(capsys, [*base, str(tmp_path / "resumed")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert "not empty" in _fails(capsys, [*base, str(tmp_path / "other")])
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -4,8 +4,10 @@ simulated particles (RELION star, known poses) -> pwem's RELION import + volume 
 iterations) -> outputs registered and readable: a Volume with half maps and the sampling rate, an FSC equal to the
 written fsc.csv, particles with projection alignment (exported with the relion plugin's ``writeSetOfParticles`` and
 compared with the truth) and ``_bp`` attributes; the prior file in the extra folder; the viewer writes its PNGs
-headless. Also: the form has help everywhere and ``_validate`` catches a mismatched box, missing CTF, too few
-particles and a bad symmetry.
+headless. The run takes the form's default prior (estimate, the protocol's point) and a random half-set split
+(the output's half sets are balanced and not the input's). Also: the form has help everywhere and ``_validate``
+catches a mismatched box, missing CTF, too few particles (per half set, with the chosen split: input half sets of
+25 and 5 are refused, a random split of the same 30 particles is not) and a bad symmetry.
 
 Data and bounds as in tests/test_refine_cli.py: the fragment map Fourier-cropped to 32 px (8.8 Å/px), 60 particles
 with CTF at SNR 1, no shifts; the initial volume is the true map (low-passed to 30 Å by the refinement). Measured:
@@ -21,6 +23,7 @@ import pytest
 import starfile
 from pyworkflow.tests import BaseTest, setupTestProject
 
+from tests.helpers import fourier_crop
 from tests.helpers import star_rotations as _rotations
 from tests.scipion.scipion_imports import import_relion_particles, import_volume, simulate_star
 
@@ -32,15 +35,6 @@ N_PARTICLES = 60
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-
-def _fourier_crop(volume: np.ndarray, box: int) -> np.ndarray:
-    d = volume.shape[0]
-    f = np.fft.fftshift(np.fft.fftn(volume))
-    lo = d // 2 - box // 2
-    f = f[lo:lo + box, lo:lo + box, lo:lo + box]
-    return (np.fft.ifftn(np.fft.ifftshift(f)).real * (box / d) ** 3).astype(np.float32)
-
-
 class TestRefineChain(BaseTest):
     @classmethod
     def setUpClass(cls):
@@ -49,7 +43,7 @@ class TestRefineChain(BaseTest):
 
         setupTestProject(cls, writeLocalConfig=True)
         full, _ = read_map(fragment_map_path())
-        cls.truth = _fourier_crop(full, BOX)
+        cls.truth = fourier_crop(full, BOX)
         folder = cls.getOutputPath("maps")
         os.makedirs(folder, exist_ok=True)
         cls.truth_path = os.path.join(folder, "truth32.mrc")
@@ -80,13 +74,17 @@ class TestRefineChain(BaseTest):
         from relion.convert import writeSetOfParticles
 
         from bayespose.core.io.mrc import read_map
+        from bayespose.core.refine import HALF_SPLITS
         from bayespose.protocols import ProtBayesposeRefine
         from bayespose.viewers import BayesposeRefineViewer
         from bayespose.viewers.viewer_refine import MAP_ALL, VOLUME_CHIMERA
 
+        # the form's defaults: the estimated prior (the protocol's point); half sets: a new random split, not the
+        # input's alternating 1, 2, 1, 2 (simulated)
         prot = self.newProtocol(ProtBayesposeRefine, inputParticles=self.particles, inputVolume=self.volume,
                                 numberOfIterations=2, healpixOrder=1, maxHealpixOrder=2, shiftRange=0.0,
-                                priorMode=1, numberOfThreads=2, useGpu=False)
+                                halfSets=HALF_SPLITS.index("random"), numberOfThreads=2, useGpu=False)
+        self.assertEqual(prot.refineConfig().prior_mode, "estimate")
         self.launchProtocol(prot)
 
         # volume with half maps and the sampling rate; the map is close to the truth
@@ -146,6 +144,9 @@ class TestRefineChain(BaseTest):
         halves_attr = np.array([p._bpHalfSet.get() for p in items])
         self.assertEqual(set(halves_attr.tolist()), {1, 2})
         np.testing.assert_array_equal(halves_attr, ours["rlnRandomSubset"].to_numpy())
+        self.assertEqual(np.bincount(halves_attr).tolist(), [0, N_PARTICLES // 2, N_PARTICLES // 2])
+        alternating = np.where(np.arange(N_PARTICLES) % 2 == 0, 1, 2)
+        self.assertGreater(int(np.sum(halves_attr != alternating)), N_PARTICLES // 4)  # not the input's split
         to_input = np.array([p._bpAngleToInputDeg.get() for p in items])
         np.testing.assert_allclose(to_input, err, atol=1e-3)  # the imported poses are the truth
 
@@ -176,6 +177,7 @@ class TestRefineChain(BaseTest):
         import pyworkflow.protocol.params as params
 
         from bayespose.core.io.mrc import write_map
+        from bayespose.core.refine import HALF_SPLITS, PRIOR_MODES
         from bayespose.protocols import ProtBayesposeRefine
 
         prot = self.newProtocol(ProtBayesposeRefine)
@@ -188,8 +190,25 @@ class TestRefineChain(BaseTest):
                      "numberOfIterations", "healpixOrder", "shiftRange", "shiftStep", "numberOfThreads"):
             self.assertIn(name, names)
 
+        for name in ("halfSets", "seed"):
+            self.assertIn(name, names)
         ok = self.newProtocol(ProtBayesposeRefine, inputParticles=self.particles, inputVolume=self.volume)
         self.assertEqual(ok.validate(), [])
+        self.assertEqual(PRIOR_MODES[ok.priorMode.get()], "estimate")  # the protocol's point
+        self.assertEqual(ok.refineConfig().half_split, "input")
+
+        # half sets: 30 particles whose input half sets hold 25 and 5 are too few per half set with the input's
+        # split, and fine with a random one (15 and 15)
+        star = self._simulate("unbalanced", 30, ctf=True)
+        table = starfile.read(star, always_dict=True)
+        table["particles"]["rlnRandomSubset"] = np.where(np.arange(30) < 25, 1, 2)
+        starfile.write(table, star, overwrite=True)
+        unbalanced = self._import_particles(star)
+        errors = self.newProtocol(ProtBayesposeRefine, inputParticles=unbalanced, inputVolume=self.volume).validate()
+        self.assertTrue(any("half sets of 25 and 5" in e and "at least 10 per half set" in e for e in errors), errors)
+        errors = self.newProtocol(ProtBayesposeRefine, inputParticles=unbalanced, inputVolume=self.volume,
+                                  halfSets=HALF_SPLITS.index("random")).validate()
+        self.assertEqual(errors, [])
 
         small_path = os.path.join(self.getOutputPath("small"), "box24.mrc")
         os.makedirs(os.path.dirname(small_path), exist_ok=True)

@@ -17,11 +17,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-# _phase and CELL_SPREAD: core/refine still imports them from here (drop them once it imports them from
-# bayespose.core.assign._scoring and bayespose.core.assign)
-from bayespose.core.assign._scoring import ScoringCall, _Batch, _phase, _Scorer, _StageScores  # noqa: F401
+from bayespose.core.assign._scoring import ScoringCall, _Batch, _Scorer, _StageScores
 from bayespose.core.assign._search_space import _SearchSpace, shift_lattice
-from bayespose.core.assign._statistics import CELL_SPREAD, _significant_cells, _stage_results  # noqa: F401
+from bayespose.core.assign._statistics import _significant_cells, _stage_results
 from bayespose.core.assign.noise_model import NoiseModel, estimate_noise_model, geometric_radius, information_radius
 from bayespose.core.assign.search import PoseSearch
 from bayespose.core.geometry.grids import cell_rotations, split_cells

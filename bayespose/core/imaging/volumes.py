@@ -1,8 +1,11 @@
-"""Small map utilities: the asymmetric fragment of the demo map used for pose-accuracy experiments."""
+"""Map operations on (D, D, D) arrays indexed [z, y, x]: the asymmetric fragment of the demo map used for
+pose-accuracy experiments, a soft spherical mask and solvent flattening (RELION's ``--flatten_solvent``)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+__all__ = ["asymmetric_fragment", "soft_sphere_mask", "flatten_solvent"]
 
 
 def asymmetric_fragment(volume: np.ndarray, half_angle_deg: float = 60.0, edge_deg: float = 15.0) -> np.ndarray:
@@ -24,3 +27,21 @@ def asymmetric_fragment(volume: np.ndarray, half_angle_deg: float = 60.0, edge_d
     mass = np.clip(fragment, 0.0, None)
     com = [float((mass * axis).sum() / mass.sum()) for axis in (z, y, x)]
     return np.roll(fragment, [-int(round(v)) for v in com], axis=(0, 1, 2)).astype(np.float32)
+
+
+def soft_sphere_mask(box: int, radius_px: float, edge_px: float = 3.0) -> np.ndarray:
+    """(D, D, D) float32 mask: 1 within ``radius_px`` of the centre voxel D // 2, raised-cosine edge of
+    ``edge_px`` outside it, 0 beyond (RELION's ``--flatten_solvent`` sphere, edge width in px)."""
+    c = np.arange(box) - box // 2
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    t = np.clip((r - radius_px) / max(edge_px, 1e-6), 0.0, 1.0)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+
+
+def flatten_solvent(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``volume · mask + b · (1 - mask)`` for a (D, D, D) map and a soft mask in [0, 1], ``b`` the mask-weighted
+    mean of the volume outside (RELION's softMaskOutsideMap): the solvent is set to its average level, not to
+    zero, so no step appears at the mask edge. Returns float32."""
+    outside = 1.0 - mask
+    b = float((volume * outside).sum() / max(outside.sum(), 1e-6))
+    return (volume * mask + b * outside).astype(np.float32)

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from bayespose.core.assign.engine import PoseAssignment
+from bayespose.core.assign import PoseAssignment
 from bayespose.core.assign.noise_model import NoiseModel
 from bayespose.core.io.atomic import atomic_file
 

@@ -11,6 +11,9 @@ One output folder holds (units: Å, 1/Å, degrees; poses in RELION's convention)
     prior.npy, prior.json            estimated viewing-direction density (see PRIOR_CONVENTION)
     history.json, history.csv        one row per iteration (IterationLog fields)
     summary.json                     resolution, sizes, the settings used and the list of files
+
+The JSON files are standard JSON: a NaN or infinite number (e.g. the first iteration's pose change) is written as
+null, and :func:`read_history` / :func:`read_refine_outputs` give it back as NaN.
     fsc.png, history.png, slices.png, prior.png     figures from :mod:`bayespose.plotting.refine`
 
 Writing goes to a hidden temporary folder next to the target, renamed onto the target at the end: the outputs
@@ -81,30 +84,53 @@ class RefineOutputs:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: dataclasses -> dicts, numpy scalars / arrays -> Python numbers / lists,
+    paths -> strings, and NaN / ±inf -> None (standard JSON has no such numbers; :func:`history_records` reads
+    them back as NaN)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Standard JSON text of ``value`` (:func:`jsonable`: never ``NaN`` / ``Infinity``, which ``json.dumps``
+    would write and strict readers reject)."""
+    return json.dumps(jsonable(value), indent=indent, allow_nan=False)
+
+
+def history_records(records: list[dict]) -> list[dict]:
+    """History records parsed from JSON with null -> NaN (no history field is legitimately None; a NaN, e.g. the
+    first iteration's pose change, was written as null)."""
+    return [{k: math.nan if v is None else v for k, v in record.items()} for record in records]
+
+
 def _as_dict(entry: Any) -> dict:
-    """An IterationLog (dataclass), a dict or an object with attributes -> plain dict of JSON-able values."""
+    """An IterationLog (dataclass), a dict or an object with attributes -> plain dict (NaN kept)."""
     if is_dataclass(entry):
         data = asdict(entry)
     elif isinstance(entry, dict):
         data = dict(entry)
     else:
         data = dict(vars(entry))
-    return {k: _jsonable(v) for k, v in data.items()}
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in data.items()}
 
 
-def _jsonable(value: Any) -> Any:
-    """numpy scalars/arrays -> Python; NaN/inf stay floats (json writes NaN/Infinity, which json reads back)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
+def _float(value: Any) -> float:
+    """A float read from JSON (null -> NaN)."""
+    return math.nan if value is None else float(value)
 
 
 def fsc_table(frequencies: np.ndarray, fsc_values: np.ndarray) -> list[dict]:
@@ -194,8 +220,8 @@ def write_refine_outputs(result, out_dir: str | os.PathLike, pixel_size: float |
         prior_meta = {"healpix_order": order, "nside": 2 ** order, "ordering": "NEST", "n_pixels": len(density),
                       "convention": PRIOR_CONVENTION, "file": PRIOR_NPY,
                       "prior_mode": getattr(config, "prior_mode", None), "density": density.tolist()}
-        (tmp / PRIOR_JSON).write_text(json.dumps(prior_meta, indent=1))
-        (tmp / HISTORY_JSON).write_text(json.dumps(history, indent=2))
+        (tmp / PRIOR_JSON).write_text(to_json(prior_meta, indent=1))
+        (tmp / HISTORY_JSON).write_text(to_json(history, indent=2))
         columns = list(history[0]) if history else ["iteration"]
         _write_csv(tmp / HISTORY_CSV, history, columns)
         files = [MAP_FILE, *HALF_FILES, FSC_FILE, PARTICLES_FILE, PRIOR_NPY, PRIOR_JSON, HISTORY_JSON, HISTORY_CSV]
@@ -206,9 +232,9 @@ def write_refine_outputs(result, out_dir: str | os.PathLike, pixel_size: float |
                    "n_half1": int(np.sum(particles.half_set == 1)) if particles.half_set is not None else None,
                    "n_half2": int(np.sum(particles.half_set == 2)) if particles.half_set is not None else None,
                    "box": int(volume.shape[0]), "pixel_size_A": pixel_size, "iterations": len(history),
-                   "prior_order": order, "config": _as_dict(config) if config is not None else None,
+                   "prior_order": order, "config": jsonable(_as_dict(config)) if config is not None else None,
                    "files": files + [SUMMARY_JSON]}
-        (tmp / SUMMARY_JSON).write_text(json.dumps(_jsonable(summary), indent=2))
+        (tmp / SUMMARY_JSON).write_text(to_json(summary, indent=2))
     return {name: target / name for name in summary["files"]}
 
 
@@ -245,8 +271,8 @@ def read_fsc_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:
-    """``history.json`` -> list of per-iteration dicts."""
-    return json.loads(Path(path).read_text())
+    """``history.json`` -> list of per-iteration dicts (null -> NaN, see :func:`history_records`)."""
+    return history_records(json.loads(Path(path).read_text()))
 
 
 def read_refine_outputs(out_dir: str | os.PathLike) -> RefineOutputs:
@@ -262,7 +288,7 @@ def read_refine_outputs(out_dir: str | os.PathLike) -> RefineOutputs:
     meta = json.loads((folder / PRIOR_JSON).read_text())
     density = np.load(folder / PRIOR_NPY)
     return RefineOutputs(folder=folder, map=volume, half_maps=halves, pixel_size=float(px or summary["pixel_size_A"]),
-                         fsc_frequencies=freq, fsc=values, resolution_A=float(summary["resolution_A"]),
+                         fsc_frequencies=freq, fsc=values, resolution_A=_float(summary["resolution_A"]),
                          particles=read_star(folder / PARTICLES_FILE), direction_prior=density,
                          prior_order=int(meta["healpix_order"]), history=read_history(folder / HISTORY_JSON),
                          summary=summary)
@@ -285,6 +311,7 @@ def resolution_from_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, thresho
 
 
 __all__ = ["RefineOutputs", "write_refine_outputs", "read_refine_outputs", "read_fsc_csv", "read_history",
+           "jsonable", "to_json", "history_records",
            "fsc_table", "prior_density_at", "resolution_from_fsc", "PRIOR_CONVENTION", "FIGURES", "MAP_FILE",
            "HALF_FILES", "FSC_FILE", "PARTICLES_FILE", "PRIOR_NPY", "PRIOR_JSON", "HISTORY_JSON", "HISTORY_CSV",
            "SUMMARY_JSON"]

@@ -1,4 +1,4 @@
-"""EM refinement (bayespose.core.refine.engine) on simulated fragment particles with known poses and the true map.
+"""EM refinement (bayespose.core.refine) on simulated fragment particles with known poses and the true map.
 
 What is checked against independent truth:
 * the refined map's FSC against the TRUE map beats the 30 Å start and the old engine's ~20 Å plateau
@@ -23,8 +23,10 @@ from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance
 from bayespose.core.imaging.forward import prepare_volume
 from bayespose.core.imaging.reconstruct import fsc, lowpass, resolution_at
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
+from bayespose.core.imaging.volumes import soft_sphere_mask
 from bayespose.core.io.mrc import read_images, read_map
-from bayespose.core.refine.engine import RefineConfig, _direction_density, _HalfMStep, refine, soft_sphere_mask
+from bayespose.core.refine import RefineConfig, refine
+from bayespose.core.refine._mstep import _HalfMStep, direction_density
 from bayespose.data import fragment_map_path
 
 
@@ -236,7 +238,7 @@ def test_direction_density_prior_gives_the_pixel_density():
 def test_direction_density_is_normalised_and_smooth():
     mass = np.zeros(48)
     mass[5] = 100.0
-    density = _direction_density(mass, 1, pseudocount=0.5)
+    density = direction_density(mass, 1, pseudocount=0.5)
     assert density.mean() == pytest.approx(1.0)
     assert density.argmax() == 5 and (density > 1).sum() > 1  # spread to the neighbours
 

@@ -20,8 +20,8 @@ import starfile
 from scipy.spatial.transform import Rotation
 
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
+from bayespose.core.refine import IterationLog, RefineResult
 from bayespose.core.refine import outputs as ro
-from bayespose.core.refine.engine import IterationLog, RefineResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOX, PIXEL_SIZE, N = 16, 3.0, 24
@@ -48,6 +48,14 @@ def result(tmp_path_factory) -> RefineResult:
     history = [IterationLog(1, 1, 20.0, 14.0, -50.0, float("nan"), 1.5),
                IterationLog(2, 1, 12.0, 9.5, -40.0, 4.25, 1.2)]
     return RefineResult(maps[0], (maps[1], maps[2]), freq, fsc_values, 9.5, particles, prior, order, history)
+
+
+def strict_json(path: Path):
+    """``json.loads`` that rejects the non-standard NaN / Infinity / -Infinity (as JavaScript and jq do)."""
+    def reject(constant):
+        raise ValueError(f"{path.name} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
 
 
 def _png_ok(path: Path) -> bool:
@@ -100,13 +108,17 @@ def test_outputs_round_trip(result, tmp_path):
     np.testing.assert_allclose(meta["density"], result.direction_prior)
     assert "third row" in meta["convention"]
 
-    # history: json and csv rows equal the IterationLog entries (NaN survives)
-    hist = json.loads((out / "history.json").read_text())
+    # history: json and csv rows equal the IterationLog entries; the first pose change (NaN) is JSON's null, and the
+    # JSON files are standard JSON (a strict parser rejects NaN / Infinity)
+    hist = strict_json(out / "history.json")
     assert [h["resolution_A"] for h in hist] == [14.0, 9.5]
-    assert math.isnan(hist[0]["pose_change_deg"]) and hist[1]["pose_change_deg"] == 4.25
+    assert hist[0]["pose_change_deg"] is None and hist[1]["pose_change_deg"] == 4.25
+    strict_json(out / "summary.json")
+    strict_json(out / "prior.json")
     with open(out / "history.csv", newline="") as fh:
         csv_rows = list(csv.DictReader(fh))
     assert [float(r["log_likelihood"]) for r in csv_rows] == [-50.0, -40.0]
+    assert math.isnan(float(csv_rows[0]["pose_change_deg"]))
 
     # the reader gives the same back
     back = ro.read_refine_outputs(out)
@@ -115,6 +127,7 @@ def test_outputs_round_trip(result, tmp_path):
     np.testing.assert_allclose(back.fsc, result.fsc)
     np.testing.assert_allclose(back.particles.rotations, result.particles.rotations, atol=1e-5)
     assert back.summary["n_particles"] == N and back.summary["n_half1"] == N // 2
+    assert math.isnan(back.history[0]["pose_change_deg"]) and back.history[1]["pose_change_deg"] == 4.25
 
 
 def test_prior_convention_matches_healpy_nest_and_relion_angles():
@@ -203,3 +216,16 @@ def test_resolution_from_fsc_interpolates_the_crossing():
     assert ro.resolution_from_fsc(freq, values) == pytest.approx(1 / 0.21425)
     assert ro.resolution_from_fsc(freq, values, threshold=0.5) == pytest.approx(8.0)
     assert ro.resolution_from_fsc(freq, np.ones(11)) == pytest.approx(4.0)  # never crosses: Nyquist
+
+
+def test_non_finite_numbers_are_written_as_null_and_read_back_as_nan(result, tmp_path):
+    """A resolution that never crossed 0.143 (inf) and NaN statistics: summary.json / history.json stay standard
+    JSON (null) and the reader gives NaN where a number is expected."""
+    result.resolution_A = math.inf
+    result.history[1].log_likelihood = float("nan")
+    ro.write_refine_outputs(result, tmp_path / "run", figures=False)
+    assert strict_json(tmp_path / "run" / "summary.json")["resolution_A"] is None
+    assert strict_json(tmp_path / "run" / "history.json")[1]["log_likelihood"] is None
+    back = ro.read_refine_outputs(tmp_path / "run")
+    assert math.isnan(back.resolution_A) and math.isnan(back.history[1]["log_likelihood"])
+    assert back.history[1]["resolution_A"] == 9.5
