@@ -140,5 +140,6 @@ def e_step(particles: ParticleSet, images: np.ndarray | None, reference: np.ndar
 
 def _particle_results(assignment: PoseAssignment, n_candidates: np.ndarray) -> ParticleResults:
     """The assignment's poses and statistics (the fields it shares with ParticleResults) and ``n_candidates``."""
-    shared = {f.name: getattr(assignment, f.name) for f in fields(ParticleResults) if hasattr(assignment, f.name)}
-    return ParticleResults(**shared, n_candidates=n_candidates)
+    shared = {f.name: getattr(assignment, f.name) for f in fields(ParticleResults)}
+    shared["n_candidates"] = n_candidates
+    return ParticleResults(**shared)

@@ -14,7 +14,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-__all__ = ["RefineConfig", "Mode", "PriorMode", "HalfSplit", "MODES", "PRIOR_MODES", "HALF_SPLITS", "MIN_PER_HALF", "MAX_FINEST_ORDER",
+__all__ = ["RefineConfig", "Mode", "PriorMode", "HalfSplit", "MODES", "PRIOR_MODES", "HALF_SPLITS", "MIN_PER_HALF",
+           "MAX_FINEST_ORDER",
            "RESUMABLE_SETTINGS", "half_set_sizes", "check_half_set_sizes", "split_half_sets", "subset_counts"]
 
 Mode = Literal["soft", "hard"]  # soft: posterior-weighted (EM); hard: the best pose only (MLE/MAP baseline)
