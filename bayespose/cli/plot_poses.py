@@ -17,11 +17,12 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from bayespose.core.io.relion_star import read_star
+    from bayespose.plotting import save_figure
     from bayespose.plotting.poses import plot_pose_distribution
 
     particles = read_star(args.particles)
     if not particles.has_alignment:
         raise CliError(f"{args.particles} has no rlnAngleRot/Tilt/Psi columns: no poses to plot")
-    plot_pose_distribution(particles.rotations, args.out, title=Path(args.particles).name)
+    save_figure(plot_pose_distribution(particles.rotations, title=Path(args.particles).name), args.out)
     print(f"wrote {args.out}")
     return 0

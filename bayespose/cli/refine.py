@@ -113,6 +113,7 @@ def run(args) -> int:
 
     from bayespose.core.refine.engine import RefineConfig, refine
     from bayespose.core.refine.outputs import write_refine_outputs
+    from bayespose.plotting.refine import refine_figure_writer
 
     particles, volume = read_particles_and_map(args.particles, args.map)
     if args.no_ctf:
@@ -156,7 +157,7 @@ def run(args) -> int:
     start = time.time()
     result = refine(fresh, volume, config, out_dir=work, log=print, progress=progress_printer, **extra_args)
     write_refine_outputs(result, args.out, pixel_size=particles.pixel_size, particles_template=fresh, config=config,
-                         title=Path(args.particles).name)
+                         figure_writer=refine_figure_writer(Path(args.particles).name))
     print(f"refined {len(particles)} particles in {len(result.history)} iteration(s) ({args.mode}, {args.prior} "
           f"prior, symmetry {config.symmetry}): resolution {result.resolution_A:.1f} Å (FSC 0.143), "
           f"{time.time() - start:.0f} s; wrote {args.out / 'map.mrc'}, half maps, fsc.csv, particles.star, prior "

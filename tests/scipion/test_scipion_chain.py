@@ -36,7 +36,7 @@ class TestSimulateChain(BaseTest):
 
         from bayespose.convert import particles_from_scipion
         from bayespose.protocols import ProtBayesposeSimulate
-        from bayespose.viewers import BayesposePoseViewer
+        from bayespose.viewers.viewer_poses import BayesposePoseViewer
 
         volume = self._import_demo_map()
         sim = self.newProtocol(ProtBayesposeSimulate, inputVolume=volume, nParticles=30, snr=0.5, maxShift=2.0,

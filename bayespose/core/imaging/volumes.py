@@ -1,4 +1,5 @@
-"""Small map utilities: the asymmetric fragment of the demo map used for pose-accuracy experiments."""
+"""Small map utilities: the asymmetric fragment of the demo map used for pose-accuracy experiments, and the central
+sections of a map. Maps are numpy arrays indexed [z, y, x]."""
 
 from __future__ import annotations
 
@@ -24,3 +25,13 @@ def asymmetric_fragment(volume: np.ndarray, half_angle_deg: float = 60.0, edge_d
     mass = np.clip(fragment, 0.0, None)
     com = [float((mass * axis).sum() / mass.sum()) for axis in (z, y, x)]
     return np.roll(fragment, [-int(round(v)) for v in com], axis=(0, 1, 2)).astype(np.float32)
+
+
+def central_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three central sections of a map (Z, Y, X): ``(xy at z = Z // 2 (Y, X), xz at y = Y // 2 (Z, X),
+    yz at x = X // 2 (Z, Y))``, views of ``volume``. Raises ``ValueError`` unless it is 3D."""
+    v = np.asarray(volume)
+    if v.ndim != 3:
+        raise ValueError(f"need a 3D map, got shape {v.shape}")
+    cz, cy, cx = (s // 2 for s in v.shape)
+    return v[cz], v[:, cy, :], v[:, :, cx]
