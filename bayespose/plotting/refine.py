@@ -34,6 +34,12 @@ FSC_THRESHOLDS = (0.143, 0.5)
 FIGURES = {"fsc": "fsc.png", "history": "history.png", "slices": "slices.png", "prior": "prior.png"}
 
 
+def _layout(fig: Figure) -> Figure:
+    """Tight layout below the suptitle (tight_layout alone lets a suptitle overlap two-line Mollweide titles)."""
+    fig.tight_layout(rect=(0, 0, 1, 0.95) if fig.get_suptitle() else (0, 0, 1, 1))
+    return fig
+
+
 def plot_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, resolution_A: float | None = None, title: str = "",
              curves: dict | None = None) -> Figure:
     """Half-map FSC against spatial frequency (1/Å) with the 0.143 and 0.5 thresholds and their resolutions.
@@ -72,8 +78,7 @@ def plot_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, resolution_A: floa
     top.set_xticklabels([f"{1.0 / t:.0f}" for t in ticks if t > 0])
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _layout(fig)
 
 
 def _column(history: Sequence[Any], name: str) -> np.ndarray:
@@ -116,8 +121,7 @@ def plot_history(history: Sequence[Any], title: str = "") -> Figure:
             a.set_xticks(it)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _layout(fig)
 
 
 def plot_central_slices(volumes: np.ndarray | Sequence[np.ndarray], labels: Sequence[str] | None = None,
@@ -145,8 +149,7 @@ def plot_central_slices(volumes: np.ndarray | Sequence[np.ndarray], labels: Sequ
                 ax.set_ylabel(label + size, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _layout(fig)
 
 
 def plot_prior_and_poses(density: np.ndarray, order: int, rotations: np.ndarray, title: str = "") -> Figure:
@@ -172,8 +175,7 @@ def plot_prior_and_poses(density: np.ndarray, order: int, rotations: np.ndarray,
                      label="density relative to uniform")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _layout(fig)
 
 
 
