@@ -2,7 +2,8 @@
 # Set up bayespose in .venv/ at the repository root (idempotent: a second run only re-checks).
 #
 #   bash setup.sh            # Python environment: Scipion (pyworkflow, pwem, relion plugin), torch, bayespose
-#   bash setup.sh --relion   # also RELION 3.1 from the Debian package 'relion' (tests compare against it)
+#   bash setup.sh --relion   # also RELION 3.1 from the Debian package 'relion' (tests compare against it) and
+#                            # Xvfb (package 'xvfb': the GUI smoke test opens Scipion's project window on it)
 #
 # Order matters: torch==2.13.0 first (on a CPU machine an unpinned torch pulls gigabytes of CUDA wheels), then
 # the Scipion packages, then everything else resolved under Scipion's pins (constraints.txt).
@@ -13,7 +14,7 @@ WITH_RELION=0
 for arg in "$@"; do
     case "$arg" in
         --relion) WITH_RELION=1 ;;
-        -h|--help) sed -n 2,8p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,9p "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option '$arg' (use --relion or --help)" >&2; exit 2 ;;
     esac
 done
@@ -37,7 +38,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 STAMP=.venv/.bayespose-installed
-WANT=$(cat requirements.txt constraints.txt setup.py | sha256sum | cut -c1-16)
+WANT=$(cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
     echo "setup.sh: installing torch==2.13.0"
@@ -51,10 +52,15 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "$WANT" > "$STAMP"
 fi
 
-if [ "$WITH_RELION" = 1 ] && ! command -v relion_project >/dev/null 2>&1; then
-    echo "setup.sh: installing RELION 3.1 (Debian package 'relion')"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq relion >/dev/null
+if [ "$WITH_RELION" = 1 ]; then
+    APT=()
+    command -v relion_project >/dev/null 2>&1 || APT+=(relion)
+    command -v Xvfb >/dev/null 2>&1 || APT+=(xvfb)
+    if [ "${#APT[@]}" -gt 0 ]; then
+        echo "setup.sh: installing ${APT[*]} (Debian packages: RELION 3.1, the X virtual framebuffer)"
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null
+    fi
 fi
 echo "setup.sh: ready (.venv/bin/bayespose, .venv/bin/python)"

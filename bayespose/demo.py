@@ -27,6 +27,7 @@ from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_da
 from bayespose.core.io.mrc import read_images, read_map
 from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.data import demo_map_path, fragment_map_path
+from bayespose.plotting import save_figure
 from bayespose.plotting.poses import plot_estimator_errors, plot_image_gallery, plot_pose_distribution
 
 
@@ -64,14 +65,14 @@ def run_demo(out_dir: str | Path, n_particles: int = 500, seed: int = 0,
 
     # 3. plots
     poses_png = out_dir / "poses.png"
-    plot_pose_distribution(truth.rotations, poses_png, title="demo: ground-truth poses (uniform)")
+    save_figure(plot_pose_distribution(truth.rotations, title="demo: ground-truth poses (uniform)"), poses_png)
     volume, pixel_size = read_map(map_path)
     clean, _ = simulate_images(volume, pixel_size, truth.rotations[:8], truth.origins_A[:8], truth.ctf.subset(
         slice(0, 8)), snr=None, seed=seed)
     gallery_png = out_dir / "particles.png"
     noisy = read_images(reread, np.arange(8))
-    plot_image_gallery([clean, noisy], gallery_png, row_labels=["clean (CTF)", f"SNR {spec.snr}"],
-                       title="first 8 simulated particles")
+    save_figure(plot_image_gallery([clean, noisy], row_labels=["clean (CTF)", f"SNR {spec.snr}"],
+                                   title="first 8 simulated particles"), gallery_png)
     results.update(poses_png=str(poses_png), gallery_png=str(gallery_png))
     print(f"[3/6] plots: {poses_png}, {gallery_png}")
 
@@ -101,8 +102,9 @@ def _mmse_vs_mle(out_dir: Path, n: int, snr: float, seed: int, progress) -> dict
     errors = {name.upper(): geodesic_distance_deg(result.poses(name)[0], truth.rotations)
               for name in ("mmse", "map", "mle")}
     png = out_dir / "mmse_vs_mle.png"
-    plot_estimator_errors(errors, png, expected_error=result.expected_error_deg,
-                          title=f"{n} fragment particles, SNR {snr}, CTF: errors against the true poses")
+    save_figure(plot_estimator_errors(errors, expected_error=result.expected_error_deg,
+                                      title=f"{n} fragment particles, SNR {snr}, CTF: errors against the true poses"),
+                png)
     summary = "  ".join(f"{k} mean {v.mean():.1f}° median {np.median(v):.1f}°" for k, v in errors.items())
     print(f"[4/6] pose assignment at SNR {snr} ({result.timings['total_s']:.0f} s): {summary}; "
           f"plot {png}, poses {sim_dir / 'particles_mmse.star'}")
@@ -134,8 +136,9 @@ def _deep_prior_step(out_dir: Path, seed: int, progress, n_train: int = 240, n_t
     trained = train_pose_network(sets["train"], config, deep_dir / "network.pt", log=None,
                                  progress=progress)
     curves_png = deep_dir / "training.png"
-    plot_training_history(trained.history, curves_png, best_epoch=trained.best_epoch,
-                          title=f"so3grid network, {n_train} fragment particles at SNR {snr} (preferred view)")
+    save_figure(plot_training_history(trained.history, best_epoch=trained.best_epoch,
+                                      title=f"so3grid network, {n_train} fragment particles at SNR {snr} "
+                                            "(preferred view)"), curves_png)
     network = load_pose_network(trained.checkpoint)
     test = sets["test"]
     prediction = predict_poses(network, test, top_k=4)
@@ -148,7 +151,7 @@ def _deep_prior_step(out_dir: Path, seed: int, progress, n_train: int = 240, n_t
     errors = {"network mode": geodesic_distance_deg(prediction.rotations, test.rotations),
               "deep-prior MMSE": geodesic_distance_deg(refined.mmse_rotations, test.rotations)}
     errors_png = deep_dir / "errors.png"
-    plot_angular_errors(errors, errors_png, title=f"{n_test} test particles: angle to the true poses")
+    save_figure(plot_angular_errors(errors, title=f"{n_test} test particles: angle to the true poses"), errors_png)
     seconds = time.perf_counter() - start
     print(f"{step} deep pose prediction ({n_train} training particles, {len(trained.history)} epochs, "
           f"{seconds:.0f} s): median error on {n_test} new particles: network "
@@ -172,6 +175,7 @@ def _refine_step(out_dir: Path, seed: int, progress, n: int = 200, snr: float = 
     from bayespose.core.imaging.reconstruct import fsc
     from bayespose.core.refine import RefineConfig, refine
     from bayespose.core.refine.outputs import resolution_from_fsc, write_refine_outputs
+    from bayespose.plotting.refine import refine_figure_writer
 
     start = time.perf_counter()
     refine_dir = out_dir / "refine"
@@ -183,7 +187,7 @@ def _refine_step(out_dir: Path, seed: int, progress, n: int = 200, snr: float = 
                           prior_mode="estimate", initial_lowpass_A=30.0, seed=seed)
     result = refine(particles, truth, config, out_dir=refine_dir / "iterations", log=None, progress=progress)
     write_refine_outputs(result, refine_dir, pixel_size=pixel_size, particles_template=particles, config=config,
-                         title=f"demo: {n} preferred-orientation particles")
+                         figure_writer=refine_figure_writer(f"demo: {n} preferred-orientation particles"))
     freq, values = fsc(result.map, truth, pixel_size)
     vs_truth = resolution_from_fsc(freq.cpu().numpy(), values.cpu().numpy(), threshold=0.5)
     corr = float(np.corrcoef(result.map.ravel(), truth.ravel())[0, 1])

@@ -375,10 +375,13 @@ def _footer(fig, text: str) -> None:
 
 
 def plot_snr(runs: list[Run], cfg: Config, out: Path) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from bayespose.plotting import save_figure
 
     sources = sorted({r.label["source"] for r in runs if r.section == "snr"}, key=lambda s: s != "bayespose")
-    fig, axes = plt.subplots(len(sources), 2, figsize=(11, 4.0 * len(sources)), squeeze=False)
+    fig = Figure(figsize=(11, 4.0 * len(sources)))
+    axes = fig.subplots(len(sources), 2, squeeze=False)
     colors = {"mmse": "C0", "map": "C1", "mle": "C2"}
     for row, source in enumerate(sources):
         rs = sorted([r for r in runs if r.section == "snr" and r.label["source"] == source], key=lambda r: r.label["snr"])
@@ -407,17 +410,19 @@ def plot_snr(runs: list[Run], cfg: Config, out: Path) -> None:
                  f"{cfg.seeds['snr']}); no shifts. {SNR_DEFINITION}. Grid: HEALPix order 2 (15°, 4608 rotations) "
                  "+ 2 coarse-to-fine levels (final 3.75°), uniform prior.")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(out / "fig1_snr.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "fig1_snr.png", dpi=120)
 
 
 def plot_prior(runs: list[Run], cfg: Config, out: Path) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from bayespose.plotting import save_figure
 
     rs = [r for r in runs if r.section == "prior"]
     priors = list(dict.fromkeys(r.label["prior"] for r in rs))
     snrs = sorted({r.label["snr"] for r in rs})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    fig = Figure(figsize=(11, 4.3))
+    axes = fig.subplots(1, 2)
     for i, prior in enumerate(priors):
         sel = sorted([r for r in rs if r.label["prior"] == prior], key=lambda r: r.label["snr"])
         for ax, stat in zip(axes, ("mean", "median")):
@@ -436,16 +441,18 @@ def plot_prior(runs: list[Run], cfg: Config, out: Path) -> None:
                  f"IGSO3 around the identity with η = {cfg.eta_true} rad. {SNR_DEFINITION}. Grid: HEALPix order "
                  "2 + 2 coarse-to-fine levels (final 3.75°); no shifts.")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(out / "fig2_prior.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "fig2_prior.png", dpi=120)
 
 
 def plot_grid(runs: list[Run], oracle: dict, cfg: Config, out: Path) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from bayespose.plotting import save_figure
 
     rs = [r for r in runs if r.section == "grid"]
     snrs = sorted({r.label["snr"] for r in rs})
-    fig, axes = plt.subplots(1, len(snrs), figsize=(5.8 * len(snrs), 4.8), squeeze=False)
+    fig = Figure(figsize=(5.8 * len(snrs), 4.8))
+    axes = fig.subplots(1, len(snrs), squeeze=False)
     o_orders = sorted(oracle)
     for ax, snr in zip(axes[0], snrs):
         for stat, fmt in (("mean", "k^-"), ("median", "k^:")):
@@ -477,16 +484,18 @@ def plot_grid(runs: list[Run], oracle: dict, cfg: Config, out: Path) -> None:
                  f"no shifts. {SNR_DEFINITION}. Single HEALPix grids L = 72·8^order (orders "
                  f"{min(cfg.grid_orders)}-{max(cfg.grid_orders)}), refine_levels = 0. Expected slope -1/3.")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(out / "fig3_grid.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "fig3_grid.png", dpi=120)
 
 
 def plot_sym(runs: list[Run], cfg: Config, out: Path) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from bayespose.plotting import save_figure
 
     rs = [r for r in runs if r.section == "sym"]
     snrs = sorted({r.label["snr"] for r in rs}, reverse=True)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
     cases = list(dict.fromkeys((r.label["map"], r.label["search_symmetry"]) for r in rs))
     width = 0.8 / len(cases)
     x = np.arange(len(snrs))
@@ -504,8 +513,7 @@ def plot_sym(runs: list[Run], cfg: Config, out: Path) -> None:
                  f" CTF; N = {cfg.n_sym} particles per bar (seed {cfg.seeds['sym']}), uniform poses. "
                  f"{SNR_DEFINITION}. Grid: HEALPix order 2 + 2 levels. Errors: min over symmetry mates.")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(out / "fig4_symmetry.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "fig4_symmetry.png", dpi=120)
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -299,16 +299,16 @@ def section_deep_prior_only(cfg: Config, work: Path, results: dict) -> None:
 def plot_tradeoff(results: dict, out: Path) -> None:
     """fig_deep_prior_tradeoff.png: mean error against rotations scored per particle (% of the global search) for
     the fallback rules, one panel per SNR."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bayespose.plotting import save_figure
 
     snrs = [snr for snr, e in results.get("halfset", {}).items() if "tradeoff" in e.get("so3grid", {}).get(
         "deep_prior", {})]
     if not snrs:
         return
-    fig, axes = plt.subplots(1, len(snrs), figsize=(5.2 * len(snrs), 4.0), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(snrs), 4.0))
+    axes = fig.subplots(1, len(snrs), squeeze=False)
     for ax, snr in zip(axes[0], snrs):
         dp = results["halfset"][snr]["so3grid"]["deep_prior"]
         g = dp[GLOBAL]
@@ -325,8 +325,7 @@ def plot_tradeoff(results: dict, out: Path) -> None:
         ax.set_title(f"SNR {snr}: {dp['network mode']['n']} test particles")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "fig_deep_prior_tradeoff.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "fig_deep_prior_tradeoff.png", dpi=110)
 
 
 def section_symmetry(cfg: Config, work: Path, results: dict) -> None:
@@ -349,13 +348,13 @@ def section_symmetry(cfg: Config, work: Path, results: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ report
 def plot(results: dict, out: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bayespose.plotting import save_figure
 
     snrs = list(results.get("halfset", {}))
-    fig, axes = plt.subplots(1, max(len(snrs), 1), figsize=(5 * max(len(snrs), 1), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * max(len(snrs), 1), 3.6))
+    axes = fig.subplots(1, max(len(snrs), 1), squeeze=False)
     for ax, snr in zip(axes[0], snrs):
         for model in ("so3grid", "quaternion"):
             err = np.asarray(results["halfset"][snr][model]["errors"])
@@ -365,9 +364,9 @@ def plot(results: dict, out: Path) -> None:
         ax.set_title(f"SNR {snr}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "fig_errors.png", dpi=110)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, max(len(snrs), 1), figsize=(5 * max(len(snrs), 1), 3.6), squeeze=False)
+    save_figure(fig, out / "fig_errors.png", dpi=110)
+    fig = Figure(figsize=(5 * max(len(snrs), 1), 3.6))
+    axes = fig.subplots(1, max(len(snrs), 1), squeeze=False)
     for ax, snr in zip(axes[0], snrs):
         for model in ("so3grid", "quaternion"):
             h = results["halfset"][snr][model]["history"]
@@ -378,8 +377,7 @@ def plot(results: dict, out: Path) -> None:
         ax.set_title(f"SNR {snr}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "fig_training.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "fig_training.png", dpi=110)
 
 
 def _f(x, fmt=".1f"):

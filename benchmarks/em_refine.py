@@ -269,14 +269,14 @@ def section_noise(args, work: Path, truth: np.ndarray, px: float, start: np.ndar
 
 # ------------------------------------------------------------------------------------------------ report
 def plots(results: dict, out: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bayespose.plotting import save_figure
 
     if "truth" in results:
         runs = results["truth"]["runs"]
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        fig = Figure(figsize=(6.5, 4.2))
+        ax = fig.subplots()
         for key, style in (("start", ":"), ("oracle", "--"), ("soft", "-"), ("hard", "-"), ("relion", "-.")):
             if key in runs and "vs_truth" in runs[key]:
                 v = runs[key]["vs_truth"]
@@ -292,9 +292,9 @@ def plots(results: dict, out: Path) -> None:
         ax.set_title(f"{results['truth']['n']} particles, SNR {results['truth']['snr']:g}: FSC vs truth (FSC 0.5)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "fig1_fsc.png", dpi=120)
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(6.5, 4.0))
+        save_figure(fig, out / "fig1_fsc.png", dpi=120)
+        fig = Figure(figsize=(6.5, 4.0))
+        ax = fig.subplots()
         for key in ("soft", "hard"):
             h = runs[key]["history"]
             ax.plot([e["iteration"] for e in h], [e["resolution_A"] for e in h], "o-", label=f"{key}: gold standard")
@@ -303,12 +303,12 @@ def plots(results: dict, out: Path) -> None:
         ax.invert_yaxis()
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "fig2_history.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "fig2_history.png", dpi=120)
     if "prior" in results:
         sec = results["prior"]
         theta, _ = healpy.pix2ang(4, np.arange(192), nest=True)
-        fig, ax = plt.subplots(figsize=(6.5, 4.0))
+        fig = Figure(figsize=(6.5, 4.0))
+        ax = fig.subplots()
         ax.plot(np.degrees(theta), sec["true_density"], "k.", label="true (pixel average)")
         ax.plot(np.degrees(theta), sec["runs"]["estimate"]["density"], "r.",
                 label=f"estimated (r = {sec['runs']['estimate']['density_correlation']:.2f})")
@@ -318,10 +318,10 @@ def plots(results: dict, out: Path) -> None:
         ax.legend(fontsize=8)
         ax.set_title(f"preferred orientation, {sec['n']} particles, SNR {sec['snr']:g}")
         fig.tight_layout()
-        fig.savefig(out / "fig3_prior.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "fig3_prior.png", dpi=120)
     if "noise" in results:
-        fig, ax = plt.subplots(figsize=(6.5, 4.0))
+        fig = Figure(figsize=(6.5, 4.0))
+        ax = fig.subplots()
         for key in ("soft", "hard"):
             c = results["noise"]["runs"][key]["template_correlation"]
             ax.plot(range(1, len(c) + 1), c, "o-", label=key)
@@ -330,8 +330,7 @@ def plots(results: dict, out: Path) -> None:
         ax.set_title(f"Einstein from noise: {results['noise']['n']} pure-noise particles")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "fig4_noise.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "fig4_noise.png", dpi=120)
 
 
 def _f(x, fmt="{:.1f}") -> str:

@@ -1,8 +1,8 @@
 """pytest configuration for bayespose.
 
 * Registers the markers ``slow`` (long scientific checks, not run in CI; run with ``-m slow``), ``relion``
-  (calls RELION 3.1 binaries; CI installs the Debian ``relion`` package) and ``scipion`` (headless pyworkflow
-  projects).
+  (calls RELION 3.1 binaries; CI installs the Debian ``relion`` package), ``scipion`` (headless pyworkflow
+  projects) and ``gui`` (Scipion's project window on an Xvfb display; skipped when Xvfb is not installed).
 * Makes Scipion headless *before* pyworkflow is imported anywhere: ``SCIPION_DOMAIN=pwem``, ``SCIPION_PYTHON``,
   and ``SCIPION_HOME`` / ``SCIPION_USER_DATA`` in a throw-away folder with a basic ``hosts.conf``, so the tests
   never touch a user's Scipion installation.
@@ -33,6 +33,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long scientific check, excluded from CI (run with -m slow)")
     config.addinivalue_line("markers", "relion: calls RELION 3.1 binaries (Debian package 'relion')")
     config.addinivalue_line("markers", "scipion: runs a headless Scipion (pyworkflow) project")
+    config.addinivalue_line("markers", "gui: opens Scipion's project window on an Xvfb display (skips without Xvfb)")
 
 
 def pytest_sessionfinish(session, exitstatus):

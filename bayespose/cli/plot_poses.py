@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bayespose.cli._common import CliError, check_outputs, existing_file, figure_path, save_figure
+from bayespose.cli._common import CliError, check_outputs, existing_file, figure_path
 
 
 def add_parser(sub) -> None:
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from bayespose.core.io.relion_star import read_star
+    from bayespose.plotting import save_figure
     from bayespose.plotting.poses import plot_pose_distribution
 
     out = figure_path(args.out)
@@ -26,6 +27,6 @@ def run(args) -> int:
     check_outputs(files={"--out": out}, inputs={"--particles": args.particles}, particles=particles)
     if not particles.has_alignment:
         raise CliError(f"{args.particles} has no rlnAngleRot/Tilt/Psi columns: no poses to plot")
-    save_figure(plot_pose_distribution(particles.rotations, None, title=Path(args.particles).name), out)
+    save_figure(plot_pose_distribution(particles.rotations, title=Path(args.particles).name), out)
     print(f"wrote {out}")
     return 0

@@ -133,6 +133,7 @@ def run(args) -> int:
     from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, pose_error_metrics, predict_poses
     from bayespose.core.io.mrc import read_map
     from bayespose.core.io.relion_star import read_star, write_star
+    from bayespose.plotting import save_figure
     from bayespose.plotting.deep import plot_angular_errors
     from bayespose.plotting.poses import plot_pose_distribution
 
@@ -175,8 +176,8 @@ def run(args) -> int:
     write_star(args.out, output)
     poses_png, errors_png = _prediction_pngs(args.out)
     what = "deep-prior MMSE" if result is not None else "network"
-    plot_pose_distribution(output.rotations, poses_png, title=f"{what} poses of {len(particles)} particles",
-                           reference=particles.rotations)
+    save_figure(plot_pose_distribution(output.rotations, title=f"{what} poses of {len(particles)} particles",
+                                       reference=particles.rotations), poses_png)
     written = [str(args.out), str(poses_png)]
     summary = (f"predicted {len(particles)} particles ({network.config.model}, top {args.top_k}): median "
                f"confidence {np.median(prediction.confidence):.3f}")
@@ -192,8 +193,9 @@ def run(args) -> int:
             errors["deep-prior MMSE"] = pose_error_metrics(result.mmse_rotations, particles.rotations, symmetry)
         summary += "; vs the input poses: " + ", ".join(f"{k} median {m['median_deg']:.1f}°"
                                                          for k, m in errors.items())
-        plot_angular_errors(_errors_to_input(prediction, result, particles, symmetry), errors_png,
-                            title=f"angles to the input poses ({len(particles)} particles, {symmetry})")
+        save_figure(plot_angular_errors(_errors_to_input(prediction, result, particles, symmetry),
+                                        title=f"angles to the input poses ({len(particles)} particles, {symmetry})"),
+                    errors_png)
         written.append(str(errors_png))
     print(f"{summary}; wrote {', '.join(written)}")
     return 0

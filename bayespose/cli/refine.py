@@ -112,6 +112,7 @@ def run(args) -> int:
 
     from bayespose.core.refine import RefineConfig, check_half_set_sizes, refine, subset_counts
     from bayespose.core.refine.outputs import write_refine_outputs
+    from bayespose.plotting.refine import refine_figure_writer
 
     particles, volume = read_particles_and_map(args.particles, args.map)
     check_outputs(folders={"--out": args.out}, inputs={"--particles": args.particles, "--map": args.map,
@@ -152,7 +153,7 @@ def run(args) -> int:
     result = refine(fresh, volume, config, out_dir=work, log=print, progress=progress_printer, mask=mask,
                     resume=args.resume)
     write_refine_outputs(result, args.out, pixel_size=particles.pixel_size, particles_template=fresh, config=config,
-                         title=Path(args.particles).name)
+                         figure_writer=refine_figure_writer(Path(args.particles).name))
     print(f"refined {len(particles)} particles in {len(result.history)} iteration(s) ({args.mode}, {args.prior} "
           f"prior, symmetry {config.symmetry}): resolution {result.resolution_A:.1f} Å (FSC 0.143), "
           f"{time.time() - start:.0f} s; wrote {args.out / 'map.mrc'}, half maps, fsc.csv, particles.star, prior "

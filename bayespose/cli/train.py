@@ -70,6 +70,7 @@ def run(args) -> int:
     from bayespose.core.deep.train import last_state_path
     from bayespose.core.geometry.symmetry import symmetry_group
     from bayespose.core.io.relion_star import read_star
+    from bayespose.plotting import save_figure
     from bayespose.plotting.deep import plot_training_history
 
     if not 0.0 < args.val_fraction < 1.0:
@@ -101,8 +102,9 @@ def run(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = train_pose_network(particles, config, args.out, progress=progress_printer, resume=args.resume)
     png = _training_png(Path(result.checkpoint))
-    plot_training_history(result.history, png, best_epoch=result.best_epoch,
-                          title=f"{args.model} network on {len(particles)} particles ({Path(args.particles).name})")
+    save_figure(plot_training_history(result.history, best_epoch=result.best_epoch,
+                                      title=f"{args.model} network on {len(particles)} particles "
+                                            f"({Path(args.particles).name})"), png)
     best = next((row for row in result.history if row.get("epoch") == result.best_epoch), None)
     error = (f", validation median error {best['val_median_error_deg']:.1f}°"
              if best and best.get("val_median_error_deg") is not None else "")

@@ -1,36 +1,26 @@
 """Plots of a pose assignment (:func:`bayespose.core.assign.assign_poses`) for the CLI and the Scipion viewer.
 
-matplotlib with the Agg backend (works headless). Every function returns the figure and, when ``path`` is given,
-also saves it as PNG and closes it. Conventions as in :mod:`bayespose.plotting.poses`: rotations are RELION ``A``
-matrices (volume -> image), the viewing direction of ``A`` is its third row, drawn on a Mollweide map with
-longitude = rot and latitude = 90° - tilt; angles are in degrees.
+Each function returns a :class:`matplotlib.figure.Figure` (save it with :func:`bayespose.plotting.save_figure`).
+Conventions as in :mod:`bayespose.plotting.poses`: rotations are RELION ``A`` matrices (volume -> image), the
+viewing direction of ``A`` is its third row, drawn on a Mollweide map with longitude = rot and latitude =
+90° - tilt; angles are in degrees.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import healpy  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from bayespose.core.geometry.directions import direction_marginal, healpix_raster
+from bayespose.core.geometry.rotations import matrix_to_euler, viewing_directions
+from bayespose.core.geometry.symmetry import symmetric_angle_deg
 
-from bayespose.core.geometry.rotations import matrix_to_euler, viewing_directions  # noqa: E402
-from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group  # noqa: E402
+__all__ = ["plot_direction_posterior", "plot_uncertainty_histograms", "plot_estimator_difference"]
 
 _MARKERS = ("o", "x", "+", "s", "^")
 _COLOURS = ("red", "deepskyblue", "limegreen", "orange", "magenta")
-
-
-def _finish(fig, path: str | Path | None):
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
 
 
 def _lon_lat_deg(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,18 +29,6 @@ def _lon_lat_deg(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lon = np.arctan2(d[..., 1], d[..., 0])
     lat = np.arcsin(np.clip(d[..., 2], -1.0, 1.0))
     return lon, lat
-
-
-def direction_marginal(rotations: np.ndarray, probabilities: np.ndarray, nside: int) -> np.ndarray:
-    """Posterior mass of each viewing direction: the probabilities of the rotations (K, 3, 3) summed per HEALPix
-    pixel (RING order, ``nside``) of their viewing direction (third row of ``A``). Returns (12 nside²,) summing to
-    the total mass given."""
-    d = viewing_directions(np.asarray(rotations, dtype=np.float64)).reshape(-1, 3)
-    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    if len(d) != len(p):
-        raise ValueError(f"{len(d)} rotations but {len(p)} probabilities")
-    pix = healpy.vec2pix(int(nside), d[:, 0], d[:, 1], d[:, 2])
-    return np.bincount(pix, weights=p, minlength=healpy.nside2npix(int(nside)))
 
 
 def _tangent_coordinates(directions: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -73,9 +51,8 @@ def _wrap_deg(angle: np.ndarray) -> np.ndarray:
     return (np.asarray(angle) + 180.0) % 360.0 - 180.0
 
 
-def plot_direction_posterior(rotations: np.ndarray, probabilities: np.ndarray, path: str | Path | None = None,
-                             nside: int = 16, title: str = "",
-                             markers: Mapping[str, np.ndarray] | None = None, min_relative: float = 1e-6):
+def plot_direction_posterior(rotations: np.ndarray, probabilities: np.ndarray, nside: int = 16, title: str = "",
+                             markers: Mapping[str, np.ndarray] | None = None, min_relative: float = 1e-6) -> Figure:
     """Posterior of one particle: viewing directions on the whole sphere (Mollweide, log10 of the mass per HEALPix
     pixel of ``nside``), a close-up around the most probable direction (azimuthal-equidistant, degrees from it,
     colour = log10 mass of each grid direction), and the in-plane marginal (psi minus the psi of the most probable
@@ -94,14 +71,11 @@ def plot_direction_posterior(rotations: np.ndarray, probabilities: np.ndarray, p
     styles = {label: dict(marker=_MARKERS[n % len(_MARKERS)], color=_COLOURS[n % len(_COLOURS)])
               for n, label in enumerate(markers)}
     best = rotations[int(np.argmax(probabilities))]
-    fig = plt.figure(figsize=(15, 4.6))
+    fig = Figure(figsize=(15, 4.6))
 
     # whole sphere
     mass = direction_marginal(rotations, probabilities, nside)
-    lon_edges = np.linspace(-np.pi, np.pi, 361)
-    lat_edges = np.linspace(-np.pi / 2, np.pi / 2, 181)
-    lon_c, lat_c = np.meshgrid((lon_edges[:-1] + lon_edges[1:]) / 2, (lat_edges[:-1] + lat_edges[1:]) / 2)
-    raster = mass[healpy.ang2pix(int(nside), np.pi / 2 - lat_c, lon_c)]
+    lon_edges, lat_edges, raster = healpix_raster(mass)
     top = max(float(mass.max()), 1e-300)
     floor = top * min_relative
     ax_map = fig.add_subplot(1, 3, 1, projection="mollweide")
@@ -159,16 +133,17 @@ def plot_direction_posterior(rotations: np.ndarray, probabilities: np.ndarray, p
             ax.legend(fontsize=7, loc="lower right" if ax is ax_map else "best", framealpha=0.6)
     if title:
         fig.suptitle(title)
-    return _finish(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def plot_uncertainty_histograms(expected_error_deg: np.ndarray, pmax: np.ndarray, path: str | Path | None = None,
-                                title: str = ""):
+def plot_uncertainty_histograms(expected_error_deg: np.ndarray, pmax: np.ndarray, title: str = "") -> Figure:
     """Histograms of the posterior expected angular error (degrees) and of the maximum posterior probability
     (pmax, RELION's rlnMaxValueProbDistribution) over particles, with their medians."""
     err = np.asarray(expected_error_deg, dtype=np.float64)
     pm = np.asarray(pmax, dtype=np.float64)
-    fig, (ax_err, ax_p) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_err, ax_p = fig.subplots(1, 2)
     ax_err.hist(err, bins=30, color="tab:orange", alpha=0.8)
     ax_err.axvline(np.median(err), color="k", linestyle="--", label=f"median {np.median(err):.3g}°")
     ax_err.set_xlabel("posterior expected angular error (degrees)")
@@ -180,20 +155,17 @@ def plot_uncertainty_histograms(expected_error_deg: np.ndarray, pmax: np.ndarray
     ax_p.set_ylabel("particles")
     ax_p.legend(fontsize=8)
     fig.suptitle(title or f"uncertainty of {len(err)} particles", fontsize=10)
-    return _finish(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def estimator_difference_deg(a: np.ndarray, b: np.ndarray, symmetry: str = "C1") -> np.ndarray:
-    """Symmetry-aware angle (degrees) between two sets of poses (N, 3, 3), e.g. MMSE vs MAP."""
-    return symmetric_geodesic_distance_deg(np.asarray(a), np.asarray(b), symmetry_group(symmetry))
-
-
-def plot_estimator_difference(a: np.ndarray, b: np.ndarray, path: str | Path | None = None,
-                              labels: tuple[str, str] = ("MMSE", "MAP"), symmetry: str = "C1",
-                              title: str = ""):
-    """Histogram of the symmetry-aware angle between two estimators' rotations (N, 3, 3) per particle."""
-    diff = estimator_difference_deg(a, b, symmetry)
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+def plot_estimator_difference(a: np.ndarray, b: np.ndarray, labels: tuple[str, str] = ("MMSE", "MAP"),
+                              symmetry: str = "C1", title: str = "") -> Figure:
+    """Histogram of the symmetry-aware angle (:func:`bayespose.core.geometry.symmetry.symmetric_angle_deg`, degrees)
+    between two estimators' rotations (N, 3, 3) per particle."""
+    diff = symmetric_angle_deg(a, b, symmetry)
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
     top = max(float(diff.max()) if len(diff) else 1.0, 1e-3)
     ax.hist(diff, bins=np.linspace(0, top * 1.05, 31), color="tab:purple", alpha=0.8)
     ax.axvline(np.median(diff), color="k", linestyle="--", label=f"median {np.median(diff):.3g}°")
@@ -201,4 +173,5 @@ def plot_estimator_difference(a: np.ndarray, b: np.ndarray, path: str | Path | N
     ax.set_ylabel("particles")
     ax.legend(fontsize=8)
     ax.set_title(title or f"{labels[0]} vs {labels[1]} ({len(diff)} particles)", fontsize=10)
-    return _finish(fig, path)
+    fig.tight_layout()
+    return fig

@@ -1,34 +1,25 @@
 """Plots of the deep pose-prediction models (:mod:`bayespose.core.deep`) for the CLI, the demo and the Scipion
 viewers.
 
-matplotlib with the Agg backend (works headless). Every function returns the figure and, when ``path`` is given,
-also saves it as PNG and closes it. Rotations are RELION ``A`` matrices (volume -> image); angles in degrees.
+Each function returns a :class:`matplotlib.figure.Figure` (save it with :func:`bayespose.plotting.save_figure`).
+Rotations are RELION ``A`` matrices (volume -> image); angles in degrees.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from bayespose.plotting.assign import plot_direction_posterior
 
-from bayespose.plotting.assign import plot_direction_posterior  # noqa: E402
+__all__ = ["plot_training_history", "plot_angular_errors", "plot_predicted_distribution", "ERROR_THRESHOLDS_DEG"]
 
-#: Angular thresholds (degrees) of the "fraction of particles below" metrics (paper 002 eq. 6).
+#: Angular thresholds (degrees) of the "fraction of particles below" metrics (Sanchez-Garcia et al. 2023, "CESPED:
+#: a new benchmark for supervised particle pose estimation in cryo-EM", arXiv:2311.06194, eq. 6).
 ERROR_THRESHOLDS_DEG = (5.0, 10.0, 15.0)
-
-
-def _finish(fig, path: str | Path | None):
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
 
 
 def _column(history: Sequence[Mapping], key: str) -> np.ndarray:
@@ -40,8 +31,7 @@ def _column(history: Sequence[Mapping], key: str) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def plot_training_history(history: Sequence[Mapping], path: str | Path | None = None, best_epoch: int | None = None,
-                          title: str = ""):
+def plot_training_history(history: Sequence[Mapping], best_epoch: int | None = None, title: str = "") -> Figure:
     """Training curves of :func:`bayespose.core.deep.train_pose_network`: training and validation loss per epoch
     (left) and the validation mean / median angular error in degrees (right), with the best (saved) epoch marked.
 
@@ -51,7 +41,8 @@ def plot_training_history(history: Sequence[Mapping], path: str | Path | None = 
     if not history:
         raise ValueError("the training history is empty: nothing to plot")
     epochs = _column(history, "epoch")
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    fig = Figure(figsize=(10.5, 3.9))
+    ax_loss, ax_err = fig.subplots(1, 2)
     ax_loss.plot(epochs, _column(history, "train_loss"), "o-", markersize=3, label="training")
     ax_loss.plot(epochs, _column(history, "val_loss"), "s-", markersize=3, label="validation")
     ax_loss.set_xlabel("epoch")
@@ -72,11 +63,12 @@ def plot_training_history(history: Sequence[Mapping], path: str | Path | None = 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=10)
-    return _finish(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def plot_angular_errors(errors: Mapping[str, np.ndarray], path: str | Path | None = None, title: str = "",
-                        thresholds: Sequence[float] = ERROR_THRESHOLDS_DEG):
+def plot_angular_errors(errors: Mapping[str, np.ndarray], title: str = "",
+                        thresholds: Sequence[float] = ERROR_THRESHOLDS_DEG) -> Figure:
     """Angular errors against known poses (e.g. simulated ground truth or a previous refinement), one curve per
     method: histogram (left, degrees, 0-180) and cumulative fraction of particles below an error (right) with the
     fractions below ``thresholds`` in the legend.
@@ -90,7 +82,8 @@ def plot_angular_errors(errors: Mapping[str, np.ndarray], path: str | Path | Non
     for label, err in arrays.items():
         if not len(err):
             raise ValueError(f"no angular errors for {label!r}")
-    fig, (ax_hist, ax_cum) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    fig = Figure(figsize=(10.5, 3.9))
+    ax_hist, ax_cum = fig.subplots(1, 2)
     bins = np.linspace(0.0, 180.0, 73)
     for label, err in arrays.items():
         ax_hist.hist(np.clip(err, 0, 180), bins=bins, histtype="step", linewidth=1.6,
@@ -113,43 +106,20 @@ def plot_angular_errors(errors: Mapping[str, np.ndarray], path: str | Path | Non
     ax_cum.legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _finish(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def distribution_on_grid(log_probabilities: np.ndarray | None, grid_rotations: np.ndarray | None,
-                         top_rotations: np.ndarray, top_probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One particle's predicted distribution as ``(rotations (K, 3, 3), probabilities (K,))`` summing to 1.
-
-    With the grid model (``log_probabilities`` (G,) on ``grid_rotations`` (G, 3, 3), e.g.
-    ``healpix_grid(order).rotations``) the whole grid is used (normalised with log-sum-exp); otherwise (quaternion
-    model) the top-K rotations and their probabilities, renormalised.
-    """
-    if log_probabilities is not None:
-        if grid_rotations is None:
-            raise ValueError("grid_rotations are needed with log_probabilities")
-        logp = np.asarray(log_probabilities, dtype=np.float64).reshape(-1)
-        rots = np.asarray(grid_rotations, dtype=np.float64).reshape(-1, 3, 3)
-        if len(logp) != len(rots):
-            raise ValueError(f"{len(logp)} log-probabilities for a grid of {len(rots)} rotations")
-        p = np.exp(logp - logp.max())
-        return rots, p / p.sum()
-    rots = np.asarray(top_rotations, dtype=np.float64).reshape(-1, 3, 3)
-    p = np.clip(np.asarray(top_probabilities, dtype=np.float64).reshape(-1), 0.0, None)
-    if len(p) != len(rots) or not len(p):
-        raise ValueError(f"need as many top probabilities as top rotations (> 0), got {len(p)} and {len(rots)}")
-    total = p.sum()
-    return rots, (p / total if total > 0 else np.full(len(p), 1.0 / len(p)))
-
-
-def plot_predicted_distribution(rotations: np.ndarray, probabilities: np.ndarray, path: str | Path | None = None,
-                                nside: int = 4, markers: Mapping[str, np.ndarray] | None = None, title: str = ""):
+def plot_predicted_distribution(rotations: np.ndarray, probabilities: np.ndarray, nside: int = 4,
+                                markers: Mapping[str, np.ndarray] | None = None, title: str = "") -> Figure:
     """The network's predicted distribution over SO(3) for one particle: viewing-direction mass on the whole sphere
     (Mollweide, log10 per HEALPix pixel of ``nside``; use the grid's nside, 2**grid_order), a close-up around the
     most probable direction and the in-plane marginal; ``markers`` (``{"label": A (3, 3)}``, e.g. the mode, the
     deep-prior MMSE pose and the input pose) drawn on every panel.
 
-    ``rotations`` (K, 3, 3) and ``probabilities`` (K,): see :func:`distribution_on_grid`. The panels are those of
-    :func:`bayespose.plotting.assign.plot_direction_posterior` (same layout as the MMSE posterior viewer).
+    ``rotations`` (K, 3, 3) and ``probabilities`` (K,): see :func:`bayespose.core.deep.predict.distribution_on_grid`.
+    The panels are those of :func:`bayespose.plotting.assign.plot_direction_posterior` (same layout as the MMSE
+    posterior viewer).
     """
-    return plot_direction_posterior(rotations, probabilities, path, nside=int(nside), markers=markers,
-                                    title=title, min_relative=1e-4)
+    return plot_direction_posterior(rotations, probabilities, nside=int(nside), markers=markers, title=title,
+                                    min_relative=1e-4)

@@ -1,57 +1,35 @@
-"""Plots shared by the CLI and the Scipion viewers (matplotlib, Agg backend: they work headless).
+"""Pose plots shared by the CLI, the demo and the Scipion viewers: pose distributions, particle galleries and the
+errors of pose estimators against a known truth.
 
-Pose plots use RELION angles: the viewing direction of pose ``A`` is its third row
+Each function returns a :class:`matplotlib.figure.Figure` (save it with :func:`bayespose.plotting.save_figure`).
+Poses are RELION ``A`` matrices: the viewing direction of pose ``A`` is its third row
 ``(cos rot sin tilt, sin rot sin tilt, cos tilt)``, drawn on a Mollweide map with longitude = rot and
-latitude = 90° - tilt; the in-plane angle is psi.
+latitude = 90° - tilt; the in-plane angle is psi; angles in degrees.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import healpy  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from bayespose.core.geometry.directions import viewing_direction_density
+from bayespose.core.geometry.rotations import matrix_to_euler
 
-from bayespose.core.geometry.rotations import matrix_to_euler, viewing_directions  # noqa: E402
-
-
-def viewing_direction_density(rotations: np.ndarray, nside: int | None = None, n_lon: int = 360,
-                              n_lat: int = 180):
-    """Density of viewing directions, binned on equal-area HEALPix pixels and sampled on a lon/lat raster.
-
-    ``nside`` defaults to the largest power of two (<= 16) that leaves >= 8 particles per pixel on average, so
-    sparse sets still give a readable map. Returns ``(lon_edges_rad, lat_edges_rad, density)`` with the density
-    normalised so that uniformly distributed directions read 1 everywhere.
-    """
-    d = viewing_directions(np.asarray(rotations))
-    if nside is None:
-        nside = 1
-        while nside < 16 and 12 * (2 * nside) ** 2 * 8 <= len(d):
-            nside *= 2
-    n_pix = healpy.nside2npix(nside)
-    counts = np.bincount(healpy.vec2pix(nside, d[:, 0], d[:, 1], d[:, 2]), minlength=n_pix) if len(d) else \
-        np.zeros(n_pix)
-    density = counts * n_pix / max(len(d), 1)
-    lon_edges = np.linspace(-np.pi, np.pi, n_lon + 1)
-    lat_edges = np.linspace(-np.pi / 2, np.pi / 2, n_lat + 1)
-    lon_c, lat_c = np.meshgrid((lon_edges[:-1] + lon_edges[1:]) / 2, (lat_edges[:-1] + lat_edges[1:]) / 2)
-    pix = healpy.ang2pix(nside, np.pi / 2 - lat_c, lon_c)
-    return lon_edges, lat_edges, density[pix]
+__all__ = ["plot_pose_distribution", "plot_image_gallery", "plot_estimator_errors"]
 
 
-def plot_pose_distribution(rotations: np.ndarray, path: str | Path | None = None, title: str = "",
-                           reference: np.ndarray | None = None):
-    """Mollweide map of viewing-direction density plus a histogram of in-plane angles (psi).
+def plot_pose_distribution(rotations: np.ndarray, title: str = "", reference: np.ndarray | None = None) -> Figure:
+    """Mollweide map of the viewing-direction density (relative to uniform, see
+    :func:`bayespose.core.geometry.directions.viewing_direction_density`) and a histogram of the in-plane angles
+    psi (degrees).
 
-    ``rotations``: (N, 3, 3) RELION A matrices. ``reference``: optional second set (e.g. ground truth) whose
-    psi histogram is overlaid. Saves a PNG when ``path`` is given; returns the figure.
+    ``rotations``: (N, 3, 3) RELION A matrices. ``reference``: optional second set (e.g. ground truth) whose psi
+    histogram is overlaid.
     """
     rotations = np.asarray(rotations)
-    fig = plt.figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
     ax_map = fig.add_subplot(1, 2, 1, projection="mollweide")
     lon_edges, lat_edges, density = viewing_direction_density(rotations)
     mesh = ax_map.pcolormesh(lon_edges, lat_edges, density, cmap="viridis", shading="flat")
@@ -75,18 +53,16 @@ def plot_pose_distribution(rotations: np.ndarray, path: str | Path | None = None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
     return fig
 
 
-def plot_image_gallery(rows: list[np.ndarray], path: str | Path, row_labels: list[str] | None = None,
-                       title: str = "", n: int = 8):
-    """Rows of particle images (e.g. clean above noisy), the first ``n`` of each, saved as PNG."""
+def plot_image_gallery(rows: Sequence[np.ndarray], row_labels: Sequence[str] | None = None, title: str = "",
+                       n: int = 8) -> Figure:
+    """Rows of particle images (each (M, D, D), e.g. clean above noisy), the first ``n`` of each, in grey."""
     rows = [np.asarray(r)[:n] for r in rows]
     n_cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.5 * n_cols, 1.6 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(1.5 * n_cols, 1.6 * len(rows)))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i, j]
@@ -99,18 +75,19 @@ def plot_image_gallery(rows: list[np.ndarray], path: str | Path, row_labels: lis
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_estimator_errors(errors: dict, path: str | Path, expected_error: np.ndarray | None = None, title: str = ""):
+def plot_estimator_errors(errors: Mapping[str, np.ndarray], expected_error: np.ndarray | None = None,
+                          title: str = "") -> Figure:
     """Histograms of angular errors per estimator (degrees), and expected vs actual error of the first one.
 
     ``errors``: name -> (N,) geodesic errors in degrees against the truth; ``expected_error``: (N,) posterior
     expected angular error of the first estimator (a calibrated uncertainty follows the diagonal on average).
     """
     n_panels = 2 if expected_error is not None else 1
-    fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 3.8), squeeze=False)
+    fig = Figure(figsize=(5.2 * n_panels, 3.8))
+    axes = fig.subplots(1, n_panels, squeeze=False)
     ax = axes[0, 0]
     top = max(float(np.percentile(np.concatenate(list(errors.values())), 98)), 1.0)
     bins = np.linspace(0, top, 31)
@@ -134,5 +111,4 @@ def plot_estimator_errors(errors: dict, path: str | Path, expected_error: np.nda
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

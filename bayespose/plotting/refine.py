@@ -1,50 +1,47 @@
-"""Figures of an EM refinement (:func:`bayespose.core.refine.engine.refine`) for the CLI outputs and the Scipion viewer.
+"""Figures of an EM refinement (:func:`bayespose.core.refine.engine.refine`) for the CLI, the demo and the Scipion
+viewer, and the writer of the refinement's PNG files.
 
-matplotlib with the Agg backend (headless). Every function returns the figure and, when ``path`` is given, saves
-it as PNG and closes it. Units: frequencies in 1/Å, resolutions in Å, angles in degrees; maps are [z, y, x]
-arrays; rotations are RELION ``A`` matrices whose viewing direction is the third row, drawn on Mollweide maps with
-longitude = rot and latitude = 90° - tilt (as in :mod:`bayespose.plotting.poses`).
+Each ``plot_*`` function returns a :class:`matplotlib.figure.Figure` (save it with
+:func:`bayespose.plotting.save_figure`). :func:`refine_figure` draws one of :data:`FIGURES` from a
+:class:`bayespose.core.refine.outputs.RefineOutputs`; :func:`refine_figure_writer` gives the ``figure_writer`` of
+:func:`bayespose.core.refine.outputs.write_refine_outputs`, which writes them inside the refinement's atomic output
+folder. Units: frequencies in 1/Å, resolutions in Å, angles in degrees; maps are [z, y, x] arrays; rotations are
+RELION ``A`` matrices whose viewing direction is the third row, drawn on Mollweide maps with longitude = rot and
+latitude = 90° - tilt (as in :mod:`bayespose.plotting.poses`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import healpy  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from bayespose.core.geometry.directions import nest_density_raster, viewing_direction_density
+from bayespose.core.imaging.reconstruct import resolution_at
+from bayespose.core.imaging.volumes import central_slices
+from bayespose.core.refine.outputs import RefineOutputs
+from bayespose.plotting import save_figure
 
-from bayespose.plotting.poses import viewing_direction_density  # noqa: E402
+__all__ = ["plot_fsc", "plot_history", "plot_central_slices", "plot_prior_and_poses", "refine_figure",
+           "write_refine_figures", "refine_figure_writer", "FIGURES", "FSC_THRESHOLDS"]
 
 FSC_THRESHOLDS = (0.143, 0.5)
+#: The refinement's figures: name -> PNG file in the output folder.
+FIGURES = {"fsc": "fsc.png", "history": "history.png", "slices": "slices.png", "prior": "prior.png"}
 
 
-def _finish(fig, path: str | Path | None):
-    fig.tight_layout(rect=(0, 0, 1, 0.95) if fig._suptitle is not None else (0, 0, 1, 1))
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+def _layout(fig: Figure) -> Figure:
+    """Tight layout below the suptitle (tight_layout alone lets a suptitle overlap two-line Mollweide titles)."""
+    fig.tight_layout(rect=(0, 0, 1, 0.95) if fig.get_suptitle() else (0, 0, 1, 1))
     return fig
 
 
-def _crossing(freq: np.ndarray, values: np.ndarray, threshold: float) -> float | None:
-    """First frequency (1/Å, linear interpolation) where the FSC falls below ``threshold``; None if it never does."""
-    below = np.flatnonzero((values < threshold) & (freq > 0))
-    if len(below) == 0 or below[0] == 0:
-        return None
-    i = int(below[0])
-    f0, f1, v0, v1 = freq[i - 1], freq[i], values[i - 1], values[i]
-    return float(f0 + (v0 - threshold) / (v0 - v1) * (f1 - f0)) if v0 != v1 else float(f1)
-
-
-def plot_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, path: str | Path | None = None,
-             resolution_A: float | None = None, title: str = "", curves: dict | None = None):
+def plot_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, resolution_A: float | None = None, title: str = "",
+             curves: dict | None = None) -> Figure:
     """Half-map FSC against spatial frequency (1/Å) with the 0.143 and 0.5 thresholds and their resolutions.
 
     ``resolution_A``: the refinement's reported resolution (marked). ``curves``: optional further curves
@@ -52,14 +49,16 @@ def plot_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, path: str | Path |
     """
     freq = np.asarray(frequencies, dtype=np.float64)
     values = np.asarray(fsc_values, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     ax.plot(freq, values, "-", color="tab:blue", linewidth=1.8, label="half maps")
     for label, (f, v) in (curves or {}).items():
         ax.plot(np.asarray(f), np.asarray(v), "--", linewidth=1.4, label=label)
     for threshold, colour in zip(FSC_THRESHOLDS, ("tab:red", "tab:gray")):
         ax.axhline(threshold, color=colour, linestyle=":", linewidth=1)
-        f = _crossing(freq, values, threshold)
-        text = f"FSC {threshold}: {1 / f:.1f} Å" if f else f"FSC {threshold}: not crossed"
+        crossed = len(values) > 1 and bool(np.any(values[1:] < threshold))
+        text = (f"FSC {threshold}: {resolution_at(freq, values, threshold):.1f} Å" if crossed
+                else f"FSC {threshold}: not crossed")
         ax.text(0.98, threshold + 0.02, text, transform=ax.get_yaxis_transform(), ha="right", fontsize=8,
                 color=colour)
     if resolution_A and math.isfinite(resolution_A) and resolution_A > 0:
@@ -79,7 +78,7 @@ def plot_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, path: str | Path |
     top.set_xticklabels([f"{1.0 / t:.0f}" for t in ticks if t > 0])
     if title:
         ax.set_title(title, fontsize=10)
-    return _finish(fig, path)
+    return _layout(fig)
 
 
 def _column(history: Sequence[Any], name: str) -> np.ndarray:
@@ -90,12 +89,13 @@ def _column(history: Sequence[Any], name: str) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def plot_history(history: Sequence[Any], path: str | Path | None = None, title: str = ""):
+def plot_history(history: Sequence[Any], title: str = "") -> Figure:
     """Per-iteration curves: resolution (FSC 0.143, and the resolution scored in the E-step) in Å, mean
     log-likelihood per particle, mean pose change (degrees) and the HEALPix order. ``history``: IterationLog
     objects or dicts with those fields."""
     it = _column(history, "iteration")
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig = Figure(figsize=(12, 3.6))
+    axes = fig.subplots(1, 3)
     ax = axes[0]
     ax.plot(it, _column(history, "resolution_A"), "o-", label="FSC 0.143")
     scored = _column(history, "scored_resolution_A")
@@ -121,25 +121,18 @@ def plot_history(history: Sequence[Any], path: str | Path | None = None, title: 
             a.set_xticks(it)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _finish(fig, path)
+    return _layout(fig)
 
 
-def central_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three central sections of a [z, y, x] map: (xy at z = D/2, xz at y = D/2, yz at x = D/2)."""
-    v = np.asarray(volume)
-    if v.ndim != 3:
-        raise ValueError(f"need a 3D map, got shape {v.shape}")
-    cz, cy, cx = (s // 2 for s in v.shape)
-    return v[cz], v[:, cy, :], v[:, :, cx]
-
-
-def plot_central_slices(volumes: np.ndarray | Sequence[np.ndarray], path: str | Path | None = None,
-                        labels: Sequence[str] | None = None, pixel_size: float | None = None, title: str = ""):
-    """One row per map of its central xy / xz / yz sections (grey scale per map). ``pixel_size`` (Å/px) only
-    labels the box size."""
+def plot_central_slices(volumes: np.ndarray | Sequence[np.ndarray], labels: Sequence[str] | None = None,
+                        pixel_size: float | None = None, title: str = "") -> Figure:
+    """One row per map (D, D, D) of its central xy / xz / yz sections
+    (:func:`bayespose.core.imaging.volumes.central_slices`, grey scale per map). ``pixel_size`` (Å/px) only labels
+    the box size."""
     vols = [np.asarray(volumes)] if np.asarray(volumes[0]).ndim == 2 else [np.asarray(v) for v in volumes]
     labels = list(labels) if labels is not None else [f"map {i + 1}" for i in range(len(vols))]
-    fig, axes = plt.subplots(len(vols), 3, figsize=(7.5, 2.6 * len(vols)), squeeze=False)
+    fig = Figure(figsize=(7.5, 2.6 * len(vols)))
+    axes = fig.subplots(len(vols), 3, squeeze=False)
     for row, (vol, label) in enumerate(zip(vols, labels)):
         sections = central_slices(vol)
         lo, hi = float(np.min(sections[0])), float(np.max(sections[0]))
@@ -156,23 +149,10 @@ def plot_central_slices(volumes: np.ndarray | Sequence[np.ndarray], path: str | 
                 ax.set_ylabel(label + size, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _finish(fig, path)
+    return _layout(fig)
 
 
-def nest_density_raster(density: np.ndarray, n_lon: int = 360, n_lat: int = 180):
-    """A NEST HEALPix density (12 nside² values) sampled on a lon/lat raster for Mollweide plots.
-    Returns ``(lon_edges_rad, lat_edges_rad, values (n_lat, n_lon))`` with lon = rot, lat = 90° - tilt."""
-    density = np.asarray(density, dtype=np.float64).reshape(-1)
-    nside = healpy.npix2nside(len(density))
-    lon_edges = np.linspace(-np.pi, np.pi, n_lon + 1)
-    lat_edges = np.linspace(-np.pi / 2, np.pi / 2, n_lat + 1)
-    lon_c, lat_c = np.meshgrid((lon_edges[:-1] + lon_edges[1:]) / 2, (lat_edges[:-1] + lat_edges[1:]) / 2)
-    pix = healpy.ang2pix(nside, np.pi / 2 - lat_c, lon_c, nest=True)
-    return lon_edges, lat_edges, density[pix]
-
-
-def plot_prior_and_poses(density: np.ndarray, order: int, rotations: np.ndarray, path: str | Path | None = None,
-                         title: str = ""):
+def plot_prior_and_poses(density: np.ndarray, order: int, rotations: np.ndarray, title: str = "") -> Figure:
     """Mollweide maps side by side: the estimated viewing-direction prior (NEST density of HEALPix ``order``,
     relative to uniform) and the density of the particles' final viewing directions (HEALPix binned, relative to
     uniform) binned on the HEALPix pixels of the same order. Both use one colour scale."""
@@ -182,7 +162,7 @@ def plot_prior_and_poses(density: np.ndarray, order: int, rotations: np.ndarray,
     lon_p, lat_p, prior = nest_density_raster(density)
     lon_d, lat_d, data = viewing_direction_density(np.asarray(rotations), nside=2 ** int(order))  # same pixels
     vmax = max(float(prior.max()), float(np.percentile(data, 99.5)), 1.0)
-    fig = plt.figure(figsize=(12, 4.0))
+    fig = Figure(figsize=(12, 4.0))
     for k, (lon, lat, values, name) in enumerate(
             ((lon_p, lat_p, prior, f"estimated prior (HEALPix order {order})"),
              (lon_d, lat_d, data, f"final viewing directions (N = {len(rotations)})"))):
@@ -195,8 +175,53 @@ def plot_prior_and_poses(density: np.ndarray, order: int, rotations: np.ndarray,
                      label="density relative to uniform")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _finish(fig, path)
+    return _layout(fig)
 
 
-__all__ = ["plot_fsc", "plot_history", "plot_central_slices", "plot_prior_and_poses", "central_slices",
-           "nest_density_raster", "FSC_THRESHOLDS"]
+
+_TITLES = {"fsc": "half-map FSC", "history": "iterations", "slices": "central slices",
+           "prior": "estimated prior and final poses"}
+
+
+def refine_figure(outputs: RefineOutputs, name: str, title: str = "") -> Figure:
+    """One figure of a refinement: ``name`` in :data:`FIGURES` (``fsc``: half-map FSC with the reported resolution;
+    ``history``: per-iteration curves; ``slices``: central sections of the map and the half maps; ``prior``: the
+    estimated viewing-direction prior next to the final viewing directions). ``title`` prefixes the figure's own
+    title (e.g. the run name). Raises ``ValueError`` for ``prior`` when the particles have no poses and for an
+    unknown name."""
+    label = f"{title}: {_TITLES.get(name, name)}" if title else _TITLES.get(name, name)
+    if name == "fsc":
+        return plot_fsc(outputs.fsc_frequencies, outputs.fsc, resolution_A=outputs.resolution_A, title=label)
+    if name == "history":
+        return plot_history(outputs.history, title=label)
+    if name == "slices":
+        return plot_central_slices([outputs.map, *outputs.half_maps], labels=["map", "half 1", "half 2"],
+                                   pixel_size=outputs.pixel_size, title=label)
+    if name == "prior":
+        if outputs.particles.rotations is None:
+            raise ValueError("the refined particles have no poses")
+        return plot_prior_and_poses(outputs.direction_prior, outputs.prior_order, outputs.particles.rotations,
+                                    title=label)
+    raise ValueError(f"unknown refinement figure {name!r}; choose one of {', '.join(FIGURES)}")
+
+
+def write_refine_figures(folder: str | Path, outputs: RefineOutputs, title: str = "") -> list[str]:
+    """Save the figures of :data:`FIGURES` as PNGs in ``folder`` (``prior`` only when the particles have poses);
+    returns the file names written."""
+    written = []
+    for name, file_name in FIGURES.items():
+        if name == "prior" and outputs.particles.rotations is None:
+            continue
+        save_figure(refine_figure(outputs, name, title), Path(folder) / file_name)
+        written.append(file_name)
+    return written
+
+
+def refine_figure_writer(title: str = "") -> Callable[[Path, RefineOutputs], list[str]]:
+    """The ``figure_writer`` of :func:`bayespose.core.refine.outputs.write_refine_outputs`: writes the PNGs of
+    :func:`write_refine_figures`, titled with ``title``, into the (temporary) output folder."""
+
+    def write(folder: Path, outputs: RefineOutputs) -> list[str]:
+        return write_refine_figures(folder, outputs, title)
+
+    return write

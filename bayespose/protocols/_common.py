@@ -1,6 +1,6 @@
 """Helpers shared by the bayespose Scipion protocols (assign poses, refine, train / predict with a pose network):
-the hidden GPU parameters, the compute device and thread count, the particles-vs-volume geometry checks of
-``_validate``, and the creation of the output particle set.
+the GPU parameters, the compute device and thread count, the particles-vs-volume geometry checks of ``_validate``,
+the creation of the output particle set, number formatting for summaries and the citation used in help texts.
 
 Units: boxes in px, pixel sizes in Å/px; poses are RELION ``A`` matrices (see :mod:`bayespose.core.geometry.rotations`).
 """
@@ -19,13 +19,26 @@ from bayespose.core.imaging.particles import ParticleSet
 
 PIXEL_SIZE_RTOL = 0.01  # particles and map must agree within 1 %
 NO_GPU_WARNING = "A GPU was requested but torch sees no CUDA device: "
+#: How form help texts cite the paper behind the Bayesian pose assignment, the priors and the EM refinement.
+BAYES_PAPER = ("Xu, Balanov, Singer & Bendory (2026), \"Bayesian perspective for orientation determination in "
+               "cryo-EM with application to structural heterogeneity analysis\", Acta Cryst. D 82, "
+               "https://journals.iucr.org/d/issues/2026/04/00/bar5003/ (preprint arXiv:2412.03723)")
 
 
 # ------------------------------------------------------------------------------------------------- form / device
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device on this machine."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def add_gpu_params(form, use_help: str) -> None:
-    """The hidden GPU parameters Scipion's GUI and queue system read (``useGpu`` with help ``use_help``,
-    ``gpuList``)."""
-    form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?", help=use_help)
+    """The hidden GPU parameters Scipion's GUI and queue system read: ``useGpu`` (help ``use_help``), which defaults
+    to Yes exactly when torch sees a CUDA device here (so a CPU machine never asks about a missing GPU), and
+    ``gpuList``."""
+    form.addHidden(params.USE_GPU, params.BooleanParam, default=cuda_available(), label="Use GPU?",
+                   help=use_help + " Default: Yes when this machine has a CUDA GPU that torch sees, else No.")
     form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU id",
                    help="Which GPU to use (CUDA device index; only the first one listed is used).")
 
@@ -46,11 +59,10 @@ def n_threads(protocol) -> int:
 
 
 def no_gpu_warnings(protocol, consequence: str = "the run will use the CPU.") -> list[str]:
-    """``[warning]`` when the GPU is requested but torch sees no CUDA device (``consequence`` ends the sentence),
-    else ``[]``."""
-    import torch
-
-    if protocol.usesGpu() and not torch.cuda.is_available():
+    """``[warning]`` when the user set 'Use GPU' to Yes but torch sees no CUDA device (``consequence`` ends the
+    sentence), else ``[]``. Scipion shows ``_warnings()`` as a question before the run; with the default of
+    :func:`add_gpu_params` a machine without a GPU asks nothing."""
+    if protocol.usesGpu() and not cuda_available():
         return [NO_GPU_WARNING + consequence]
     return []
 
@@ -72,6 +84,12 @@ def describe_particles(particles: ParticleSet, noun: str = "particles") -> str:
     """``"<N> <noun> (<box> px, <pixel size> Å/px), CTF: yes|no"`` for the run log."""
     return (f"{len(particles)} {noun} ({particles.box} px, {particles.pixel_size:.4f} Å/px), CTF: "
             f"{'yes' if particles.has_ctf else 'no'}")
+
+
+def number(value, digits: int = 4) -> str:
+    """A float for summaries without float32 noise: ``2.70000004768372`` -> ``"2.7"`` (``digits`` significant
+    digits, trailing zeros dropped); None -> ``"?"``."""
+    return "?" if value is None else f"{float(value):.{digits}g}"
 
 
 # ------------------------------------------------------------------------------------------------------ validate

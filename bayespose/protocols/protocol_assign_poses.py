@@ -27,6 +27,7 @@ from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.core.results import ESTIMATORS, ParticleResults, scipion_attributes
 from bayespose.protocols._common import (
+    BAYES_PAPER,
     add_gpu_params,
     decile_logger,
     define_output_particles,
@@ -114,8 +115,9 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
                            "pose and a local grid around it (needs aligned particles; like a local refinement).")
         form.addParam("igso3Eta", params.FloatParam, default=0.3, condition=f"prior=={PRIOR_IGSO3}",
                       label="Scale eta (rad)",
-                      help="Scale of the isotropic Gaussian on SO(3) in radians (paper 000 App. F1): the angle "
-                           "away from the identity has standard deviation ~0.67 eta (eta = 0.1 ~ 3.8°).")
+                      help="Scale of the isotropic Gaussian on SO(3) in radians (the distribution of appendix F1 "
+                           f"of {BAYES_PAPER}): the angle away from the identity has standard deviation ~0.67 eta "
+                           "(eta = 0.1 ~ 3.8°).")
         line = form.addLine("Preferred view", condition=f"prior=={PRIOR_PREFERRED}",
                             help="Viewing direction of the peak (RELION rot and tilt, degrees), its concentration "
                                  "kappa (von Mises-Fisher; angular width ~ 1/sqrt(kappa) rad) and the fraction of "
@@ -361,7 +363,8 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         return [f"The poses of {self.outputParticles.getSize()} particles of {self.getObjectTag('inputParticles')} "
                 f"were assigned against {self.getObjectTag('inputVolume')} with bayespose's Bayesian pose "
                 f"assignment [Balanov2026]: the posterior over rotations and shifts under a Gaussian noise model "
-                f"with per-particle CTF ({PRIOR_CHOICES[self.prior.get()]} rotation prior; "
+                f"{'without CTF (ignored)' if self.ignoreCtf.get() else 'with per-particle CTF'} "
+                f"({PRIOR_CHOICES[self.prior.get()]} rotation prior; "
                 f"{self._describeSearch(search)}), from which the {self.estimatorName().upper()} pose and the "
                 f"posterior expected angular error of each particle were computed, giving "
                 f"{self.getObjectTag('outputParticles')}."]

@@ -23,6 +23,7 @@ from pyworkflow.constants import BETA
 from bayespose.convert import fill_set_of_particles
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.cryosparc import load_cs_fields, read_cryosparc
+from bayespose.protocols._common import number
 
 
 def stack_link_names(files: list[str]) -> dict[str, str]:
@@ -194,8 +195,8 @@ class ProtBayesposeImportCryosparc(ProtImport):
         acq = out.getAcquisition()
         return [f"{out.getSize()} particles imported from {self._csPath()}",
                 f"{align}, {ctf}; box {out.getXDim()} px, {out.getSamplingRate():.4f} Å/px",
-                f"voltage {acq.getVoltage()} kV, Cs {acq.getSphericalAberration()} mm, amplitude contrast "
-                f"{acq.getAmplitudeContrast()}",
+                f"voltage {number(acq.getVoltage())} kV, Cs {number(acq.getSphericalAberration())} mm, amplitude "
+                f"contrast {number(acq.getAmplitudeContrast())}",
                 f"image stacks {'copied' if self.copyFiles.get() else 'linked'} into the protocol folder"]
 
     def _methods(self):

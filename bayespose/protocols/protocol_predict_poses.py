@@ -90,7 +90,7 @@ class ProtBayesposePredictPoses(EMProtocol):
 
     _label = "predict poses"
     _devStatus = BETA
-    _references = ["Klee2023", "Balanov2026", "SanchezGarcia2023"]
+    _references = ["Klee2023", "Lian2022", "Balanov2026", "SanchezGarcia2023"]
     _possibleOutputs = {"outputParticles": SetOfParticles}
 
     # ------------------------------------------------------------------------------------------------- form
@@ -274,8 +274,8 @@ class ProtBayesposePredictPoses(EMProtocol):
         ``(rotations (K, 3, 3), probabilities (K,), grid order or None)`` — the whole output grid for the so3grid
         model, the top-K poses for the quaternion model."""
         from bayespose.core.deep import predict_poses
+        from bayespose.core.deep.predict import distribution_on_grid
         from bayespose.core.geometry.grids import healpix_grid
-        from bayespose.plotting.deep import distribution_on_grid
 
         particles = read_star(self._getExtraPath(INPUT_STAR))
         if not 0 <= row < len(particles):
@@ -356,9 +356,10 @@ class ProtBayesposePredictPoses(EMProtocol):
     def _methods(self):
         if not hasattr(self, "outputParticles"):
             return []
+        model = self.inputModel.get()
+        cite = "[Lian2022]" if model is not None and model.getModelType() == "quaternion" else "[Klee2023]"
         text = (f"The poses of {self.outputParticles.getSize()} particles of {self.getObjectTag('inputParticles')} "
-                f"were predicted with the pose network {self.getObjectTag('inputModel')} of bayespose "
-                "[Klee2023]")
+                f"were predicted with the pose network {self.getObjectTag('inputModel')} of bayespose {cite}")
         if self.refines():
             text += (f" and refined against {self.getObjectTag('inputVolume')} by Bayesian MMSE assignment "
                      "[Balanov2026] on a local grid around the top "

@@ -27,7 +27,6 @@ from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.core.refine import HALF_SPLITS, MODES, PRIOR_MODES, RefineConfig, check_half_set_sizes, refine
 from bayespose.core.refine.outputs import (
-    FIGURES,
     HALF_FILES,
     MAP_FILE,
     PRIOR_NPY,
@@ -35,7 +34,9 @@ from bayespose.core.refine.outputs import (
     read_refine_outputs,
     write_refine_outputs,
 )
+from bayespose.plotting.refine import FIGURES, refine_figure_writer
 from bayespose.protocols._common import (
+    BAYES_PAPER,
     add_gpu_params,
     define_output_particles,
     describe_particles,
@@ -158,8 +159,8 @@ class ProtBayesposeRefine(ProtRefine3D):
                       help="uniform: every orientation equally likely, every iteration. estimate: the "
                            "viewing-direction distribution is estimated in each M-step from the posterior mass "
                            "(smoothed over HEALPix neighbours, in-plane uniform) and used as the prior of the next "
-                           "E-step (the point of this protocol; Balanov, Xu, Bendory & Singer 2026, App. F2); "
-                           "helps with strongly preferred orientations.")
+                           "E-step; helps with strongly preferred orientations (the estimation of the rotational "
+                           f"prior of appendix F2 of {BAYES_PAPER}).")
         form.addParam("priorPseudocount", params.FloatParam, default=_DEFAULTS.prior_pseudocount,
                       expertLevel=params.LEVEL_ADVANCED,
                       condition=_ESTIMATE_CONDITION, label="Prior pseudocount (particles per direction)",
@@ -239,7 +240,8 @@ class ProtBayesposeRefine(ProtRefine3D):
         result = refine(particles, volume, config, out_dir=work, log=self.info, progress=self._progressLogger,
                         mask=mask, resume=resume)
         write_refine_outputs(result, self._getExtraPath(), pixel_size=particles.pixel_size,
-                             particles_template=particles, config=config, title=self.getRunName())
+                             particles_template=particles, config=config,
+                             figure_writer=refine_figure_writer(self.getRunName()))
         self.info(f"final resolution {result.resolution_A:.2f} Å (FSC 0.143); outputs in {self._getExtraPath()}")
 
     def createOutputStep(self):

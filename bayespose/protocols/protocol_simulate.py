@@ -11,6 +11,7 @@ from pyworkflow.constants import BETA
 from bayespose.convert import fill_set_of_particles
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.core.io.relion_star import read_star
+from bayespose.protocols._common import BAYES_PAPER, number
 
 POSE_CHOICES = ["uniform", "isotropic Gaussian (IGSO3)", "preferred orientation"]
 POSE_UNIFORM, POSE_IGSO3, POSE_PREFERRED = range(3)
@@ -48,13 +49,26 @@ class ProtBayesposeSimulate(EMProtocol):
         form.addParam("poseDistribution", params.EnumParam, choices=POSE_CHOICES, default=POSE_UNIFORM,
                       label="Pose distribution",
                       help="uniform: Haar measure on SO(3). isotropic Gaussian: concentrated around the identity "
-                           "pose with scale eta (paper 000 App. F1; small eta = concentrated). preferred orientation: "
-                           "most views "
-                           "near one direction, uniform in-plane rotation.")
+                           "pose with scale eta (small eta = concentrated; the distribution of appendix F1 of "
+                           f"{BAYES_PAPER}). preferred orientation: a fraction of the views near one viewing "
+                           "direction (von Mises-Fisher peak), the rest uniform; uniform in-plane rotation.")
         form.addParam("igso3Eta", params.FloatParam, default=0.3, condition=f"poseDistribution=={POSE_IGSO3}",
                       label="Scale eta (rad)",
                       help="Scale of the isotropic Gaussian on SO(3) in radians: the rotation angle away from the "
                            "identity is ~Maxwell distributed with scale eta (std ~0.67 eta; eta=0.1 ~ 3.8°).")
+        line = form.addLine("Preferred view", condition=f"poseDistribution=={POSE_PREFERRED}",
+                            help="Viewing direction of the peak (RELION rot and tilt, degrees), its concentration "
+                                 "kappa (von Mises-Fisher; angular width ~ 1/sqrt(kappa) rad) and the fraction of "
+                                 "the views in the peak (the rest uniform). The defaults (rot 0, tilt 0, kappa 40, "
+                                 "fraction 0.75) put ~69 % of the views within 20° of the top view.")
+        line.addParam("preferredRot", params.FloatParam, default=0.0, label="rot (°)",
+                      help="RELION rot angle of the preferred viewing direction, degrees.")
+        line.addParam("preferredTilt", params.FloatParam, default=0.0, label="tilt (°)",
+                      help="RELION tilt angle of the preferred viewing direction, degrees (0 = top view).")
+        line.addParam("preferredKappa", params.FloatParam, default=40.0, label="kappa",
+                      help="Concentration of the peak (>= 0; 0 = uniform); kappa = 40 ~ 9° wide.")
+        line.addParam("preferredFraction", params.FloatParam, default=0.75, label="fraction",
+                      help="Fraction of the views in the peak, in [0, 1].")
         form.addParam("maxShift", params.FloatParam, default=0.0, label="Maximum shift (px)",
                       help="Origins drawn uniformly in [-max, max] pixels along x and y.")
         form.addParam("seed", params.IntParam, default=0, label="Random seed",
@@ -91,7 +105,9 @@ class ProtBayesposeSimulate(EMProtocol):
                               defocus_max_um=self.defocusMax.get(), astigmatism_max_A=self.astigmatismMax.get(),
                               voltage_kV=self.voltage.get(), cs_mm=self.sphericalAberration.get(),
                               amplitude_contrast=self.amplitudeContrast.get(), max_shift_px=self.maxShift.get(),
-                              seed=self.seed.get())
+                              seed=self.seed.get(), preferred_rot_deg=self.preferredRot.get(),
+                              preferred_tilt_deg=self.preferredTilt.get(), preferred_kappa=self.preferredKappa.get(),
+                              preferred_fraction=self.preferredFraction.get())
 
     def simulateStep(self):
         volume = self.inputVolume.get()
@@ -131,6 +147,9 @@ class ProtBayesposeSimulate(EMProtocol):
             errors.append("Need 0 < minimum defocus <= maximum defocus (µm).")
         if self.poseDistribution.get() == POSE_IGSO3 and not self.igso3Eta.get() > 0:
             errors.append("The scale eta must be > 0.")
+        if self.poseDistribution.get() == POSE_PREFERRED and not ((self.preferredKappa.get() or 0) >= 0 and
+                                                                    0 <= (self.preferredFraction.get() or 0) <= 1):
+            errors.append("The preferred orientation needs kappa >= 0 and 0 <= fraction <= 1.")
         if self.maxShift.get() < 0:
             errors.append("The maximum shift must be >= 0 pixels.")
         return errors
@@ -139,10 +158,22 @@ class ProtBayesposeSimulate(EMProtocol):
         if not hasattr(self, "outputParticles"):
             return ["Output not ready yet."]
         spec = self._spec()
-        ctf = (f"CTF with defocus {spec.defocus_min_um}-{spec.defocus_max_um} µm" if spec.ctf else "no CTF")
-        snr = "noiseless" if spec.snr is None else f"SNR {spec.snr}"
+        ctf = (f"CTF with defocus {number(spec.defocus_min_um)}-{number(spec.defocus_max_um)} µm, Cs "
+               f"{number(spec.cs_mm)} mm, {number(spec.voltage_kV)} kV" if spec.ctf else "no CTF")
+        snr = "noiseless" if spec.snr is None else f"SNR {number(spec.snr)}"
         return [f"{self.outputParticles.getSize()} particles simulated from {self.getObjectTag('inputVolume')}: "
-                f"{spec.pose_distribution} poses, {ctf}, {snr}, shifts up to ±{spec.max_shift_px} px."]
+                f"{self._poseText()} poses, {ctf}, {snr}, shifts up to ±{number(spec.max_shift_px)} px."]
+
+    def _poseText(self) -> str:
+        """The pose distribution in words, with its parameters."""
+        choice = self.poseDistribution.get()
+        if choice == POSE_IGSO3:
+            return f"isotropic Gaussian (eta {number(self.igso3Eta.get())} rad)"
+        if choice == POSE_PREFERRED:
+            return (f"preferred-orientation ({number(100 * self.preferredFraction.get())} % near rot "
+                    f"{number(self.preferredRot.get())}°, tilt {number(self.preferredTilt.get())}°, kappa "
+                    f"{number(self.preferredKappa.get())})")
+        return "uniform"
 
     def _methods(self):
         if not hasattr(self, "outputParticles"):
@@ -150,4 +181,4 @@ class ProtBayesposeSimulate(EMProtocol):
         spec = self._spec()
         return [f"We simulated {spec.n_particles} particles from {self.getObjectTag('inputVolume')} with "
                 f"bayespose (Fourier-slice projection{', CTF' if spec.ctf else ''}, white noise at SNR "
-                f"{spec.snr if spec.snr is not None else 'infinite'}), with {spec.pose_distribution} poses."]
+                f"{number(spec.snr) if spec.snr is not None else 'infinite'}), with {self._poseText()} poses."]

@@ -27,11 +27,14 @@ from bayespose.protocols._common import (
     symmetry_errors,
 )
 
-# the engine's codes (bayespose.core.deep.vocabulary) are the choices; EnumParam stores their index
-MODEL_CHOICES = list(MODEL_TYPES)
-MODEL_SO3GRID, MODEL_QUATERNION = MODEL_CHOICES.index("so3grid"), MODEL_CHOICES.index("quaternion")
-CTF_CHOICES = list(CTF_CORRECTIONS)
-CTF_PHASE_FLIP, CTF_NONE = CTF_CHOICES.index("phase_flip"), CTF_CHOICES.index("none")
+# the engine's codes (bayespose.core.deep.vocabulary) in a fixed order, and the words the form shows for them
+MODEL_CODES = tuple(MODEL_TYPES)  # TrainConfig.model, in the order of MODEL_CHOICES
+_MODEL_WORDS = {"so3grid": "distribution over rotations (SO(3) grid)", "quaternion": "single pose (quaternion)"}
+MODEL_CHOICES = [_MODEL_WORDS[c] for c in MODEL_CODES]
+MODEL_SO3GRID, MODEL_QUATERNION = MODEL_CODES.index("so3grid"), MODEL_CODES.index("quaternion")
+CTF_CODES = tuple(CTF_CORRECTIONS)  # TrainConfig.ctf_correction, in the order of CTF_CHOICES
+CTF_CHOICES = [{"phase_flip": "phase flip", "none": "none"}[c] for c in CTF_CODES]
+CTF_PHASE_FLIP, CTF_NONE = CTF_CODES.index("phase_flip"), CTF_CODES.index("none")
 MAX_GRID_ORDER = 3
 
 TRAIN_STAR = "train_particles.star"
@@ -89,10 +92,15 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
                            "to the nearest symmetry mate.")
         form.addParam("modelType", params.EnumParam, choices=MODEL_CHOICES, default=MODEL_SO3GRID,
                       display=params.EnumParam.DISPLAY_HLIST, label="Model",
-                      help="so3grid: predicts a full distribution over SO(3) on a HEALPix x in-plane grid "
-                           "(Image2Sphere-style e3nn head, Klee 2023); its distribution can serve as the prior of "
-                           "the MMSE refinement in 'predict poses'. quaternion: regression of one unit quaternion "
-                           "(baseline; its 'confidence' is a stand-in, not a probability).")
+                      help="distribution over rotations: predicts a full probability distribution over SO(3) on a "
+                           "HEALPix x in-plane grid (an Image2Sphere-style head: Klee, Biza, Platt & Walters "
+                           "(2023), \"Image to Sphere: learning equivariant features for efficient pose "
+                           "prediction\", ICLR, https://doi.org/10.48550/arXiv.2302.13926); its distribution can "
+                           "serve as the prior of the MMSE refinement in 'predict poses'. single pose: regression "
+                           "of one unit quaternion (the baseline of Lian et al. (2022), \"End-to-end orientation "
+                           "estimation from 2D cryo-EM images\", Acta Cryst. D 78, "
+                           "https://doi.org/10.1107/S2059798321011761; its 'confidence' is a stand-in, not a "
+                           "probability).")
         form.addParam("netBox", params.IntParam, default=32, validators=[params.Positive], label="Network box (px)",
                       help="The images are Fourier-cropped to this box before the network (a multiple of 4, at "
                            "most the particle box): smaller is faster, and the network only needs low resolution to "
@@ -122,7 +130,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
                            "them), which teaches the network that in-plane rotation only changes psi.")
         form.addParam("ctfCorrection", params.EnumParam, choices=CTF_CHOICES, default=CTF_PHASE_FLIP,
                       expertLevel=params.LEVEL_ADVANCED, label="CTF correction",
-                      help="phase_flip: flip the phases of the images with their CTF before the network (needs "
+                      help="phase flip: flip the phases of the images with their CTF before the network (needs "
                            "particles with CTF; particles without CTF are used as they are). none: raw images.")
         form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed",
                       help="Seed of the validation split, the initialisation and the batch order.")
@@ -176,8 +184,8 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         """The form as a :class:`bayespose.core.deep.TrainConfig` (same fields as ``bayespose train``)."""
         from bayespose.core.deep import TrainConfig
 
-        ctf = CTF_CHOICES[self.ctfCorrection.get()] if has_ctf else "none"
-        return TrainConfig(model=MODEL_CHOICES[self.modelType.get()], net_box=self.netBox.get(),
+        ctf = CTF_CODES[self.ctfCorrection.get()] if has_ctf else "none"
+        return TrainConfig(model=MODEL_CODES[self.modelType.get()], net_box=self.netBox.get(),
                            epochs=self.epochs.get(), batch_size=self.batchSize.get(),
                            learning_rate=self.learningRate.get(), val_fraction=self.valFraction.get(),
                            patience=self.patience.get(), symmetry=self.symmetryGroup.get().strip().upper(),
@@ -229,7 +237,8 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         if not hasattr(self, "outputModel"):
             return ["Pose network not ready yet."]
         model = self.outputModel
-        lines = [f"{model.getModelType()} network trained on {model.getNumberOfParticles()} particles "
+        kind = dict(zip(MODEL_CODES, MODEL_CHOICES)).get(model.getModelType(), model.getModelType())
+        lines = [f"{kind} network trained on {model.getNumberOfParticles()} particles "
                  f"({model.getBox()} px, {model.getSamplingRate():.3f} Å/px, network box {model.getNetBox()} px, "
                  f"symmetry {model.getSymmetry()})"]
         if model.getBestEpoch() is not None:

@@ -1,8 +1,9 @@
 """Viewer of ``bayespose - assign poses (MMSE)``: pose distribution, uncertainty histograms, MMSE-vs-MAP angle and the
 posterior of one particle on the sphere.
 
-Every plot is also saved as PNG in the protocol's extra folder (``viewer_*.png``), so the plotting methods work
-headless; the figures come from :mod:`bayespose.plotting.poses` and :mod:`bayespose.plotting.assign`.
+Every plot is shown in its own window and also saved as PNG in the protocol's extra folder (``viewer_*.png``), so
+the plotting methods also work headless; the figures come from :mod:`bayespose.plotting.poses` and
+:mod:`bayespose.plotting.assign`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from bayespose.plotting.assign import plot_direction_posterior, plot_estimator_d
 from bayespose.plotting.poses import plot_pose_distribution
 from bayespose.protocols import ProtBayesposeAssignPoses
 from bayespose.protocols.protocol_assign_poses import PRIOR_LOCAL, RESULT_NPZ
-from bayespose.viewers._common import ExtraFigureMixin, particle_row, unknown_particle_views
+from bayespose.viewers._common import ExtraFigureMixin, particle_row, shows_errors, unknown_particle_text
 
 STAGE_CHOICES = ["final (refined) cells", "coarse global grid (whole sphere)"]
 STAGE_FINAL, STAGE_COARSE = range(2)
@@ -72,39 +73,42 @@ class BayesposeAssignPosesViewer(ExtraFigureMixin, ProtocolViewer):
         return 2 ** min(order, 6)
 
     # ------------------------------------------------------------------------------------------------ views
+    @shows_errors
     def _showPoses(self, paramName=None):
         data = self._results()
         estimator = data["estimator"]
-        fig = plot_pose_distribution(data[f"{estimator}_rotations"], None,
-                                     title=self._title(f"{estimator.upper()} poses"),
+        fig = plot_pose_distribution(data[f"{estimator}_rotations"], title=self._title(f"{estimator.upper()} poses"),
                                      reference=data["input_rotations"])
         return self._saveAndView(fig, "poses")
 
+    @shows_errors
     def _showUncertainty(self, paramName=None):
         data = self._results()
-        fig = plot_uncertainty_histograms(data["expected_error_deg"], data["pmax"], None,
+        fig = plot_uncertainty_histograms(data["expected_error_deg"], data["pmax"],
                                           title=self._title(f"uncertainty of {len(data['pmax'])} particles"))
         return self._saveAndView(fig, "uncertainty")
 
+    @shows_errors
     def _showDifference(self, paramName=None):
         data = self._results()
-        fig = plot_estimator_difference(data["mmse_rotations"], data["map_rotations"], None, symmetry=data["symmetry"],
+        fig = plot_estimator_difference(data["mmse_rotations"], data["map_rotations"], symmetry=data["symmetry"],
                                         title=self._title("MMSE vs MAP rotation"))
         return self._saveAndView(fig, "mmse_vs_map")
 
+    @shows_errors
     def _showPosterior(self, paramName=None):
         data = self._results()
         wanted = int(self.particleId.get())
         row = particle_row(data["scipion_id"], wanted)
         if row is None:
-            return unknown_particle_views(data["scipion_id"], wanted)
+            return self._message(unknown_particle_text(data["scipion_id"], wanted), title="Unknown particle")
         coarse = self.posteriorStage.get() == STAGE_COARSE
         rotations, probabilities, result = self.protocol.particlePosterior(row, coarse=coarse)
         markers = {"MMSE": data["mmse_rotations"][row], "MAP": data["map_rotations"][row]}
         if data["input_rotations"] is not None:
             markers["input"] = data["input_rotations"][row]
         stage = "coarse grid" if coarse else "final cells"
-        fig = plot_direction_posterior(rotations, probabilities, None, nside=self._nside(coarse), markers=markers,
+        fig = plot_direction_posterior(rotations, probabilities, nside=self._nside(coarse), markers=markers,
                                        title=self._title(f"posterior of particle {wanted} ({stage}; pmax "
                                                          f"{data['pmax'][row]:.3f}, expected error "
                                                          f"{data['expected_error_deg'][row]:.2f}°)"))

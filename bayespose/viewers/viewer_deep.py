@@ -2,8 +2,9 @@
 and for 'predict poses' the pose distribution, the angular errors against the input alignment (e.g. a simulation's
 ground truth or a previous refinement) and the predicted distribution of a chosen particle.
 
-Every plot is also saved as PNG in the protocol's extra folder (``viewer_*.png``), so the plotting methods work
-headless; the figures come from :mod:`bayespose.plotting.deep` and :mod:`bayespose.plotting.poses`.
+Every plot is shown in its own window and also saved as PNG in the protocol's extra folder (``viewer_*.png``), so
+the plotting methods also work headless; the figures come from :mod:`bayespose.plotting.deep` and
+:mod:`bayespose.plotting.poses`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,26 @@ import os
 from pathlib import Path
 
 import pyworkflow.protocol.params as params
-from pwem.viewers.plotter import EmPlotter
-from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer, Viewer
+from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer, Viewer
 
+from bayespose.core.geometry.symmetry import symmetric_angle_deg
 from bayespose.core.io.assignment import load_assignment
 from bayespose.core.io.prediction import load_prediction
 from bayespose.objects import BayesposePoseNetwork
+from bayespose.plotting import save_figure
 from bayespose.plotting.deep import plot_angular_errors, plot_predicted_distribution, plot_training_history
 from bayespose.plotting.poses import plot_pose_distribution
 from bayespose.protocols import ProtBayesposePredictPoses, ProtBayesposeTrainPoseNetwork
 from bayespose.protocols.protocol_predict_poses import PREDICTION_NPZ, RESULT_NPZ
-from bayespose.viewers._common import ExtraFigureMixin, particle_row, unknown_particle_views
+from bayespose.viewers._common import (
+    ExtraFigureMixin,
+    FigureView,
+    message,
+    particle_row,
+    shows_errors,
+    tk_parent,
+    unknown_particle_text,
+)
 
 
 def training_curves_png(checkpoint: str | Path, png_path: str | Path, title: str = ""):
@@ -32,8 +42,8 @@ def training_curves_png(checkpoint: str | Path, png_path: str | Path, title: str
     network = load_pose_network(checkpoint, device="cpu")
     history = list(network.history or [])
     best = network.metadata.get("best_epoch") if isinstance(network.metadata, dict) else None
-    fig = plot_training_history(history, None, best_epoch=best, title=title)
-    fig.savefig(png_path, dpi=110)
+    fig = plot_training_history(history, best_epoch=best, title=title)
+    save_figure(fig, png_path)
     return fig
 
 
@@ -44,6 +54,7 @@ class BayesposeTrainingViewer(Viewer):
     _environments = [DESKTOP_TKINTER]
     _targets = [ProtBayesposeTrainPoseNetwork, BayesposePoseNetwork]
 
+    @shows_errors
     def _visualize(self, obj, **kwargs):
         if isinstance(obj, BayesposePoseNetwork):
             model, folder, name = obj, os.path.dirname(obj.getFileName() or "."), "pose network"
@@ -51,10 +62,10 @@ class BayesposeTrainingViewer(Viewer):
             model = getattr(obj, "outputModel", None)
             folder, name = obj._getExtraPath(), obj.getRunName()
         if model is None or not model.exists():
-            return [MessageView("The pose network is not trained yet (no checkpoint).", title="No network")]
+            return [message(self, "The pose network is not trained yet (no checkpoint).", title="No network")]
         png = os.path.join(folder, "viewer_training.png")
         fig = training_curves_png(model.getFileName(), png, title=f"{name}: {model}")
-        return [EmPlotter(figure=fig)]
+        return [FigureView(fig, tkParent=tk_parent(self))]
 
 
 class BayesposePredictPosesViewer(ExtraFigureMixin, ProtocolViewer):
@@ -96,35 +107,36 @@ class BayesposePredictPosesViewer(ExtraFigureMixin, ProtocolViewer):
         return load_assignment(self.protocol._getExtraPath(RESULT_NPZ)) if self.protocol.refines() else None
 
     # ------------------------------------------------------------------------------------------------ views
+    @shows_errors
     def _showPoses(self, paramName=None):
         data, refined = self._prediction(), self._assignment()
         rotations = refined["mmse_rotations"] if refined is not None else data["rotations"]
         what = "deep-prior MMSE poses" if refined is not None else "network poses (mode)"
-        fig = plot_pose_distribution(rotations, None, title=self._title(what), reference=data["input_rotations"])
+        fig = plot_pose_distribution(rotations, title=self._title(what), reference=data["input_rotations"])
         return self._saveAndView(fig, "poses")
 
+    @shows_errors
     def _showErrors(self, paramName=None):
-        from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
-
         data, refined = self._prediction(), self._assignment()
         if data["input_rotations"] is None:
-            return [MessageView("The input particles have no alignment to compare the predictions with.",
-                                title="No reference poses")]
-        group = symmetry_group(data["symmetry"])
-        errors = {"network mode": symmetric_geodesic_distance_deg(data["rotations"], data["input_rotations"], group)}
+            return self._message("The input particles have no alignment to compare the predictions with.",
+                                 title="No reference poses")
+        symmetry = data["symmetry"]
+        errors = {"network mode": symmetric_angle_deg(data["rotations"], data["input_rotations"], symmetry)}
         if refined is not None:
-            errors["deep-prior MMSE"] = symmetric_geodesic_distance_deg(refined["mmse_rotations"],
-                                                                        data["input_rotations"], group)
-        fig = plot_angular_errors(errors, None, title=self._title(f"angle to the input poses ({len(data['rotations'])} "
-                                                                  f"particles, symmetry {data['symmetry']})"))
+            errors["deep-prior MMSE"] = symmetric_angle_deg(refined["mmse_rotations"], data["input_rotations"],
+                                                            symmetry)
+        fig = plot_angular_errors(errors, title=self._title(f"angle to the input poses ({len(data['rotations'])} "
+                                                            f"particles, symmetry {symmetry})"))
         return self._saveAndView(fig, "errors")
 
+    @shows_errors
     def _showDistribution(self, paramName=None):
         data, refined = self._prediction(), self._assignment()
         wanted = int(self.particleId.get())
         row = particle_row(data["scipion_id"], wanted)
         if row is None:
-            return unknown_particle_views(data["scipion_id"], wanted)
+            return self._message(unknown_particle_text(data["scipion_id"], wanted), title="Unknown particle")
         rotations, probabilities, order = self.protocol.particleDistribution(row)
         markers = {"network mode": data["rotations"][row]}
         if refined is not None:
@@ -132,7 +144,7 @@ class BayesposePredictPosesViewer(ExtraFigureMixin, ProtocolViewer):
         if data["input_rotations"] is not None:
             markers["input"] = data["input_rotations"][row]
         nside = 2 ** min(order, 6) if order is not None else 4
-        fig = plot_predicted_distribution(rotations, probabilities, None, nside=nside, markers=markers,
+        fig = plot_predicted_distribution(rotations, probabilities, nside=nside, markers=markers,
                                           title=self._title(f"predicted distribution of particle {wanted} "
                                                             f"(confidence {data['confidence'][row]:.3f})"))
         return self._saveAndView(fig, f"distribution_{wanted}")

@@ -25,7 +25,7 @@ def test_domain_finds_protocols_viewers_and_citations():
     from pwem import Domain
 
     from bayespose import protocols
-    from bayespose.viewers import BayesposePoseViewer
+    from bayespose.viewers.viewer_poses import BayesposePoseViewer
 
     assert "bayespose" in Domain.getPlugins()
     ours = {name for name, cls in Domain.getProtocols().items() if cls.__module__.startswith("bayespose.")}

@@ -36,7 +36,7 @@ class TestSimulateChain(BaseTest):
 
         from bayespose.convert import particles_from_scipion
         from bayespose.protocols import ProtBayesposeSimulate
-        from bayespose.viewers import BayesposePoseViewer
+        from bayespose.viewers.viewer_poses import BayesposePoseViewer
 
         volume = self._import_demo_map()
         sim = self.newProtocol(ProtBayesposeSimulate, inputVolume=volume, nParticles=30, snr=0.5, maxShift=2.0,
@@ -83,6 +83,48 @@ class TestSimulateChain(BaseTest):
         # and the image data survived: the first re-imported image equals the simulated one
         from bayespose.core.io.mrc import read_images
         np.testing.assert_allclose(read_images(back, [0, 29]), read_images(core, [0, 29]), atol=1e-5)
+
+        # the pose viewer is offered for any particle set with 3D alignment (here pwem's RELION import) and draws
+        # it, saving the PNG in the project's Tmp folder (not in another plugin's run)
+        self._check_pose_viewer_on_foreign_sets(reimport, exported)
+
+    def _check_pose_viewer_on_foreign_sets(self, reimport, exported_star):
+        from pwem import Domain
+        from pwem.protocols import ProtImportParticles
+        from pyworkflow.viewer import DESKTOP_TKINTER, MessageView
+
+        from bayespose.viewers._common import FigureView
+        from bayespose.viewers.viewer_poses import BayesposePoseViewer
+
+        aligned = reimport.outputParticles
+        viewers = Domain.findViewers(aligned, DESKTOP_TKINTER)
+        self.assertIn(BayesposePoseViewer, viewers)
+        self.assertIsNot(viewers[0], BayesposePoseViewer)  # low priority: the default particle viewer stays first
+        viewer = BayesposePoseViewer(project=self.proj, protocol=reimport)
+        views = viewer._visualize(aligned)
+        self.assertEqual(len(views), 1)
+        self.assertIsInstance(views[0], FigureView)
+        png = os.path.join(self.proj.getTmpPath(), f"bayespose_poses_{aligned.getObjId()}.png")
+        with open(png, "rb") as fh:
+            self.assertEqual(fh.read(8), b"\x89PNG\r\n\x1a\n")
+        self.assertFalse(os.path.exists(reimport._getExtraPath("outputParticles_poses.png")))
+
+        # a set without 3D alignment: not offered, and a message (not an exception) when asked anyway
+        table = starfile.read(exported_star, always_dict=True)
+        table["particles"] = table["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+        bare_star = os.path.join(os.path.dirname(exported_star), "no_angles.star")
+        starfile.write(table, bare_star)
+        bare = self.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+                                starFile=bare_star, magnification=10000, samplingRate=4.4,
+                                haveDataBeenPhaseFlipped=False)
+        self.launchProtocol(bare)
+        unaligned = bare.outputParticles
+        self.assertFalse(unaligned.hasAlignmentProj())
+        self.assertNotIn(BayesposePoseViewer, Domain.findViewers(unaligned, DESKTOP_TKINTER))
+        views = BayesposePoseViewer(project=self.proj, protocol=bare)._visualize(unaligned)
+        self.assertEqual(len(views), 1)
+        self.assertIsInstance(views[0], MessageView)
+        self.assertIn("no 3D alignment", views[0].getMessage())
 
     def test_forms_build_and_validate_catches_bad_input(self):
         import pyworkflow.protocol.params as params

@@ -89,7 +89,7 @@ class TestDeepChain(BaseTest):
         self.assertEqual(stored.getNumberOfParticles(), TRAIN_N)
         self.assertTrue(1 <= stored.getBestEpoch() <= EPOCHS)
         self.assertIn(model.getFileName(), model.getFiles())
-        self.assertIn("so3grid", self.train.summary()[0])
+        self.assertIn("SO(3) grid", self.train.summary()[0])  # the model in words, not its code name
         self.assertIn("Klee", "\n".join(self.train.methods()))
 
         # training curves, from the protocol and from the model object

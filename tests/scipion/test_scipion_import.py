@@ -9,6 +9,7 @@ compared with cryoDRGN's own parse of the same file (``cryodrgn_parsed_pose_from
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -246,6 +247,7 @@ class TestCryosparcImport(BaseTest):
             np.testing.assert_array_equal(a.data[ours.image_indices], b.data[theirs.image_indices])
         summary = "\n".join(prot.summary())
         assert "7 particles" in summary and "without alignment" in summary
+        assert not re.search(r"\d\.\d{7,}", summary), summary  # no float32 noise such as "Cs 2.70000004768372"
 
         # export with the relion plugin: the optics table must hold the particles' optics group
         from relion.convert import writeSetOfParticles

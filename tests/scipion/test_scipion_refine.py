@@ -77,7 +77,7 @@ class TestRefineChain(BaseTest):
         from bayespose.core.refine import HALF_SPLITS
         from bayespose.protocols import ProtBayesposeRefine
         from bayespose.viewers import BayesposeRefineViewer
-        from bayespose.viewers.viewer_refine import MAP_ALL, VOLUME_CHIMERA
+        from bayespose.viewers.viewer_refine import MAP_ALL, VOLUME_CHIMERA, VOLUME_SLICES, VOLUME_XMIPP
 
         # the form's defaults: the estimated prior (the protocol's point); half sets: a new random split, not the
         # input's alternating 1, 2, 1, 2 (simulated)
@@ -158,14 +158,41 @@ class TestRefineChain(BaseTest):
             self.assertEqual(len(method()), 1)
             with open(prot._getExtraPath(f"viewer_{name}.png"), "rb") as fh:
                 self.assertEqual(fh.read(8), PNG_MAGIC, name)
+        # the maps: ChimeraX when pwem finds it, else (as here, a pip-only Scipion) a message and the central
+        # slices drawn with matplotlib; the Xmipp viewer only with the xmipp plugin; never an exception
+        from bayespose.viewers._common import FigureView
+        from bayespose.viewers.viewer_refine import chimerax_program, xmipp_available
+
         viewer.whichMaps.set(MAP_ALL)
-        views = viewer._showVolumes()
-        self.assertEqual(len(views), 1)
-        self.assertIsInstance(views[0], View)
         viewer.volumeViewer.set(VOLUME_CHIMERA)
-        self.assertIsInstance(viewer._showVolumes()[0], View)
+        views = viewer._showVolumes()
+        self.assertTrue(all(isinstance(v, View) for v in views), views)
         with open(prot._getExtraPath("viewer_chimera.cxc")) as fh:
             self.assertEqual(fh.read().count("open "), 3)
+        if chimerax_program() is None:
+            self.assertEqual([type(v).__name__ for v in views], ["MessageView", "FigureView"])
+            self.assertIn("ChimeraX", views[0].getMessage())
+        viewer.volumeViewer.set(VOLUME_SLICES)
+        if os.path.exists(prot._getExtraPath("viewer_maps.png")):
+            os.remove(prot._getExtraPath("viewer_maps.png"))
+        views = viewer._showVolumes()
+        self.assertEqual(len(views), 1)
+        self.assertIsInstance(views[0], FigureView)
+        self.assertEqual(len(views[0].getFigure().axes), 9)  # 3 maps x 3 sections
+        with open(prot._getExtraPath("viewer_maps.png"), "rb") as fh:
+            self.assertEqual(fh.read(8), PNG_MAGIC)
+        viewer.volumeViewer.set(VOLUME_XMIPP)
+        views = viewer._showVolumes()
+        if not xmipp_available():
+            self.assertEqual([type(v).__name__ for v in views], ["MessageView", "FigureView"])
+        half2 = prot._getExtraPath("half2.mrc")
+        os.rename(half2, half2 + ".away")
+        try:
+            views = viewer._showVolumes()  # a missing map is a message, not an exception
+            self.assertEqual([type(v).__name__ for v in views], ["MessageView"])
+            self.assertIn("half2.mrc", views[0].getMessage())
+        finally:
+            os.rename(half2 + ".away", half2)
 
         summary = prot.summary()
         self.assertTrue(summary and f"{N_PARTICLES} particles" in summary[0], summary)

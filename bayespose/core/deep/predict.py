@@ -35,7 +35,7 @@ from bayespose.core.io.mrc import read_images
 from bayespose.core.results import ANGLE_LABELS, ParticleResults
 from bayespose.core.runtime import choose_device
 
-__all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs"]
+__all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs", "distribution_on_grid"]
 
 MODE_RADIUS_SPACINGS = 1.5  # neighbourhood of the best cell used for the refined mode and the confidence
 _MODE_CHUNK = 512  # particles per block in grid_modes (memory ~ 3 x chunk x K doubles)
@@ -217,3 +217,29 @@ def predict_poses(network, particles: ParticleSet, images: np.ndarray | None = N
         raise ValueError("no particles to predict")
     inputs = network_inputs(network, particles, images)
     return predict_from_inputs(network, inputs, top_k, batch_size, device, progress)
+
+
+def distribution_on_grid(log_probabilities: np.ndarray | None, grid_rotations: np.ndarray | None,
+                         top_rotations: np.ndarray, top_probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One particle's predicted distribution as ``(rotations (K, 3, 3), probabilities (K,))`` summing to 1.
+
+    With the grid model (``log_probabilities`` (G,) on ``grid_rotations`` (G, 3, 3), e.g.
+    ``healpix_grid(order).rotations``) the whole grid is used (normalised with log-sum-exp); otherwise (quaternion
+    model: ``log_probabilities`` None) the top-K rotations (K, 3, 3) and their probabilities (K,), renormalised
+    (uniform when they sum to 0). Rotations are RELION ``A`` matrices. Raises ``ValueError`` on mismatched lengths.
+    """
+    if log_probabilities is not None:
+        if grid_rotations is None:
+            raise ValueError("grid_rotations are needed with log_probabilities")
+        logp = np.asarray(log_probabilities, dtype=np.float64).reshape(-1)
+        rots = np.asarray(grid_rotations, dtype=np.float64).reshape(-1, 3, 3)
+        if len(logp) != len(rots):
+            raise ValueError(f"{len(logp)} log-probabilities for a grid of {len(rots)} rotations")
+        p = np.exp(logp - logp.max())
+        return rots, p / p.sum()
+    rots = np.asarray(top_rotations, dtype=np.float64).reshape(-1, 3, 3)
+    p = np.clip(np.asarray(top_probabilities, dtype=np.float64).reshape(-1), 0.0, None)
+    if len(p) != len(rots) or not len(p):
+        raise ValueError(f"need as many top probabilities as top rotations (> 0), got {len(p)} and {len(rots)}")
+    total = p.sum()
+    return rots, (p / total if total > 0 else np.full(len(p), 1.0 / len(p)))

@@ -1,4 +1,6 @@
-"""Grids on SO(3) with quadrature weights for the Haar measure (paper 000, sec. 3.1).
+"""Grids on SO(3) with quadrature weights for the Haar measure (section 3.1 of Xu, Balanov, Singer & Bendory (2026),
+"Bayesian perspective for orientation determination in cryo-EM with application to structural heterogeneity
+analysis", Acta Cryst. D 82, https://journals.iucr.org/d/issues/2026/04/00/bar5003/, arXiv:2412.03723).
 
 Every grid is a set of RELION pose matrices ``A`` (volume -> image coordinates, see ``rotations.py``) plus weights
 ``q_k`` that sum to 1 and approximate the *normalised* Haar measure of the region the grid covers:
@@ -6,7 +8,8 @@ Every grid is a set of RELION pose matrices ``A`` (volume -> image coordinates, 
     integral over region of f(R) dHaar(R)  ~=  haar_volume * sum_k q_k f(R_k)
 
 ``haar_volume`` is 1 for a grid of the whole group and the Haar measure of the covered region for a local grid.
-The posterior weights of a particle are then ``w_k ~ q_k * prior(R_k) * likelihood(R_k)`` (000 eq. 21-22).
+The posterior weights of a particle are then ``w_k ~ q_k * prior(R_k) * likelihood(R_k)`` (Xu et al. 2026,
+eq. 21-22).
 
 Two kinds of grids:
 

@@ -7,7 +7,9 @@ particles of the set the rows are (per-particle priors, e.g. centred on each par
 Spec strings (CLI ``--prior`` and the protocol form map onto them, see :func:`prior_from_spec`):
 
 * ``uniform`` — Haar measure.
-* ``igso3:ETA`` — isotropic Gaussian on SO(3) around the identity pose, scale ETA in radians (paper 000 App. F1).
+* ``igso3:ETA`` — isotropic Gaussian on SO(3) around the identity pose, scale ETA in radians (appendix F1 of Xu,
+  Balanov, Singer & Bendory (2026), "Bayesian perspective for orientation determination in cryo-EM with application
+  to structural heterogeneity analysis", Acta Cryst. D 82, arXiv:2412.03723; see :mod:`.so3_distributions`).
 * ``local:DEG`` — isotropic Gaussian around each particle's input pose with ETA = DEG/3 (in radians; ~97 % of its
   mass within DEG), searched on a local grid of ±DEG (see :mod:`.posterior`).
 * ``preferred`` / ``preferred:ROT,TILT,KAPPA,FRACTION`` — viewing-direction prior (von Mises-Fisher peak of
@@ -51,7 +53,7 @@ class UniformPrior(RotationPrior):
 
 
 class IGSO3Prior(RotationPrior):
-    """Isotropic Gaussian on SO(3) (paper 000 App. F1) around ``mean``: one rotation (3, 3) for all particles or
+    """Isotropic Gaussian on SO(3) (:mod:`.so3_distributions`) around ``mean``: one rotation (3, 3) for all particles or
     one per particle (N, 3, 3), with scale ``eta`` in radians (small = concentrated).
 
     The density depends only on the angle between ``mean`` and the rotation; it is tabulated once on a fine angle

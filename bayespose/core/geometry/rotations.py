@@ -77,7 +77,9 @@ def chordal_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def project_to_so3(matrices: np.ndarray) -> np.ndarray:
     """Nearest rotation (Frobenius norm) to any 3x3 matrix: ``U diag(1, 1, det(U V^T)) V^T`` from its SVD.
 
-    This is the MMSE rotation of paper 000 (eq. 15-19) when applied to a posterior-mean matrix.
+    This is the MMSE rotation (eq. 15-19 of Xu, Balanov, Singer & Bendory (2026), "Bayesian perspective for
+    orientation determination in cryo-EM with application to structural heterogeneity analysis", Acta Cryst. D 82,
+    arXiv:2412.03723) when applied to a posterior-mean matrix.
     """
     m = np.asarray(matrices, dtype=np.float64)
     u, _, vt = np.linalg.svd(m)

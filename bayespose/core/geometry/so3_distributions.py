@@ -3,20 +3,23 @@
 All densities are with respect to the **normalised Haar measure** (so the uniform distribution has density 1) and
 act on RELION pose matrices ``A`` (volume -> image coordinates, see ``rotations.py``). Angles are in radians here.
 
-Isotropic Gaussian on SO(3), ``IG(eta)`` (paper 000, sec. 3.2 and App. F1, after Savjolova 1985):
+Isotropic Gaussian on SO(3), ``IG(eta)`` (section 3.2 and appendix F1 of Xu, Balanov, Singer & Bendory (2026),
+"Bayesian perspective for orientation determination in cryo-EM with application to structural heterogeneity
+analysis", Acta Cryst. D 82, https://journals.iucr.org/d/issues/2026/04/00/bar5003/, arXiv:2412.03723; after
+Savjolova 1985):
 the rotation axis is uniform and the rotation angle ``w`` in [0, pi] has density
 
     f(w) = (1 - cos w) / pi * g(w),
     g(w) = sum_{l>=0} (2l + 1) exp(-l (l + 1) eta^2 / 2) sin((l + 1/2) w) / sin(w / 2)
 
 where ``(1 - cos w) / pi`` is the angle density of a uniform rotation and ``g`` is the density w.r.t. Haar (the heat
-kernel of SO(3) at time eta^2 / 2). The scale is fixed so that, as paper 000 App. F1 states, for small eta the
+kernel of SO(3) at time eta^2 / 2). The scale is fixed so that, as Xu et al. (2026, app. F1) state, for small eta the
 rotation vector is ~ N(0, eta^2 I_3) and ``w`` is Maxwell distributed with scale eta (Std(w) = eta sqrt(3 - 8/pi):
 0.067 rad for eta = 0.1). **Small eta = concentrated** around the mean; eta -> infinity gives the uniform
 distribution. Useful identity: E[R] = exp(-eta^2) * mean.
 
-Small-eta closed form (Matthies et al. 1988, as quoted in 000 App. F1): Poisson summation over the half-integers
-n = l + 1/2 turns the slowly converging series into a fast one over images k,
+Small-eta closed form (Matthies et al. 1988, as quoted in Xu et al. 2026, app. F1): Poisson summation over the
+half-integers n = l + 1/2 turns the slowly converging series into a fast one over images k,
 
     g(w) = exp(eps^2 / 4) sqrt(pi) / (2 eps^3 sin(w/2)) * sum_k (-1)^k (w - 2 pi k) exp(-(w - 2 pi k)^2 / (4 eps^2)),
 
@@ -228,9 +231,9 @@ def sample_igso3(
     """``n`` samples of IG(eta) around ``mean`` (3, 3, default identity): ``R = mean @ exp(hat(w u))``, (n, 3, 3).
 
     The axis u is uniform on S^2 and the angle w is drawn by inverting the tabulated angle CDF
-    (:func:`igso3_angle_cdf`, 000 App. F1). The perturbation multiplies on the right (in volume coordinates for
-    RELION ``A``); since the law of ``exp(hat(w u))`` is invariant under conjugation, ``exp(hat(w u)) @ mean`` has
-    the same distribution.
+    (:func:`igso3_angle_cdf`, Xu et al. 2026, app. F1). The perturbation multiplies on the right (in volume
+    coordinates for RELION ``A``); since the law of ``exp(hat(w u))`` is invariant under conjugation,
+    ``exp(hat(w u)) @ mean`` has the same distribution.
     """
     if int(n) != n or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")

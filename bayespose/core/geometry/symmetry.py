@@ -199,3 +199,10 @@ def symmetric_geodesic_distance_deg(a: np.ndarray, b: np.ndarray, group: np.ndar
         raise ValueError(f"a and b must have shapes (N, 3, 3) or (3, 3), got {a_arr.shape} and {b_arr.shape}")
     nearest = nearest_symmetry_mate(b_full, a_arr, group)
     return geodesic_distance_deg(a_arr, nearest)
+
+
+def symmetric_angle_deg(a: np.ndarray, b: np.ndarray, symmetry: str = "C1") -> np.ndarray:
+    """Symmetry-aware angle in degrees between two sets of RELION poses (N, 3, 3) (or one (3, 3)) -> (N,), e.g. the
+    MMSE and MAP estimates of each particle, or predictions against the input poses: as
+    :func:`symmetric_geodesic_distance_deg` with the group named ``symmetry`` (RELION notation, e.g. ``"D7"``)."""
+    return symmetric_geodesic_distance_deg(np.asarray(a), np.asarray(b), symmetry_group(symmetry))

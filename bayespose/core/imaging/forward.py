@@ -1,6 +1,8 @@
 """Forward model of a particle image: projection (Fourier-slice theorem), shift, CTF.
 
-Image i in Fourier space (DESIGN.md "The model")::
+Image i in Fourier space (the image formation model of RELION: Scheres (2012), "RELION: implementation of a
+Bayesian approach to cryo-EM structure determination", J. Struct. Biol. 180, 519-530,
+https://doi.org/10.1016/j.jsb.2012.09.006)::
 
     Y_i(k) = C_i(k) · S_{t_i}(k) · (P_{A_i} V)(k) + noise
 

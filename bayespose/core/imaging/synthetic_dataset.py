@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 
 from bayespose.core.geometry import so3_distributions as so3d
+from bayespose.core.geometry.rotations import euler_to_matrix
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.imaging.simulate import simulate_images
 from bayespose.core.io.atomic import atomic_folder
@@ -31,7 +32,8 @@ POSE_DISTRIBUTIONS = ("uniform", "igso3:ETA", "preferred")
 
 @dataclass
 class SimulationSpec:
-    """What to simulate. Units: defocus in µm (positive = underfocus), astigmatism in Å, shifts in px."""
+    """What to simulate. Units: defocus in µm (positive = underfocus), astigmatism in Å, shifts in px, angles in
+    degrees. The ``preferred_*`` fields shape the ``"preferred"`` pose distribution (see :func:`sample_poses`)."""
 
     n_particles: int
     snr: float | None = 0.1  # signal variance / noise variance over the box; None = noiseless
@@ -45,6 +47,10 @@ class SimulationSpec:
     amplitude_contrast: float = 0.1
     max_shift_px: float = 0.0  # origins drawn uniformly in [-max, max] px on each axis
     seed: int = 0
+    preferred_rot_deg: float = 0.0  # RELION rot of the preferred viewing direction
+    preferred_tilt_deg: float = 0.0  # RELION tilt of the preferred viewing direction (0 = top view, +z)
+    preferred_kappa: float = 40.0  # von Mises-Fisher concentration of the peak (angular width ~ 1/sqrt(kappa) rad)
+    preferred_fraction: float = 0.75  # fraction of the views in the peak, the rest uniform
 
     def validate(self) -> None:
         if self.n_particles < 1:
@@ -56,17 +62,30 @@ class SimulationSpec:
                              f"{self.defocus_max_um}")
         if self.max_shift_px < 0:
             raise ValueError(f"maximum shift must be >= 0 px, got {self.max_shift_px}")
-        sample_poses(1, self.pose_distribution, np.random.default_rng(0))  # raises on a bad name
+        sample_poses(1, self.pose_distribution, np.random.default_rng(0), **self.preferred())  # raises on bad input
+
+    def preferred(self) -> dict:
+        """The keyword arguments of :func:`sample_poses` for the ``"preferred"`` distribution."""
+        return {"preferred_direction_deg": (self.preferred_rot_deg, self.preferred_tilt_deg),
+                "preferred_kappa": self.preferred_kappa, "preferred_fraction": self.preferred_fraction}
 
 
-def sample_poses(n: int, distribution: str, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``n`` ground-truth RELION A matrices from ``distribution`` (see :data:`POSE_DISTRIBUTIONS`).
+def sample_poses(n: int, distribution: str, rng: np.random.Generator,
+                 preferred_direction_deg: tuple[float, float] = (0.0, 0.0), preferred_kappa: float = 40.0,
+                 preferred_fraction: float = 0.75) -> np.ndarray:
+    """Draw ``n`` ground-truth RELION A matrices (n, 3, 3) from ``distribution`` (see :data:`POSE_DISTRIBUTIONS`).
 
     * ``uniform``: Haar measure on SO(3).
-    * ``igso3:ETA``: isotropic Gaussian on SO(3) around the identity with scale ETA in radians (paper 000 App. F1;
-      small ETA = concentrated; the rotation angle is ~Maxwell with scale ETA, std ~0.67 ETA).
-    * ``preferred``: preferred orientation (mixture of von Mises-Fisher views, uniform in-plane), see
-      :meth:`so3_distributions.PreferredOrientation.default_top_view`.
+    * ``igso3:ETA``: isotropic Gaussian on SO(3) around the identity with scale ETA in radians (appendix F1 of
+      Xu, Balanov, Singer & Bendory 2026, "Bayesian perspective for orientation determination in cryo-EM with
+      application to structural heterogeneity analysis", Acta Cryst. D 82, arXiv:2412.03723; small ETA =
+      concentrated; the rotation angle is ~Maxwell with scale ETA, std ~0.67 ETA).
+    * ``preferred``: preferred orientation, uniform in-plane: a fraction ``preferred_fraction`` (in [0, 1]) of the
+      viewing directions from a von Mises-Fisher peak of concentration ``preferred_kappa`` (>= 0) around the
+      direction of RELION angles ``preferred_direction_deg = (rot, tilt)`` in degrees, the rest uniform
+      (:meth:`so3_distributions.PreferredOrientation.default_top_view`; the defaults give its top view).
+
+    Raises ``ValueError`` for an unknown distribution or bad parameters.
     """
     name, _, arg = distribution.partition(":")
     name = name.strip().lower()
@@ -81,7 +100,11 @@ def sample_poses(n: int, distribution: str, rng: np.random.Generator) -> np.ndar
             raise ValueError(f"igso3 scale ETA must be > 0, got {eta}")
         return so3d.sample_igso3(n, eta, rng=rng)
     if name == "preferred" and not arg:
-        return so3d.PreferredOrientation.default_top_view().sample(n, rng)
+        if not preferred_kappa >= 0:
+            raise ValueError(f"preferred-orientation concentration kappa must be >= 0, got {preferred_kappa}")
+        rot, tilt = preferred_direction_deg
+        direction = euler_to_matrix(np.array([[rot, tilt, 0.0]]))[0, 2]  # third row of A: the viewing direction
+        return so3d.PreferredOrientation.default_top_view(direction, preferred_fraction, preferred_kappa).sample(n, rng)
     raise ValueError(f"unknown pose distribution {distribution!r}; choose one of {', '.join(POSE_DISTRIBUTIONS)}")
 
 
@@ -159,7 +182,7 @@ def simulate_dataset(map_path: str | Path, spec: SimulationSpec, out_dir: str | 
     n, box = spec.n_particles, volume.shape[0]
     check_resources(n, box, spec.snr is not None, out_dir)
     rng = np.random.default_rng(spec.seed)
-    rotations = sample_poses(n, spec.pose_distribution, rng)
+    rotations = sample_poses(n, spec.pose_distribution, rng, **spec.preferred())
     origins_px = rng.uniform(-spec.max_shift_px, spec.max_shift_px, (n, 2)) if spec.max_shift_px else np.zeros((n, 2))
     ctf = sample_ctf(spec, rng) if spec.ctf else None
 

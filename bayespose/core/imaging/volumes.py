@@ -1,5 +1,6 @@
 """Map operations on (D, D, D) arrays indexed [z, y, x]: the asymmetric fragment of the demo map used for
-pose-accuracy experiments, a soft spherical mask and solvent flattening (RELION's ``--flatten_solvent``)."""
+pose-accuracy experiments, a soft spherical mask, solvent flattening (RELION's ``--flatten_solvent``) and the central
+sections of a map."""
 
 from __future__ import annotations
 
@@ -45,3 +46,13 @@ def flatten_solvent(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
     outside = 1.0 - mask
     b = float((volume * outside).sum() / max(outside.sum(), 1e-6))
     return (volume * mask + b * outside).astype(np.float32)
+
+
+def central_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three central sections of a map (Z, Y, X): ``(xy at z = Z // 2 (Y, X), xz at y = Y // 2 (Z, X),
+    yz at x = X // 2 (Z, Y))``, views of ``volume``. Raises ``ValueError`` unless it is 3D."""
+    v = np.asarray(volume)
+    if v.ndim != 3:
+        raise ValueError(f"need a 3D map, got shape {v.shape}")
+    cz, cy, cx = (s // 2 for s in v.shape)
+    return v[cz], v[:, cy, :], v[:, :, cx]

@@ -11,10 +11,12 @@ One output folder holds (units: Å, 1/Å, degrees; poses in RELION's convention)
     prior.npy, prior.json            estimated viewing-direction density (see PRIOR_CONVENTION)
     history.json, history.csv        one row per iteration (IterationLog fields)
     summary.json                     resolution, sizes, the settings used and the list of files
+    *.png                            figures, when the caller passes a ``figure_writer`` (the CLI, the Scipion
+                                     protocol and the demo pass :func:`bayespose.plotting.refine.refine_figure_writer`;
+                                     this module itself never draws)
 
 The JSON files are standard JSON: a NaN or infinite number (e.g. the first iteration's pose change) is written as
 null, and :func:`read_history` / :func:`read_refine_outputs` give it back as NaN.
-    fsc.png, history.png, slices.png, prior.png     figures from :mod:`bayespose.plotting.refine`
 
 Writing goes to a hidden temporary folder next to the target, renamed onto the target at the end: the outputs
 appear all at once or not at all (files of the target folder that are not outputs, e.g. the engine's
@@ -27,7 +29,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,6 @@ PRIOR_JSON = "prior.json"
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
 SUMMARY_JSON = "summary.json"
-FIGURES = {"fsc": "fsc.png", "history": "history.png", "slices": "slices.png", "prior": "prior.png"}
 FSC_COLUMNS = ("shell", "resolution_A", "frequency_1/A", "fsc")
 
 PRIOR_CONVENTION = (
@@ -79,7 +80,7 @@ class RefineOutputs:
     summary: dict = field(default_factory=dict)
 
     def path(self, name: str) -> Path:
-        """Path of one output file (e.g. ``"map.mrc"`` or a :data:`FIGURES` value) in the folder."""
+        """Path of one output file (e.g. ``"map.mrc"``) in the folder."""
         return self.folder / name
 
 
@@ -179,16 +180,22 @@ def _write_csv(path: Path, rows: list[dict], columns: Iterable[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ write
+FigureWriter = Callable[[Path, RefineOutputs], Iterable[str]]
+
+
 def write_refine_outputs(result, out_dir: str | os.PathLike, pixel_size: float | None = None,
                          particles_template: ParticleSet | None = None, config: Any = None,
-                         figures: bool = True, title: str = "") -> dict[str, Path]:
+                         figure_writer: FigureWriter | None = None) -> dict[str, Path]:
     """Write the outputs of :func:`bayespose.core.refine.engine.refine` into ``out_dir`` (see the module docstring).
 
     ``result``: a ``RefineResult`` (map, half_maps, fsc_frequencies in 1/Å, fsc, resolution_A, particles,
     direction_prior, prior_order, history). ``pixel_size``: Å/px of the maps (default: the particles').
     ``particles_template``: the input particles (same order); when given, the star keeps their metadata and takes
     poses, origins, half sets and per-particle columns from the result. ``config``: the ``RefineConfig`` used
-    (recorded in ``summary.json``). ``figures``: also draw the PNGs. Returns ``{name: final path}``.
+    (recorded in ``summary.json``). ``figure_writer(folder, outputs)``: called inside the atomic output with the
+    temporary folder and the outputs (a :class:`RefineOutputs` of that folder) to write figures there; returns the
+    names of the files it wrote (listed in ``summary.json``); an error in it leaves no output. Returns
+    ``{name: final path}``.
 
     Raises ``ValueError`` on inconsistent input (nothing is written then).
     """
@@ -225,37 +232,21 @@ def write_refine_outputs(result, out_dir: str | os.PathLike, pixel_size: float |
         columns = list(history[0]) if history else ["iteration"]
         _write_csv(tmp / HISTORY_CSV, history, columns)
         files = [MAP_FILE, *HALF_FILES, FSC_FILE, PARTICLES_FILE, PRIOR_NPY, PRIOR_JSON, HISTORY_JSON, HISTORY_CSV]
-        if figures:
-            files += _write_figures(tmp, volume, halves, rows, density, order, particles, history, pixel_size,
-                                    float(result.resolution_A), title)
         summary = {"resolution_A": float(result.resolution_A), "n_particles": len(particles),
                    "n_half1": int(np.sum(particles.half_set == 1)) if particles.half_set is not None else None,
                    "n_half2": int(np.sum(particles.half_set == 2)) if particles.half_set is not None else None,
                    "box": int(volume.shape[0]), "pixel_size_A": pixel_size, "iterations": len(history),
-                   "prior_order": order, "config": jsonable(_as_dict(config)) if config is not None else None,
-                   "files": files + [SUMMARY_JSON]}
+                   "prior_order": order, "config": jsonable(_as_dict(config)) if config is not None else None}
+        if figure_writer is not None:
+            outputs = RefineOutputs(folder=tmp, map=volume, half_maps=(halves[0], halves[1]), pixel_size=pixel_size,
+                                    fsc_frequencies=np.array([r["frequency_1/A"] for r in rows]),
+                                    fsc=np.array([r["fsc"] for r in rows]), resolution_A=float(result.resolution_A),
+                                    particles=particles, direction_prior=density, prior_order=order,
+                                    history=history, summary=dict(summary))
+            files += list(figure_writer(tmp, outputs))
+        summary["files"] = files + [SUMMARY_JSON]
         (tmp / SUMMARY_JSON).write_text(to_json(summary, indent=2))
     return {name: target / name for name in summary["files"]}
-
-
-def _write_figures(folder: Path, volume, halves, rows, density, order, particles, history, pixel_size,
-                   resolution, title) -> list[str]:
-    from bayespose.plotting import refine as refine_plots
-
-    prefix = f"{title}: " if title else ""
-    freq = np.array([r["frequency_1/A"] for r in rows])
-    values = np.array([r["fsc"] for r in rows])
-    refine_plots.plot_fsc(freq, values, folder / FIGURES["fsc"], resolution_A=resolution,
-                          title=f"{prefix}half-map FSC")
-    refine_plots.plot_history(history, folder / FIGURES["history"], title=f"{prefix}iterations")
-    refine_plots.plot_central_slices([volume, *halves], folder / FIGURES["slices"],
-                                     labels=["map", "half 1", "half 2"], pixel_size=pixel_size,
-                                     title=f"{prefix}central slices")
-    if particles.rotations is not None:
-        refine_plots.plot_prior_and_poses(density, order, particles.rotations, folder / FIGURES["prior"],
-                                          title=f"{prefix}estimated prior and final poses")
-        return list(FIGURES.values())
-    return [v for k, v in FIGURES.items() if k != "prior"]
 
 
 # ------------------------------------------------------------------------------------------------------- read
@@ -312,6 +303,6 @@ def resolution_from_fsc(frequencies: np.ndarray, fsc_values: np.ndarray, thresho
 
 __all__ = ["RefineOutputs", "write_refine_outputs", "read_refine_outputs", "read_fsc_csv", "read_history",
            "jsonable", "to_json", "history_records",
-           "fsc_table", "prior_density_at", "resolution_from_fsc", "PRIOR_CONVENTION", "FIGURES", "MAP_FILE",
+           "fsc_table", "prior_density_at", "resolution_from_fsc", "PRIOR_CONVENTION", "FigureWriter", "MAP_FILE",
            "HALF_FILES", "FSC_FILE", "PARTICLES_FILE", "PRIOR_NPY", "PRIOR_JSON", "HISTORY_JSON", "HISTORY_CSV",
            "SUMMARY_JSON"]

@@ -318,3 +318,17 @@ def test_bad_shapes_raise() -> None:
         symmetric_geodesic_distance_deg(random_rotations(3, 0), random_rotations(2, 0), group)
     with pytest.raises(ValueError):
         symmetry_mates(random_rotations(3, 0), np.eye(3))
+
+
+def test_symmetric_angle_deg_names_the_group():
+    """The angle between a pose and its own symmetry mate is 0 under the group's name and the mate's rotation
+    angle without symmetry; one (3, 3) pose broadcasts against a set."""
+    from bayespose.core.geometry.symmetry import symmetric_angle_deg
+
+    poses = random_rotations(6, 4)
+    mates = poses @ Rotation.from_euler("z", 90, degrees=True).as_matrix()  # A @ L_g with a C4 element
+    np.testing.assert_allclose(symmetric_angle_deg(poses, mates, "C4"), 0.0, atol=1e-6)
+    np.testing.assert_allclose(symmetric_angle_deg(poses, mates, "C1"), 90.0, atol=1e-6)
+    assert symmetric_angle_deg(poses[0], mates, "c4").shape == (6,)
+    with pytest.raises(ValueError):
+        symmetric_angle_deg(poses, mates, "X9")

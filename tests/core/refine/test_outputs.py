@@ -22,6 +22,7 @@ from scipy.spatial.transform import Rotation
 from bayespose.core.imaging.particles import CTFParams, ParticleSet
 from bayespose.core.refine import IterationLog, RefineResult
 from bayespose.core.refine import outputs as ro
+from bayespose.plotting.refine import FIGURES, refine_figure_writer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOX, PIXEL_SIZE, N = 16, 3.0, 24
@@ -64,13 +65,14 @@ def _png_ok(path: Path) -> bool:
 
 def test_outputs_round_trip(result, tmp_path):
     out = tmp_path / "run"
-    paths = ro.write_refine_outputs(result, out, title="test")
+    paths = ro.write_refine_outputs(result, out, figure_writer=refine_figure_writer("test"))
     for name in ("map.mrc", "half1.mrc", "half2.mrc", "fsc.csv", "particles.star", "prior.npy", "prior.json",
                  "history.json", "history.csv", "summary.json"):
         assert (out / name).is_file(), name
         assert paths[name] == out / name
-    for png in ro.FIGURES.values():
+    for png in FIGURES.values():
         assert _png_ok(out / png), png
+        assert paths[png] == out / png  # listed in summary.json
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
     # maps: data and pixel size (independent reader: mrcfile, z-y-x)
@@ -157,7 +159,7 @@ def test_failed_write_leaves_no_partial_output(result, tmp_path, monkeypatch):
     monkeypatch.setattr(refine_plots, "plot_history", broken)
     new = tmp_path / "new"
     with pytest.raises(RuntimeError, match="disk full"):
-        ro.write_refine_outputs(result, new)
+        ro.write_refine_outputs(result, new, figure_writer=refine_figure_writer())
     assert not new.exists()  # absent, not half-written
 
     old = tmp_path / "old"
@@ -165,7 +167,7 @@ def test_failed_write_leaves_no_partial_output(result, tmp_path, monkeypatch):
     (old / "map.mrc").write_text("previous map")
     (old / "keep.txt").write_text("input file")
     with pytest.raises(RuntimeError):
-        ro.write_refine_outputs(result, old)
+        ro.write_refine_outputs(result, old, figure_writer=refine_figure_writer())
     assert (old / "map.mrc").read_text() == "previous map"  # the earlier outputs are untouched
     assert sorted(p.name for p in old.iterdir()) == ["keep.txt", "map.mrc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no temporary folders left behind
@@ -176,7 +178,7 @@ def test_existing_folder_is_replaced_and_other_files_are_kept(result, tmp_path):
     (out / "iterations").mkdir(parents=True)
     (out / "iterations" / "it001_half1.mrc").write_text("engine file")
     (out / "map.mrc").write_text("stale map")
-    ro.write_refine_outputs(result, out, figures=False)
+    ro.write_refine_outputs(result, out)  # no figure writer: no figures
     assert (out / "iterations" / "it001_half1.mrc").read_text() == "engine file"
     with mrcfile.open(out / "map.mrc") as mrc:
         np.testing.assert_array_equal(mrc.data, result.map)
@@ -203,7 +205,7 @@ def test_template_keeps_input_metadata_and_drops_stale_bayespose_columns(result,
 
     template = replace(result.particles, rotations=None, origins_A=None, half_set=None,
                        extra={"scipion_id": np.arange(100, 100 + N), "bpMAPAngleRot": np.zeros(N)})
-    ro.write_refine_outputs(result, tmp_path / "run", particles_template=template, figures=False)
+    ro.write_refine_outputs(result, tmp_path / "run", particles_template=template)
     table = starfile.read(tmp_path / "run" / "particles.star", always_dict=True)["particles"]
     np.testing.assert_array_equal(table["scipion_id"], np.arange(100, 100 + N))
     assert "bpMAPAngleRot" not in table.columns  # an earlier run's column would be stale
@@ -223,7 +225,7 @@ def test_non_finite_numbers_are_written_as_null_and_read_back_as_nan(result, tmp
     JSON (null) and the reader gives NaN where a number is expected."""
     result.resolution_A = math.inf
     result.history[1].log_likelihood = float("nan")
-    ro.write_refine_outputs(result, tmp_path / "run", figures=False)
+    ro.write_refine_outputs(result, tmp_path / "run")
     assert strict_json(tmp_path / "run" / "summary.json")["resolution_A"] is None
     assert strict_json(tmp_path / "run" / "history.json")[1]["log_likelihood"] is None
     back = ro.read_refine_outputs(tmp_path / "run")
