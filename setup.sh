@@ -2,20 +2,22 @@
 # Set up bayespose in .venv/ at the repository root (idempotent: a second run only re-checks).
 #
 #   bash setup.sh            # Python environment: Scipion (pyworkflow, pwem, relion plugin), torch, bayespose
-#   bash setup.sh --relion   # also RELION 3.1 from the Debian package 'relion' (tests compare against it) and
-#                            # Xvfb (package 'xvfb': the GUI smoke test opens Scipion's project window on it)
+#   bash setup.sh --test     # the test set-up: also pytest, ruff and the tests' oracles (requirements-test.txt),
+#                            # RELION 3.1 from the Debian package 'relion' (tests compare against it) and Xvfb
+#                            # (package 'xvfb': the GUI smoke test opens Scipion's project window on it)
+#                            # (--relion is the same option under its older name)
 #
 # Order matters: torch==2.13.0 first (on a CPU machine an unpinned torch pulls gigabytes of CUDA wheels), then
 # the Scipion packages, then everything else resolved under Scipion's pins (constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-WITH_RELION=0
+WITH_TESTS=0
 for arg in "$@"; do
     case "$arg" in
-        --relion) WITH_RELION=1 ;;
-        -h|--help) sed -n 2,9p "$0"; exit 0 ;;
-        *) echo "setup.sh: unknown option '$arg' (use --relion or --help)" >&2; exit 2 ;;
+        --test|--relion) WITH_TESTS=1 ;;
+        -h|--help) sed -n 2,11p "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown option '$arg' (use --test or --help)" >&2; exit 2 ;;
     esac
 done
 
@@ -46,13 +48,23 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "setup.sh: installing Scipion (pyworkflow, pwem, relion plugin) under its pins"
     "${PIP[@]}" -c constraints.txt scipion-pyworkflow scipion-em scipion-em-relion
     echo "setup.sh: installing the remaining requirements and bayespose (editable)"
-    "${PIP[@]}" -c constraints.txt -r requirements.txt pytest
+    "${PIP[@]}" -c constraints.txt -r requirements.txt
     "${PIP[@]}" -c constraints.txt --no-deps -e .
-    .venv/bin/python -c "import bayespose, bayespose.core, torch_fourier_slice, torch_ctf, healpy, starfile, cryosparc.dataset, pwem, pyworkflow, tkinter"
+    .venv/bin/python -c "import bayespose, bayespose.core, torch_ctf, healpy, starfile, cryosparc.dataset, pwem, pyworkflow, tkinter"
     echo "$WANT" > "$STAMP"
 fi
 
-if [ "$WITH_RELION" = 1 ]; then
+if [ "$WITH_TESTS" = 1 ]; then  # the test set-up: pytest, ruff and the tests' independent oracles
+    TEST_STAMP=.venv/.bayespose-test-installed
+    TEST_WANT=$(cat requirements-test.txt constraints.txt | sha256sum | cut -c1-16)
+    if [ ! -f "$TEST_STAMP" ] || [ "$(cat "$TEST_STAMP")" != "$TEST_WANT" ]; then
+        echo "setup.sh: installing the test requirements (pytest, ruff, torch-fourier-slice)"
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-test.txt
+        echo "$TEST_WANT" > "$TEST_STAMP"
+    fi
+fi
+
+if [ "$WITH_TESTS" = 1 ]; then
     APT=()
     command -v relion_project >/dev/null 2>&1 || APT+=(relion)
     command -v Xvfb >/dev/null 2>&1 || APT+=(xvfb)
