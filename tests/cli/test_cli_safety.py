@@ -281,8 +281,11 @@ def test_outputs_get_the_usual_permissions(sim, tmp_path):
 def _interrupt_when_working(argv: list, marker: str, timeout: float = 120.0) -> tuple[int, str]:
     """Run ``bayespose ARGV`` and send SIGINT once ``marker`` (a progress bar) appears on its stderr."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    # Ctrl-C's default action in the child even when this test runs where SIGINT is ignored (a job started with
+    # '&' or nohup, as CI may be): an ignored SIGINT is inherited, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "bayespose.cli", *map(str, argv)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env=env, cwd=REPO_ROOT)
+                            stdout=subprocess.DEVNULL, env=env, cwd=REPO_ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = b""
     deadline = time.time() + timeout
     os.set_blocking(proc.stderr.fileno(), False)

@@ -46,7 +46,16 @@ def test_a_failed_swap_puts_everything_back(old_folder, monkeypatch):
     assert sorted(p.name for p in old_folder.parent.iterdir()) == ["out"]
 
 
-def test_ctrl_c_during_the_swap_takes_effect_after_it(old_folder, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler during the test, also where the test process inherited an ignored SIGINT (a job
+    started with '&' or nohup)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_the_swap_takes_effect_after_it(old_folder, monkeypatch, ctrl_c_raises):
     real_replace = os.replace
     calls = []
 
