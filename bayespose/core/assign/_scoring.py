@@ -21,7 +21,6 @@ Each call of :meth:`_Scorer.score` is logged as a :class:`ScoringCall` (its size
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -33,6 +32,8 @@ from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import PreparedVolume, slice_coefficients
 from bayespose.core.imaging.noise import ScoringFrequencies, scoring_frequencies
 from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.parallel import local_world_size
+from bayespose.core.runtime import memory_bytes, work_bytes
 
 _CHUNK_SCORES = 3_000_000  # float32 scores per chunk (12 MB): the post-GEMM passes run from the L3 cache
 _PROJECT_SAMPLES = 400_000  # central-slice samples per call of the sampler
@@ -160,7 +161,7 @@ class _Scorer:
         log_pi = torch.as_tensor(log_pi, dtype=torch.float32, device=dev).reshape(-1, k_total)
         log_w = log_pi + log_q  # (1 or B, K): log prior + log quadrature, constant over shifts
         searched = torch.isfinite(log_q)  # cells outside the searched set carry log q = -inf
-        chunk = self._chunk_size(b, j, k_total)
+        chunk = self._chunk_size(b, j, k_total, 0 if shared else m)
         table = self._shared_projections(rotations, radius, cache_key) if shared else None  # (P, |P|²) or None
         log_rot = torch.empty((b, k_total), device=dev)
         log_shift = torch.full((b, j), -math.inf, device=dev)
@@ -192,12 +193,16 @@ class _Scorer:
         self.calls.append(ScoringCall(stage, b, k_total, j, m, shared, chunk, self.flops - flops0, seconds))
         return _StageScores(log_rot, log_shift, best, const)
 
-    def _chunk_size(self, b: int, j: int, k_total: int) -> int:
+    def _chunk_size(self, b: int, j: int, k_total: int, m: int = 0) -> int:
         """Rotations per chunk: the (B, J, Kc) float32 scores stay within ``max_scores`` and, where the GEMM
-        stays efficient (Kc >= 256), within about 12 MB so that the passes after the GEMM run from cache; the
-        chunks are then balanced (no small last chunk)."""
+        stays efficient (Kc >= 256), within about 12 MB so that the passes after the GEMM run from cache; with
+        per-particle rotations (``m`` > 0 frequencies) the (B, Kc, 2M) float32 projections of a chunk also stay
+        within :func:`~bayespose.core.runtime.work_bytes` (they grow as box²: 13 GB for 64 particles x 1024
+        rotations at box 256 otherwise); the chunks are then balanced (no small last chunk)."""
         cache_fit = max(256, _CHUNK_SCORES // (b * j))
         chunk = max(1, min(self.max_scores // (b * j), cache_fit))
+        if m:
+            chunk = max(1, min(chunk, int(work_bytes(self.device) // (8 * b * m))))
         n_chunks = -(-k_total // chunk)
         return -(-k_total // n_chunks)
 
@@ -267,14 +272,11 @@ class _Scorer:
 
 
 def _cache_budget(device: torch.device) -> float:
-    """Bytes that projection caches may hold: a quarter of the memory (host RAM, or the GPU's), at least 1.5 GB."""
-    try:
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        total = 6e9
+    """Bytes that projection caches may hold: a quarter of the memory (the GPU's, or the host RAM shared by the
+    data-parallel processes of this node), at least 1.5 GB."""
+    total = memory_bytes(device)
+    if device.type != "cuda":
+        total /= local_world_size()
     return max(1.5e9, total / 4)
 
 
