@@ -29,7 +29,7 @@ import torch.distributed as dist
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "local_rank", "is_main",
            "my_batches", "all_reduce_sum", "combine_rows", "broadcast_object", "all_gather_objects", "barrier",
            "shutdown", "local_world_size", "main_first", "launched_by_torchrun",
-           "processes_note"]
+           "processes_note", "my_slice", "data_parallel"]
 
 _ENV_WORLD = "WORLD_SIZE"
 _TIMEOUT = timedelta(hours=2)  # a process may wait this long for the others (an E-step of a large half set)
@@ -105,6 +105,26 @@ def my_batches(n: int, batch_size: int) -> list[np.ndarray]:
     process ``b mod world_size`` (every batch in a plain run)."""
     starts = range(0, n, batch_size)
     return [np.arange(s, min(s + batch_size, n)) for b, s in enumerate(starts) if b % world_size() == rank()]
+
+
+def my_slice(n: int) -> slice:
+    """This process's contiguous part of ``n`` items (e.g. the samples of one training batch): the items split into
+    ``world_size`` nearly equal parts in rank order (all of them in a plain run)."""
+    w, r = world_size(), rank()
+    return slice(r * n // w, (r + 1) * n // w)
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel in a distributed run (gradients averaged over the processes;
+    on CUDA its BatchNorm layers synchronised, so they normalise with the statistics of the whole batch; gloo on
+    CPU has no synchronised BatchNorm: each process uses its slice's); ``model`` itself in a plain run. The
+    wrapper shares ``model``'s parameters: save ``model.state_dict()``, not the wrapper's."""
+    if not is_distributed():
+        return model
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     and device.index is not None else None)
 
 
 def _comm_device() -> torch.device:
