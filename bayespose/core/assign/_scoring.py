@@ -37,6 +37,7 @@ from bayespose.core.runtime import memory_bytes, work_bytes
 
 _CHUNK_SCORES = 3_000_000  # float32 scores per chunk (12 MB): the post-GEMM passes run from the L3 cache
 _PROJECT_SAMPLES = 400_000  # central-slice samples per call of the sampler
+_CACHE_ENV = "BAYESPOSE_CACHE_GB"  # refinement-lattice cache budget in GB (default: see _lattice_budget)
 
 
 @dataclass(frozen=True)
@@ -234,12 +235,12 @@ class _Scorer:
         missing = ~(known[pos] == wanted) if len(known) else np.ones(len(wanted), dtype=bool)
         if missing.any():
             row_bytes = 8 * len(freqs)
-            if (used + missing.sum()) * row_bytes > _cache_budget(self.device):  # full: start afresh
+            if (used + missing.sum()) * row_bytes > _lattice_budget(self.device):  # full: start afresh
                 known, slots, buffer, used = np.zeros(0, np.int64), np.zeros(0, np.int64), None, 0
                 missing = np.ones(len(wanted), dtype=bool)
             new = self._project(rotations.reshape(-1, 3, 3)[first[missing]], freqs)
             if buffer is None or used + len(new) > len(buffer):  # grow by doubling, within the budget
-                budget_rows = int(_cache_budget(self.device) // row_bytes)
+                budget_rows = int(_lattice_budget(self.device) // row_bytes)
                 rows = max(used + len(new), min(2 * (used + len(new)), budget_rows), 1024)
                 grown = torch.empty((rows, 2 * len(freqs)), device=self.device)
                 if buffer is not None:
@@ -272,12 +273,26 @@ class _Scorer:
 
 
 def _cache_budget(device: torch.device) -> float:
-    """Bytes that projection caches may hold: a quarter of the memory (the GPU's, or the host RAM shared by the
-    data-parallel processes of this node), at least 1.5 GB."""
+    """Bytes the projection table of a shared grid may take (built once, whatever N): a quarter of the memory (the
+    GPU's, or the host RAM shared by the data-parallel processes of this node), at least 1.5 GB."""
     total = memory_bytes(device)
     if device.type != "cuda":
         total /= local_world_size()
     return max(1.5e9, total / 4)
+
+
+def _lattice_budget(device: torch.device) -> float:
+    """Bytes the refinement-lattice cache may hold. It fills as particles visit new refined cells and starts afresh
+    when full, so this bounds its growth with N: on the CPU 2 GB per process (or :func:`_cache_budget` if less;
+    measured with a quarter of 24 GB instead: 1.4 GB -> 1.8 GB over the first 3000 particles at box 64, still
+    growing), on a GPU a quarter of its memory; ``BAYESPOSE_CACHE_GB`` sets it. A larger cache saves re-projecting
+    refined cells that particles share (at box 256 and Nyquist a row is 0.2 MB: few rows are shared in any
+    budget)."""
+    import os
+
+    if os.environ.get(_CACHE_ENV):
+        return float(os.environ[_CACHE_ENV]) * 1e9
+    return _cache_budget(device) if device.type == "cuda" else min(2e9, _cache_budget(device))
 
 
 def _fold_chunk(cross: torch.Tensor, norm: torch.Tensor, log_pi: torch.Tensor, log_w: torch.Tensor,

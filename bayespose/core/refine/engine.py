@@ -318,6 +318,7 @@ def _half_passes(state: EMState, run: RefineRun, sampling: Sampling, radius: flo
         if m_steps:
             mstep = m_step(estep.support, config, run.device, sub_progress)
             msteps.append(_MStepSums(mstep.accumulator, mstep.noise_sum, mstep.noise_count))
+            del mstep  # its prepared reference (0.5 GB at box 256) must not live through the other half's passes
     return esteps, msteps
 
 
