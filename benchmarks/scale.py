@@ -175,8 +175,10 @@ def command_for(kind: str, work: Path, box: int, n: int, out: Path, model: Path 
 
 def run_memory(work: Path, results: dict, limit_s: float, quick: bool) -> None:
     sizes = SIZES[:1] if quick else SIZES
-    plan = [(kind, box, n) for kind in COMMANDS for box in (BOXES if kind in ("assign", "refine") else (128, 256))
-            for n in sizes if not (quick and kind in ("train", "predict") and box == 256)]
+    order = sorted(sizes, key=lambda n: (n != min(sizes), -n))  # the complete 1k runs first, then 100k, 10k
+    plan = [(kind, box, n) for n in order for kind in COMMANDS
+            for box in (BOXES if kind in ("assign", "refine") else (128, 256))
+            if not (quick and kind in ("train", "predict") and box == 256)]
     for kind, box, n in plan:
         key = f"{kind}:{box}:{n}"
         if key in results.get("memory", {}):

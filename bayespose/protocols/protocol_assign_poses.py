@@ -2,7 +2,9 @@
 map (thin wrapper over :func:`bayespose.core.assign.assign_poses`, the same function as ``bayespose assign``).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; volume, times the mask when one is
-given -> ``extra/reference.mrc``), ``assignStep`` (posterior over rotations and shifts; writes
+given -> ``extra/reference.mrc``), ``assignStep`` (a job, :func:`~bayespose.protocols._common.run_job`: the form's
+processes and threads, Scipion's queue; each process runs ``assignJob`` on its share: posterior over rotations and
+shifts; writes
 ``extra/assignment.npz`` (:mod:`bayespose.core.io.assignment`) and ``extra/assigned_particles.star``) and
 ``createOutputStep`` (the input particles with the chosen estimator's projection alignment and ``_bp...`` attributes:
 the result schema's (:func:`bayespose.core.results.scipion_attributes`) and ``_bpAngleToInputDeg``).

@@ -3,7 +3,8 @@ gold-standard half sets and, optionally, estimation of the viewing-direction dis
 :func:`bayespose.core.refine.engine.refine`, the same function as ``bayespose refine``).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; initial volume ->
-``extra/initial.mrc``; mask -> ``extra/mask.mrc``), ``refineStep`` (one call of the EM engine, per-iteration lines in
+``extra/initial.mrc``; mask -> ``extra/mask.mrc``), ``refineStep`` (a job, :func:`~bayespose.protocols._common.run_job`,
+running ``refineJob`` in the form's processes: one call of the EM engine, per-iteration lines in
 the run log; working files in ``extra/iterations/``; the outputs of
 :func:`bayespose.core.refine.outputs.write_refine_outputs` in ``extra/``: map, half maps, fsc.csv, particles.star,
 prior.npy/.json, history, figures) and ``createOutputStep`` (``outputVolume`` with half maps, ``outputFSC``,

@@ -2,7 +2,8 @@
 particles (thin wrapper over :func:`bayespose.core.deep.train_pose_network`, the same function as
 ``bayespose train``).
 
-Steps: ``convertInputStep`` (Scipion particles -> ``extra/train_particles.star``), ``trainStep`` (writes the
+Steps: ``convertInputStep`` (Scipion particles -> ``extra/train_particles.star``), ``trainStep`` (a job,
+:func:`~bayespose.protocols._common.run_job`, running ``trainJob`` in the form's processes; writes the
 best-validation checkpoint ``extra/pose_network.pt`` and a resumable last state next to it; a continued run resumes
 from it) and ``createOutputStep`` (a :class:`bayespose.objects.BayesposePoseNetwork` pointing at the checkpoint).
 """

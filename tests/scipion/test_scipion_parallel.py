@@ -3,10 +3,16 @@ one job command that ``protocol.runJob`` runs (so hosts.conf's queue, with QUEUE
 -m bayespose.protocols.job ...`` for one process, under ``torch.distributed.run --nproc-per-node N`` for N, with
 ``CUDA_VISIBLE_DEVICES=%(GPU)s`` (Scipion's GPU placeholder) when the GPU is used.
 
+The README's Slurm ``hosts.conf`` example parses with pyworkflow's own reader, and its submission template filled
+with a protocol's submit values holds the torchrun job on one node with processes x threads cores and the GPUs.
+
 End to end: 'assign poses (MMSE)' with 2 processes (gloo, CPU) on 80 simulated particles (batches of 64: each process
 scores one) gives the poses of the same protocol with 1 process (the same batches; tests/cli/test_data_parallel.py
 checks the CLI's numbers at float precision), and the run log shows the torchrun command.
 """
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +23,7 @@ from tests.scipion.scipion_imports import import_relion_particles, import_volume
 pytestmark = pytest.mark.scipion
 
 PIXEL_SIZE = 4.4
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 class TestParallelJobs(BaseTest):
@@ -72,3 +79,23 @@ class TestParallelJobs(BaseTest):
             with open(path) as fh:
                 log += fh.read()
         assert "torch.distributed.run" in log and "--nproc-per-node=2" in log
+
+
+def test_readme_slurm_hosts_conf(tmp_path):
+    from pyworkflow.protocol.hosts import HostConfig
+
+    text = README.read_text()
+    block = re.search(r"### Slurm `hosts.conf` example.*?```ini\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "hosts.conf").write_text(block)
+    host = HostConfig.load(str(tmp_path / "hosts.conf"))["localhost"]
+    queue = host.queueSystem
+    assert queue.getName() == "SLURM" and set(queue.queues) == {"gpu", "cpu"}
+    params = {name: default for name, default, *_ in queue.queues["gpu"]}
+    assert params["QUEUE_FOR_JOBS"] == "Y"  # only the jobs go to the queue
+    job = ('CUDA_VISIBLE_DEVICES=0,1 OMP_NUM_THREADS=3 python "-m" "torch.distributed.run" "--standalone" '
+           '"--nproc-per-node=2" "-m" "bayespose.protocols.job" "/p" "Runs/1/logs/run.db" "1" "refineJob"')
+    values = dict(JOB_NAME="1", JOB_QUEUE="gpu", JOB_NODES=2, JOB_THREADS=3, JOB_CORES=6, JOB_HOURS=72,
+                  GPU_COUNT=2, JOB_LOGS="/p/logs/1", JOB_SCRIPT="/p/logs/1.job", JOB_COMMAND=job, **params)
+    script = queue.getSubmitTemplate() % values
+    assert "--cpus-per-task=6" in script and "--gres=gpu:2" in script and "--ntasks=1" in script
+    assert script.rstrip().endswith(job)
