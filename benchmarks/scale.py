@@ -167,7 +167,8 @@ def command_for(kind: str, work: Path, box: int, n: int, out: Path, model: Path 
     if kind == "assign":
         return cli("assign", "--particles", star, "--map", map_path, *common, "--out", str(out / "assigned.star"))
     if kind == "refine":
-        return cli("refine", "--particles", star, "--map", map_path, "--iters", "1", *common, "--out", str(out))
+        return cli("refine", "--particles", star, "--map", map_path, "--iters", "1", *common, "--out",
+                   str(out / "refine"))  # a new folder (the run's log is in ``out``)
     if kind == "train":
         return cli("train", "--particles", star, "--epochs", "1", *common, "--out", str(out / "model.pt"))
     return cli("predict", "--model", str(model), "--particles", star, *common, "--out", str(out / "predicted.star"))
