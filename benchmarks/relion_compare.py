@@ -84,13 +84,14 @@ def truth(star: Path) -> tuple[dict, np.ndarray, np.ndarray]:
 
 
 def run_relion(folder: Path, star_in: Path, order: int, threads: int, diameter_A: float, offset_range: float,
-               offset_step: float) -> dict:
-    """One relion_refine iteration against the true map; returns wall time and its poses (in truth's order)."""
+               offset_step: float, map_path: Path | None = None) -> dict:
+    """One relion_refine iteration against the true map (``map_path``, default the fragment map); returns wall time
+    and its poses (in truth's order)."""
     out = folder / f"relion_o{order}"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir()
-    cmd = ["relion_refine", "--o", f"{out.name}/run", "--i", star_in.name, "--ref", str(fragment_map_path()),
+    cmd = ["relion_refine", "--o", f"{out.name}/run", "--i", star_in.name, "--ref", str(map_path or fragment_map_path()),
            "--ini_high", "10", "--iter", "1", "--pad", "2", "--ctf", "--ctf_corrected_ref",
            "--particle_diameter", f"{diameter_A:g}", "--zero_mask", "--oversampling", "1",
            "--healpix_order", str(order), "--offset_range", f"{offset_range:g}", "--offset_step", f"{offset_step:g}",
@@ -128,11 +129,12 @@ def _time_reconstruct(folder: Path, data: Path) -> float | None:
 
 
 def run_bayespose(star_in: Path, order: int, levels: int, threads: int, offset_range: float,
-                  offset_step: float) -> dict:
-    """assign_poses on the pose-free star (images read from disk); wall time includes reading and setup."""
+                  offset_step: float, map_path: Path | None = None) -> dict:
+    """assign_poses on the pose-free star (images read from disk) against ``map_path`` (default the fragment
+    map); wall time includes reading and setup."""
     t0 = time.perf_counter()
     particles = read_star(star_in)
-    volume, _ = read_map(fragment_map_path())
+    volume, _ = read_map(map_path or fragment_map_path())
     search = PoseSearch(healpix_order=order, refine_levels=levels, shift_range_px=offset_range,
                         shift_step_px=offset_step, threads=threads)
     result = assign_poses(particles, volume, search)

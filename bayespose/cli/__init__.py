@@ -12,12 +12,19 @@ to exit codes in one place:
 * 130: interrupted (Ctrl-C).
 
 Outputs are written completely or not at all, also when interrupted; no command writes over its inputs.
+
+Data-parallel runs: ``torchrun --nproc-per-node N bayespose assign|predict|refine|train ...`` starts N processes
+that split the particles (:mod:`bayespose.core.parallel`: gloo on CPU, NCCL with one GPU per process) and write
+exactly what one process writes; only the main process (rank 0) prints and writes. Other commands refuse to run
+under ``torchrun`` (they would write the same files N times).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import os
 import sys
 import warnings
 
@@ -33,6 +40,7 @@ from bayespose.cli._common import (
 )
 
 COMMANDS = (simulate, import_cs, plot_poses, assign, refine, train, predict, demo)
+DATA_PARALLEL = ("assign", "refine", "train", "predict")  # the commands that run under torchrun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +64,30 @@ def _os_error_message(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+@contextlib.contextmanager
+def _processes(args):
+    """Under torchrun: join the process group for a data-parallel command (a usage error for the others) and
+    silence the standard output of the worker processes; leave the group at the end."""
+    from bayespose.core.parallel import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        yield
+        return
+    if args.command not in DATA_PARALLEL:
+        raise UsageError(f"bayespose {args.command} does not run under torchrun (it would write its outputs once per "
+                         f"process); run it as one process (data-parallel commands: {', '.join(DATA_PARALLEL)})")
+    from bayespose.core import parallel
+
+    parallel.init_from_env(None if getattr(args, "device", "auto") == "auto" else args.device)
+    with contextlib.ExitStack() as stack:
+        if not parallel.is_main():
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        try:
+            yield
+        finally:
+            parallel.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     prog = "bayespose"
 
@@ -75,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         prog = f"bayespose {args.command}"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _processes(args):
             warnings.showwarning = one_line_warning
             return args.func(args)
     except UsageError as exc:

@@ -45,8 +45,18 @@ class Parser(argparse.ArgumentParser):
 _progress_line = {"open": False}  # a progress bar is on stderr without its end of line
 
 
+def is_worker_process() -> bool:
+    """Whether this is a data-parallel process other than the main one (torchrun's ``RANK`` > 0): it computes its
+    share of the particles, prints nothing and writes no output (read from the environment: importing torch is not
+    needed to know)."""
+    return int(os.environ.get("RANK", "0") or 0) > 0
+
+
 def progress_printer(label: str):
-    """A progress callback ``(done, total)`` printing a one-line bar on stderr."""
+    """A progress callback ``(done, total)`` printing a one-line bar on stderr (silent on worker processes of a
+    data-parallel run, whose counts are their own share)."""
+    if is_worker_process():
+        return lambda done, total: None
     start = time.time()
 
     def report(done: int, total: int) -> None:

@@ -65,6 +65,7 @@ def run(args) -> int:
     from bayespose.core.assign import assign_poses
     from bayespose.core.geometry.priors import prior_from_spec
     from bayespose.core.io.relion_star import write_star
+    from bayespose.core.parallel import is_main, processes_note
 
     particles, volume = read_particles_and_map(args.particles, args.map)
     check_outputs(files={"--out": args.out}, inputs={"--particles": args.particles, "--map": args.map,
@@ -85,9 +86,12 @@ def run(args) -> int:
                         device=None if args.device == "auto" else args.device, threads=args.threads)
     with usage_errors():
         search.validate()
-    result = assign_poses(particles, volume, search, spec.prior, progress=progress_printer("assigning"))
-    write_star(args.out, result.to_particle_set(particles, args.estimator))  # stale result columns dropped
-    print(f"assigned {len(particles)} particles ({args.estimator.upper()}, prior {spec.prior.describe()}): median "
-          f"expected error {np.median(result.expected_error_deg):.2f}°, median pmax {np.median(result.pmax):.3f}, "
+    result = assign_poses(particles, volume, search, spec.prior, progress=progress_printer("assigning"),
+                          distributed=True)  # under torchrun: this process's share of the particles
+    if is_main():
+        write_star(args.out, result.to_particle_set(particles, args.estimator))  # stale result columns dropped
+    print(f"assigned {len(particles)} particles{processes_note()} ({args.estimator.upper()}, prior "
+          f"{spec.prior.describe()}): median expected error {np.median(result.expected_error_deg):.2f}°, median "
+          f"pmax {np.median(result.pmax):.3f}, "
           f"{result.timings.get('total_s', 0.0):.1f} s; wrote {args.out}")
     return 0

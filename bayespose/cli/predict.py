@@ -129,13 +129,10 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from bayespose.core.assign import PoseSearch
-    from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, pose_error_metrics, predict_poses
+    from bayespose.core.deep import pose_error_metrics
     from bayespose.core.io.mrc import read_map
     from bayespose.core.io.relion_star import read_star, write_star
-    from bayespose.plotting import save_figure
-    from bayespose.plotting.deep import plot_angular_errors
-    from bayespose.plotting.poses import plot_pose_distribution
+    from bayespose.core.parallel import is_main, processes_note
 
     device = None if args.device == "auto" else args.device
     if args.threads:
@@ -147,19 +144,66 @@ def run(args) -> int:
                   particles=particles)
     network = _load_network(args.model, device)
     _check_network_matches(network, particles, args.model)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     volume = None
     if args.refine_map is not None:
         volume, map_px = read_map(args.refine_map)
         check_map_matches(volume, map_px, particles, args.refine_map)
         if not particles.has_ctf:
             sys.stderr.write(f"note: {args.particles} has no CTF columns; the MMSE refinement scores without CTF\n")
-    prediction = predict_poses(network, particles, top_k=args.top_k, batch_size=args.batch_size, device=device,
-                               progress=progress_printer("predicting"))
     # columns of an earlier bayespose run would be stale: drop them
     fresh = replace(particles, extra={k: v for k, v in particles.extra.items() if not k.startswith("bp")})
-    output = prediction.to_particle_set(fresh)
-    result = None
+    out = _predict_in_blocks(args, network, fresh, volume, device)
+    output = replace(fresh, rotations=out.pop("rotations"), origins_A=out.pop("origins_A"),
+                     extra={**fresh.extra, **out.pop("columns")})
+    if not is_main():
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_star(args.out, output)
+    refined = volume is not None
+    summary = (f"predicted {len(particles)} particles{processes_note()} ({network.config.model}, top {args.top_k}): "
+               f"median confidence {np.median(out['confidence']):.3f}")
+    if refined:
+        summary += (f"; deep-prior MMSE: median expected error {np.median(out['expected_error_deg']):.2f}°, "
+                    f"{int(out['fallback_particles'])} particles re-assigned by the global search (fallback "
+                    f"{args.fallback}), {out['scored_rotations'] / len(particles):.0f} rotations scored per "
+                    f"particle, {out['total_s']:.1f} s")
+    written = _write_figures(args, particles, output, out, refined, str(network.symmetry).upper())
+    if particles.has_alignment:
+        symmetry = str(network.symmetry).upper()
+        errors = {"network": pose_error_metrics(out["network_rotations"], particles.rotations, symmetry)}
+        if refined:
+            errors["deep-prior MMSE"] = pose_error_metrics(output.rotations, particles.rotations, symmetry)
+        summary += "; vs the input poses: " + ", ".join(f"{k} median {m['median_deg']:.1f}°"
+                                                         for k, m in errors.items())
+    print(f"{summary}; wrote {', '.join([str(args.out), *written])}")
+    return 0
+
+
+def _block_size(network) -> int:
+    """Particles per block of :func:`_predict_in_blocks`: the predicted log probabilities of a block (4 bytes per
+    grid cell and particle) stay within about 256 MB, whatever the number of particles."""
+    from bayespose.core.geometry.grids import healpix_grid
+
+    cells = len(healpix_grid(network.grid_order)) if network.config.model == "so3grid" else 1
+    return int(min(16384, max(256, 256e6 // (4 * cells))))
+
+
+def _predict_in_blocks(args, network, particles, volume, device) -> dict:
+    """The network's prediction (and, with ``volume``, the deep-prior MMSE) of ``particles``, block by block
+    (memory flat in N: a block's distributions are dropped once its poses are kept); under torchrun every process
+    does every ``world_size``-th block and the per-particle results are combined on every process. Returns the
+    output rotations (N, 3, 3) and origins (N, 2) Å, the star ``columns``, the network's own rotations and
+    confidences and the totals of the deep-prior search."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from bayespose.core import parallel
+    from bayespose.core.assign import PoseSearch
+    from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, predict_poses
+
+    n = len(particles)
+    search = noise = config = None
     if volume is not None:
         search = PoseSearch(shift_range_px=args.shift_range, shift_step_px=args.shift_step,
                             max_resolution_A=args.max_res, symmetry=str(network.symmetry).upper(), device=device,
@@ -168,45 +212,82 @@ def run(args) -> int:
             search.validate()
             config = DeepPriorSearch(seed_mass=args.seed_mass, local_range_deg=args.local_range,
                                      fallback_z=fallback_threshold(args.fallback))
-        result = deep_prior_assign(particles, prediction, volume, search, config,
-                                   progress=progress_printer("refining"))
-        # the schema's to_particle_set drops every earlier bp column: keep the network's beside the MMSE results
-        refined = result.to_particle_set(output, "mmse")
-        output = replace(refined, extra={**output.extra, **refined.extra})
-    write_star(args.out, output)
+        noise = parallel.main_first(lambda: _noise_model(particles, volume, search))  # one model for all blocks
+    rows = {"rotations": np.zeros((n, 3, 3)), "origins_A": np.zeros((n, 2)), "network_rotations": np.zeros((n, 3, 3)),
+            "confidence": np.zeros(n), "expected_error_deg": np.zeros(n)}
+    columns, totals, mine = {}, np.zeros(3), []  # totals: fallback particles, scored rotations, seconds
+    label = "refining" if volume is not None else "predicting"
+    report = progress_printer(label)
+    for index in parallel.my_batches(n, _block_size(network)):
+        block = particles.subset(index)
+        prediction = predict_poses(network, block, top_k=args.top_k, batch_size=args.batch_size, device=device)
+        output = prediction.to_particle_set(block)
+        if volume is not None:
+            result = deep_prior_assign(block, prediction, volume, search, config, noise=noise)
+            refined = result.to_particle_set(output, "mmse")  # drops the network's columns: keep them beside it
+            output = replace(refined, extra={**output.extra, **refined.extra})
+            rows["expected_error_deg"][index] = result.expected_error_deg
+            totals += (result.timings.get("fallback_particles", 0), len(index) * result.timings.get(
+                "scored_rotations_per_particle", 0.0), result.timings.get("total_s", 0.0))
+        rows["rotations"][index], rows["origins_A"][index] = output.rotations, output.origins_A
+        rows["network_rotations"][index], rows["confidence"][index] = prediction.rotations, prediction.confidence
+        for name, values in output.extra.items():
+            if name not in particles.extra:
+                columns.setdefault(name, np.zeros(n, dtype=np.asarray(values).dtype))[index] = values
+        mine.append(index)
+        report(sum(len(i) for i in mine), n)
+    mine = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    dtypes = {}  # every process's columns (a process may have had no block)
+    for part in parallel.all_gather_objects({name: values.dtype.str for name, values in columns.items()}):
+        dtypes.update(part)
+    names = sorted(dtypes)
+    for name in names:
+        columns.setdefault(name, np.zeros(n, dtype=np.dtype(dtypes[name])))
+    combined = parallel.combine_rows([*rows.values(), *(columns[name] for name in names)], mine)
+    out = dict(zip(rows, combined[:len(rows)]), columns=dict(zip(names, combined[len(rows):])))
+    out.update(zip(("fallback_particles", "scored_rotations", "total_s"), parallel.all_reduce_sum(totals)))
+    return out
+
+
+def _noise_model(particles, volume, search):
+    """The noise model :func:`~bayespose.core.assign.assign_poses` estimates for ``particles`` (up to 1000 of them,
+    seed 0), made once so that every block of the prediction scores with the model a single run would use."""
+    from bayespose.core.assign import estimate_noise_model
+    from bayespose.core.imaging.forward import prepare_volume
+    from bayespose.core.imaging.noise import resolution_to_radius
+    from bayespose.core.runtime import choose_device
+
+    prepared = prepare_volume(volume, device=choose_device(search.device))
+    cap = resolution_to_radius(particles.box, particles.pixel_size, search.max_resolution_A)
+    return estimate_noise_model(particles, prepared, cap, None, search.mask_radius_px)
+
+
+def _write_figures(args, particles, output, out: dict, refined: bool, symmetry: str) -> list[str]:
+    """OUT_poses.png and, when the input carries poses, OUT_errors.png; returns the paths written."""
+    from bayespose.plotting import save_figure
+    from bayespose.plotting.deep import plot_angular_errors
+    from bayespose.plotting.poses import plot_pose_distribution
+
     poses_png, errors_png = _prediction_pngs(args.out)
-    what = "deep-prior MMSE" if result is not None else "network"
+    what = "deep-prior MMSE" if refined else "network"
     save_figure(plot_pose_distribution(output.rotations, title=f"{what} poses of {len(particles)} particles",
                                        reference=particles.rotations), poses_png)
-    written = [str(args.out), str(poses_png)]
-    summary = (f"predicted {len(particles)} particles ({network.config.model}, top {args.top_k}): median "
-               f"confidence {np.median(prediction.confidence):.3f}")
-    if result is not None:
-        summary += (f"; deep-prior MMSE: median expected error {np.median(result.expected_error_deg):.2f}°, "
-                    f"{result.timings.get('fallback_particles', 0)} particles re-assigned by the global search "
-                    f"(fallback {args.fallback}), {result.timings.get('scored_rotations_per_particle', 0.0):.0f} "
-                    f"rotations scored per particle, {result.timings.get('total_s', 0.0):.1f} s")
-    if particles.has_alignment:
-        symmetry = str(network.symmetry).upper()
-        errors = {"network": pose_error_metrics(prediction.rotations, particles.rotations, symmetry)}
-        if result is not None:
-            errors["deep-prior MMSE"] = pose_error_metrics(result.mmse_rotations, particles.rotations, symmetry)
-        summary += "; vs the input poses: " + ", ".join(f"{k} median {m['median_deg']:.1f}°"
-                                                         for k, m in errors.items())
-        save_figure(plot_angular_errors(_errors_to_input(prediction, result, particles, symmetry),
-                                        title=f"angles to the input poses ({len(particles)} particles, {symmetry})"),
-                    errors_png)
-        written.append(str(errors_png))
-    print(f"{summary}; wrote {', '.join(written)}")
-    return 0
+    if not particles.has_alignment:
+        return [str(poses_png)]
+    save_figure(plot_angular_errors(_errors_to_input(out["network_rotations"], output.rotations if refined
+                                                     else None, particles, symmetry),
+                                    title=f"angles to the input poses ({len(particles)} particles, {symmetry})"),
+                errors_png)
+    return [str(poses_png), str(errors_png)]
 
 
-def _errors_to_input(prediction, result, particles, symmetry: str) -> dict:
-    """Symmetry-aware angles (degrees) between the input poses and the network mode / the MMSE poses."""
+def _errors_to_input(network_rotations, mmse_rotations, particles, symmetry: str) -> dict:
+    """Symmetry-aware angles (degrees) between the input poses and the network modes / the MMSE poses (None:
+    not refined), rotations (N, 3, 3) RELION ``A``."""
     from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 
     group = symmetry_group(symmetry)
-    errors = {"network mode": symmetric_geodesic_distance_deg(prediction.rotations, particles.rotations, group)}
-    if result is not None:
-        errors["deep-prior MMSE"] = symmetric_geodesic_distance_deg(result.mmse_rotations, particles.rotations, group)
+    errors = {"network mode": symmetric_geodesic_distance_deg(network_rotations, particles.rotations, group)}
+    if mmse_rotations is not None:
+        errors["deep-prior MMSE"] = symmetric_geodesic_distance_deg(mmse_rotations, particles.rotations, group)
     return errors

@@ -110,6 +110,7 @@ def run(args) -> int:
 
     import numpy as np
 
+    from bayespose.core.parallel import barrier, is_main, processes_note
     from bayespose.core.refine import RefineConfig, check_half_set_sizes, refine, subset_counts
     from bayespose.core.refine.outputs import write_refine_outputs
     from bayespose.plotting.refine import refine_figure_writer
@@ -143,6 +144,7 @@ def run(args) -> int:
     with usage_errors():
         config.validate()
     work = _check_out_dir(args.out, args.resume)
+    barrier()  # under torchrun: every process has checked the folder before the main one changes it
     print(f"refining {len(particles)} particles: {config.iterations} iterations max, HEALPix order "
           f"{config.healpix_order}..{config.max_healpix_order}, shifts ±{config.shift_range_px:g} px step "
           f"{config.shift_step_px:g} px, initial low-pass {config.initial_lowpass_A:g} Å, {config.mode}, "
@@ -152,10 +154,11 @@ def run(args) -> int:
     start = time.time()
     result = refine(fresh, volume, config, out_dir=work, log=print, progress=progress_printer, mask=mask,
                     resume=args.resume)
-    write_refine_outputs(result, args.out, pixel_size=particles.pixel_size, particles_template=fresh, config=config,
-                         figure_writer=refine_figure_writer(Path(args.particles).name))
-    print(f"refined {len(particles)} particles in {len(result.history)} iteration(s) ({args.mode}, {args.prior} "
-          f"prior, symmetry {config.symmetry}): resolution {result.resolution_A:.1f} Å (FSC 0.143), "
-          f"{time.time() - start:.0f} s; wrote {args.out / 'map.mrc'}, half maps, fsc.csv, particles.star, prior "
-          f"and figures in {args.out}")
+    if is_main():
+        write_refine_outputs(result, args.out, pixel_size=particles.pixel_size, particles_template=fresh,
+                             config=config, figure_writer=refine_figure_writer(Path(args.particles).name))
+    print(f"refined {len(particles)} particles{processes_note()} in {len(result.history)} iteration(s) "
+          f"({args.mode}, {args.prior} prior, symmetry {config.symmetry}): resolution {result.resolution_A:.1f} Å "
+          f"(FSC 0.143), {time.time() - start:.0f} s; wrote {args.out / 'map.mrc'}, half maps, fsc.csv, "
+          f"particles.star, prior and figures in {args.out}")
     return 0

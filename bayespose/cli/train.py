@@ -70,6 +70,7 @@ def run(args) -> int:
     from bayespose.core.deep.train import last_state_path
     from bayespose.core.geometry.symmetry import symmetry_group
     from bayespose.core.io.relion_star import read_star
+    from bayespose.core.parallel import is_main, processes_note
     from bayespose.plotting import save_figure
     from bayespose.plotting.deep import plot_training_history
 
@@ -102,12 +103,13 @@ def run(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = train_pose_network(particles, config, args.out, progress=progress_printer, resume=args.resume)
     png = _training_png(Path(result.checkpoint))
-    save_figure(plot_training_history(result.history, best_epoch=result.best_epoch,
-                                      title=f"{args.model} network on {len(particles)} particles "
-                                            f"({Path(args.particles).name})"), png)
+    if is_main():  # under torchrun the other processes trained their slices of each batch and write nothing
+        save_figure(plot_training_history(result.history, best_epoch=result.best_epoch,
+                                          title=f"{args.model} network on {len(particles)} particles "
+                                                f"({Path(args.particles).name})"), png)
     best = next((row for row in result.history if row.get("epoch") == result.best_epoch), None)
     error = (f", validation median error {best['val_median_error_deg']:.1f}°"
              if best and best.get("val_median_error_deg") is not None else "")
-    print(f"trained a {args.model} network on {len(particles)} particles: best epoch {result.best_epoch} of "
-          f"{len(result.history)}{error}; wrote {result.checkpoint} and {png}")
+    print(f"trained a {args.model} network on {len(particles)} particles{processes_note()}: best epoch "
+          f"{result.best_epoch} of {len(result.history)}{error}; wrote {result.checkpoint} and {png}")
     return 0

@@ -7,6 +7,8 @@ Units: boxes in px, pixel sizes in Å/px; poses are RELION ``A`` matrices (see :
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -44,18 +46,68 @@ def add_gpu_params(form, use_help: str) -> None:
 
 
 def gpu_device(protocol) -> str:
-    """``cuda:<first GPU id>`` when the protocol allows the GPU and torch sees one, else ``cpu``."""
+    """``cuda:<first GPU id>`` when the protocol allows the GPU and torch sees one, else ``cpu``. Inside a job
+    (:func:`run_job`) the GPUs of the list are the visible ones (``CUDA_VISIBLE_DEVICES``) and each process uses
+    its own (``cuda``: the current device, ``LOCAL_RANK``)."""
     import torch
 
+    from bayespose.protocols.job import JOB_ENV
+
     if protocol.usesGpu() and torch.cuda.is_available():
+        if os.environ.get(JOB_ENV):
+            return "cuda"
         gpus = protocol.getGpuList()
         return f"cuda:{gpus[0] if gpus else 0}"
     return "cpu"
 
 
 def n_threads(protocol) -> int:
-    """The protocol's number of threads (at least 1)."""
+    """The protocol's number of threads (at least 1; per process in a multi-process job)."""
     return max(int(protocol.numberOfThreads.get() or 1), 1)
+
+
+def n_processes(protocol) -> int:
+    """The protocol's number of data-parallel processes (the form's 'MPIs'; at least 1)."""
+    return max(int(protocol.numberOfMpi.get() or 1), 1)
+
+
+PROCESSES_HELP = ("Data-parallel processes: the particles are split among them (torch.distributed, launched with "
+                  "torchrun; with 'Use GPU' one GPU of the GPU list per process, else CPU processes of "
+                  "'Threads' threads each) and the results combined: the same outputs as one process. The job "
+                  "goes through Scipion's host configuration: with QUEUE_FOR_JOBS in hosts.conf it is submitted "
+                  "to the queue (e.g. Slurm) with this number of processes.")
+
+
+def add_parallel_params(form, threads: int = 2) -> None:
+    """The standard parallel section: threads per process and the number of processes ('MPIs', see
+    :data:`PROCESSES_HELP`; the job runs under torchrun, not mpirun)."""
+    form.addParallelSection(threads=threads, mpi=1)
+    form.getParam("numberOfMpi").help.set(PROCESSES_HELP)
+    form.getParam("numberOfMpi").label.set("Processes")
+
+
+def job_command(protocol, method: str) -> tuple[str, list[str]]:
+    """``(program, arguments)`` of the job running ``protocol.<method>()`` in :func:`n_processes` processes:
+    ``python -m bayespose.protocols.job PROJECT DB ID METHOD``, under ``python -m torch.distributed.run
+    --standalone --nproc-per-node N`` for N > 1, with ``CUDA_VISIBLE_DEVICES`` set to the GPU list when the GPU
+    is used (Scipion substitutes ``%(GPU)s``; a queue renumbers the GPUs it grants)."""
+    args = ["-m", "bayespose.protocols.job", os.path.abspath(protocol.getProject().path), protocol.getDbPath(),
+            str(protocol.getObjId()), method]
+    n = n_processes(protocol)
+    if n > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+    program = f"OMP_NUM_THREADS={n_threads(protocol)} {sys.executable}"  # threads per process
+    if protocol.usesGpu() and cuda_available():
+        program = f"CUDA_VISIBLE_DEVICES=%(GPU)s {program}"
+    return program, args
+
+
+def run_job(protocol, method: str) -> None:
+    """Run ``protocol.<method>()`` as a job through ``protocol.runJob`` (:func:`job_command`): Scipion's host
+    configuration and queue apply; one launcher command, whose processes torchrun starts (so the job is not
+    wrapped in the host's mpirun)."""
+    program, args = job_command(protocol, method)
+    protocol.runJob(program, args, numberOfMpi=1, numberOfThreads=n_threads(protocol))
 
 
 def no_gpu_warnings(protocol, consequence: str = "the run will use the CPU.") -> list[str]:

@@ -2,7 +2,9 @@
 map (thin wrapper over :func:`bayespose.core.assign.assign_poses`, the same function as ``bayespose assign``).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; volume, times the mask when one is
-given -> ``extra/reference.mrc``), ``assignStep`` (posterior over rotations and shifts; writes
+given -> ``extra/reference.mrc``), ``assignStep`` (a job, :func:`~bayespose.protocols._common.run_job`: the form's
+processes and threads, Scipion's queue; each process runs ``assignJob`` on its share: posterior over rotations and
+shifts; writes
 ``extra/assignment.npz`` (:mod:`bayespose.core.io.assignment`) and ``extra/assigned_particles.star``) and
 ``createOutputStep`` (the input particles with the chosen estimator's projection alignment and ``_bp...`` attributes:
 the result schema's (:func:`bayespose.core.results.scipion_attributes`) and ``_bpAngleToInputDeg``).
@@ -19,6 +21,7 @@ from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
 from bayespose.convert import SCIPION_ID, particles_from_scipion
+from bayespose.core import parallel
 from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.geometry.priors import PriorSpec, prior_from_spec
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
@@ -29,6 +32,7 @@ from bayespose.core.results import ESTIMATORS, ParticleResults, scipion_attribut
 from bayespose.protocols._common import (
     BAYES_PAPER,
     add_gpu_params,
+    add_parallel_params,
     decile_logger,
     define_output_particles,
     describe_particles,
@@ -37,6 +41,7 @@ from bayespose.protocols._common import (
     n_threads,
     no_gpu_warnings,
     output_particles,
+    run_job,
     symmetry_errors,
 )
 from bayespose.protocols.protocol_simulate import volume_file
@@ -161,7 +166,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
                            "resolve; set a limit (e.g. 8 Å) to keep noise or over-fitted high-resolution detail "
                            "of the map out of the posterior.")
 
-        form.addParallelSection(threads=2, mpi=0)
+        add_parallel_params(form)
 
     # ------------------------------------------------------------------------------------------------ steps
     def _insertAllSteps(self):
@@ -186,14 +191,22 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
                   f"{'yes' if particles.has_alignment else 'no'}")
 
     def assignStep(self):
-        """The posterior of every particle (one call of :func:`assign_poses`)."""
+        """The posterior of every particle, as a job (:func:`run_job`: the form's processes, Scipion's queue)."""
+        run_job(self, "assignJob")
+
+    def assignJob(self):
+        """One call of :func:`assign_poses` (in each process of the job: its share of the particles; the main
+        process writes the results)."""
         particles = read_star(self._getExtraPath(INPUT_STAR))
         volume, _ = read_map(self._getExtraPath(REFERENCE_MAP))
         spec = self._priorSpec(particles.rotations)
         search = self.poseSearch(spec.local_range_deg)
         self.info(f"prior: {spec.prior.describe()}; search: {self._describeSearch(search)}; device "
                   f"{search.device}, {search.threads} thread(s)")
-        result = assign_poses(particles, volume, search, spec.prior, progress=self._progressLogger())
+        result = assign_poses(particles, volume, search, spec.prior, distributed=True,
+                              progress=self._progressLogger() if parallel.is_main() else None)
+        if not parallel.is_main():
+            return
         estimator = self.estimatorName()
         save_assignment(self._getExtraPath(RESULT_NPZ), result, estimator, search.symmetry,
                         ids=particles.extra.get(SCIPION_ID), input_rotations=particles.rotations)

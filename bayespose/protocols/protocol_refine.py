@@ -3,7 +3,8 @@ gold-standard half sets and, optionally, estimation of the viewing-direction dis
 :func:`bayespose.core.refine.engine.refine`, the same function as ``bayespose refine``).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; initial volume ->
-``extra/initial.mrc``; mask -> ``extra/mask.mrc``), ``refineStep`` (one call of the EM engine, per-iteration lines in
+``extra/initial.mrc``; mask -> ``extra/mask.mrc``), ``refineStep`` (a job, :func:`~bayespose.protocols._common.run_job`,
+running ``refineJob`` in the form's processes: one call of the EM engine, per-iteration lines in
 the run log; working files in ``extra/iterations/``; the outputs of
 :func:`bayespose.core.refine.outputs.write_refine_outputs` in ``extra/``: map, half maps, fsc.csv, particles.star,
 prior.npy/.json, history, figures) and ``createOutputStep`` (``outputVolume`` with half maps, ``outputFSC``,
@@ -22,6 +23,7 @@ from pwem.protocols import ProtRefine3D
 from pyworkflow.constants import BETA
 
 from bayespose.convert import HALF_SET_ATTRIBUTES, SCIPION_ID, particles_from_scipion
+from bayespose.core import parallel
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
@@ -38,6 +40,7 @@ from bayespose.plotting.refine import FIGURES, refine_figure_writer
 from bayespose.protocols._common import (
     BAYES_PAPER,
     add_gpu_params,
+    add_parallel_params,
     define_output_particles,
     describe_particles,
     geometry_errors,
@@ -45,6 +48,7 @@ from bayespose.protocols._common import (
     n_threads,
     no_gpu_warnings,
     output_particles,
+    run_job,
     symmetry_errors,
 )
 from bayespose.protocols.protocol_simulate import volume_file
@@ -198,7 +202,7 @@ class ProtBayesposeRefine(ProtRefine3D):
         form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed",
                       help="Seed of the random half-set split (see 'Half sets') and of the noise estimate.")
 
-        form.addParallelSection(threads=2, mpi=0)
+        add_parallel_params(form)
 
     # ------------------------------------------------------------------------------------------------ steps
     def _insertAllSteps(self):
@@ -223,13 +227,20 @@ class ProtBayesposeRefine(ProtRefine3D):
                   f"{'yes' if particles.half_set is not None else 'no (random split)'}")
 
     def refineStep(self):
-        """One call of :func:`bayespose.core.refine.engine.refine`, then the output files in the extra folder."""
+        """The refinement, as a job (:func:`run_job`: the form's processes, Scipion's queue)."""
+        run_job(self, "refineJob")
+
+    def refineJob(self):
+        """One call of :func:`bayespose.core.refine.engine.refine` (in each process of the job: its share of the
+        particles), then the output files in the extra folder (the main process)."""
         particles = read_star(self._getExtraPath(INPUT_STAR))
         volume, _ = read_map(self._getExtraPath(INITIAL_MAP))
         config = self.refineConfig()
         mask = read_map(self._getExtraPath(MASK_MAP))[0] if os.path.exists(self._getExtraPath(MASK_MAP)) else None
         work = self._getExtraPath(WORK_DIR)
-        resume = os.path.isdir(work) and bool(os.listdir(work))  # the step runs again (Scipion 'continue')
+        # the step runs again (Scipion 'continue'); the main process decides for all (the others must not see the
+        # files it starts writing)
+        resume = parallel.broadcast_object(os.path.isdir(work) and bool(os.listdir(work)))
         if resume:
             self.info(f"continuing the refinement in {work}")
         self.info(f"EM: {config.iterations} iterations, {config.mode} assignment, {config.prior_mode} prior, "
@@ -239,6 +250,8 @@ class ProtBayesposeRefine(ProtRefine3D):
                   f"thread(s)")
         result = refine(particles, volume, config, out_dir=work, log=self.info, progress=self._progressLogger,
                         mask=mask, resume=resume)
+        if not parallel.is_main():
+            return
         write_refine_outputs(result, self._getExtraPath(), pixel_size=particles.pixel_size,
                              particles_template=particles, config=config,
                              figure_writer=refine_figure_writer(self.getRunName()))

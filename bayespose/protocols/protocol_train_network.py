@@ -2,7 +2,8 @@
 particles (thin wrapper over :func:`bayespose.core.deep.train_pose_network`, the same function as
 ``bayespose train``).
 
-Steps: ``convertInputStep`` (Scipion particles -> ``extra/train_particles.star``), ``trainStep`` (writes the
+Steps: ``convertInputStep`` (Scipion particles -> ``extra/train_particles.star``), ``trainStep`` (a job,
+:func:`~bayespose.protocols._common.run_job`, running ``trainJob`` in the form's processes; writes the
 best-validation checkpoint ``extra/pose_network.pt`` and a resumable last state next to it; a continued run resumes
 from it) and ``createOutputStep`` (a :class:`bayespose.objects.BayesposePoseNetwork` pointing at the checkpoint).
 """
@@ -19,11 +20,13 @@ from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.objects import BayesposePoseNetwork
 from bayespose.protocols._common import (
     add_gpu_params,
+    add_parallel_params,
     decile_logger,
     describe_particles,
     gpu_device,
     n_threads,
     no_gpu_warnings,
+    run_job,
     symmetry_errors,
 )
 
@@ -135,7 +138,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed",
                       help="Seed of the validation split, the initialisation and the batch order.")
 
-        form.addParallelSection(threads=2, mpi=0)
+        add_parallel_params(form)
 
     # ------------------------------------------------------------------------------------------------ steps
     def _insertAllSteps(self):
@@ -150,8 +153,12 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         self.info(describe_particles(particles, "training particles"))
 
     def trainStep(self):
-        """Train the network (one call of :func:`train_pose_network`); a continued run resumes from the last
-        saved epoch."""
+        """The training, as a job (:func:`run_job`: the form's processes, Scipion's queue)."""
+        run_job(self, "trainJob")
+
+    def trainJob(self):
+        """Train the network (one call of :func:`train_pose_network`; several processes: DistributedDataParallel,
+        the main one writes); a continued run resumes from the last saved epoch."""
         from bayespose.core.deep import last_state_path, train_pose_network
 
         particles = read_star(self._getExtraPath(TRAIN_STAR))

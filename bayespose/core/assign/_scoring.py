@@ -21,7 +21,6 @@ Each call of :meth:`_Scorer.score` is logged as a :class:`ScoringCall` (its size
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -33,9 +32,12 @@ from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import PreparedVolume, slice_coefficients
 from bayespose.core.imaging.noise import ScoringFrequencies, scoring_frequencies
 from bayespose.core.imaging.particles import ParticleSet
+from bayespose.core.parallel import local_world_size
+from bayespose.core.runtime import memory_bytes, work_bytes
 
 _CHUNK_SCORES = 3_000_000  # float32 scores per chunk (12 MB): the post-GEMM passes run from the L3 cache
 _PROJECT_SAMPLES = 400_000  # central-slice samples per call of the sampler
+_CACHE_ENV = "BAYESPOSE_CACHE_GB"  # refinement-lattice cache budget in GB (default: see _lattice_budget)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class _Scorer:
         log_pi = torch.as_tensor(log_pi, dtype=torch.float32, device=dev).reshape(-1, k_total)
         log_w = log_pi + log_q  # (1 or B, K): log prior + log quadrature, constant over shifts
         searched = torch.isfinite(log_q)  # cells outside the searched set carry log q = -inf
-        chunk = self._chunk_size(b, j, k_total)
+        chunk = self._chunk_size(b, j, k_total, 0 if shared else m)
         table = self._shared_projections(rotations, radius, cache_key) if shared else None  # (P, |P|²) or None
         log_rot = torch.empty((b, k_total), device=dev)
         log_shift = torch.full((b, j), -math.inf, device=dev)
@@ -192,12 +194,16 @@ class _Scorer:
         self.calls.append(ScoringCall(stage, b, k_total, j, m, shared, chunk, self.flops - flops0, seconds))
         return _StageScores(log_rot, log_shift, best, const)
 
-    def _chunk_size(self, b: int, j: int, k_total: int) -> int:
+    def _chunk_size(self, b: int, j: int, k_total: int, m: int = 0) -> int:
         """Rotations per chunk: the (B, J, Kc) float32 scores stay within ``max_scores`` and, where the GEMM
-        stays efficient (Kc >= 256), within about 12 MB so that the passes after the GEMM run from cache; the
-        chunks are then balanced (no small last chunk)."""
+        stays efficient (Kc >= 256), within about 12 MB so that the passes after the GEMM run from cache; with
+        per-particle rotations (``m`` > 0 frequencies) the (B, Kc, 2M) float32 projections of a chunk also stay
+        within :func:`~bayespose.core.runtime.work_bytes` (they grow as box²: 13 GB for 64 particles x 1024
+        rotations at box 256 otherwise); the chunks are then balanced (no small last chunk)."""
         cache_fit = max(256, _CHUNK_SCORES // (b * j))
         chunk = max(1, min(self.max_scores // (b * j), cache_fit))
+        if m:
+            chunk = max(1, min(chunk, int(work_bytes(self.device) // (8 * b * m))))
         n_chunks = -(-k_total // chunk)
         return -(-k_total // n_chunks)
 
@@ -229,12 +235,12 @@ class _Scorer:
         missing = ~(known[pos] == wanted) if len(known) else np.ones(len(wanted), dtype=bool)
         if missing.any():
             row_bytes = 8 * len(freqs)
-            if (used + missing.sum()) * row_bytes > _cache_budget(self.device):  # full: start afresh
+            if (used + missing.sum()) * row_bytes > _lattice_budget(self.device):  # full: start afresh
                 known, slots, buffer, used = np.zeros(0, np.int64), np.zeros(0, np.int64), None, 0
                 missing = np.ones(len(wanted), dtype=bool)
             new = self._project(rotations.reshape(-1, 3, 3)[first[missing]], freqs)
             if buffer is None or used + len(new) > len(buffer):  # grow by doubling, within the budget
-                budget_rows = int(_cache_budget(self.device) // row_bytes)
+                budget_rows = int(_lattice_budget(self.device) // row_bytes)
                 rows = max(used + len(new), min(2 * (used + len(new)), budget_rows), 1024)
                 grown = torch.empty((rows, 2 * len(freqs)), device=self.device)
                 if buffer is not None:
@@ -267,15 +273,26 @@ class _Scorer:
 
 
 def _cache_budget(device: torch.device) -> float:
-    """Bytes that projection caches may hold: a quarter of the memory (host RAM, or the GPU's), at least 1.5 GB."""
-    try:
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        total = 6e9
+    """Bytes the projection table of a shared grid may take (built once, whatever N): a quarter of the memory (the
+    GPU's, or the host RAM shared by the data-parallel processes of this node), at least 1.5 GB."""
+    total = memory_bytes(device)
+    if device.type != "cuda":
+        total /= local_world_size()
     return max(1.5e9, total / 4)
+
+
+def _lattice_budget(device: torch.device) -> float:
+    """Bytes the refinement-lattice cache may hold. It fills as particles visit new refined cells and starts afresh
+    when full, so this bounds its growth with N: on the CPU 2 GB per process (or :func:`_cache_budget` if less;
+    measured with a quarter of 24 GB instead: 1.4 GB -> 1.8 GB over the first 3000 particles at box 64, still
+    growing), on a GPU a quarter of its memory; ``BAYESPOSE_CACHE_GB`` sets it. A larger cache saves re-projecting
+    refined cells that particles share (at box 256 and Nyquist a row is 0.2 MB: few rows are shared in any
+    budget)."""
+    import os
+
+    if os.environ.get(_CACHE_ENV):
+        return float(os.environ[_CACHE_ENV]) * 1e9
+    return _cache_budget(device) if device.type == "cuda" else min(2e9, _cache_budget(device))
 
 
 def _fold_chunk(cross: torch.Tensor, norm: torch.Tensor, log_pi: torch.Tensor, log_w: torch.Tensor,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from bayespose.core import parallel
 from bayespose.core.assign._scoring import ScoringCall, _Batch, _Scorer, _StageScores
 from bayespose.core.assign._search_space import _SearchSpace, shift_lattice
 from bayespose.core.assign._statistics import _significant_cells, _stage_results
@@ -29,7 +30,7 @@ from bayespose.core.imaging.forward import PreparedVolume, prepare_volume
 from bayespose.core.imaging.noise import resolution_to_radius
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.results import ParticleResults
-from bayespose.core.runtime import choose_device, torch_threads
+from bayespose.core.runtime import choose_device, torch_threads, work_bytes
 
 __all__ = ["PoseAssignment", "assign_poses"]
 
@@ -58,7 +59,9 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
                  prior: RotationPrior | None = None, images: np.ndarray | None = None,
                  noise: NoiseModel | None = None, keep_marginals: Sequence[int] = (),
                  progress: Callable[[int, int], None] | None = None, seed: int = 0,
-                 centers: np.ndarray | None = None, seed_cells: np.ndarray | None = None) -> PoseAssignment:
+                 centers: np.ndarray | None = None, seed_cells: np.ndarray | None = None,
+                 on_marginals: Callable[[np.ndarray, dict], None] | None = None,
+                 distributed: bool = False) -> PoseAssignment:
     """Posterior pose assignment of ``particles`` against ``volume`` (D, D, D) at the particles' pixel size.
 
     Global search: the HEALPix grid of ``search.healpix_order`` scored with the frequency cut-off matched to its
@@ -76,8 +79,17 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     into ``healpix_grid(search.healpix_order)``, -1 = none; e.g. the cells near a pose network's predictions) are
     scored first, then refined coarse-to-fine as in the global search; their projections come from a cache shared
     by all particles (each cell is projected once); shifts are searched around the input origins, as in a local
-    search. ``progress(done, total)`` is called after each batch. Torch uses ``search.threads`` CPU threads (all
-    cores when None) during the call; its setting is restored afterwards.
+    search. ``progress(done, total)`` is called after each batch (the particles of this process). Torch uses
+    ``search.threads`` CPU threads (all cores when None) during the call; its setting is restored afterwards.
+
+    Streaming: ``on_marginals(index, marginals)`` is called after each batch with the batch's particle indices and
+    ``{particle: (rotations (K, 3, 3), probabilities (K,))}`` of their final stage, so that a caller can use every
+    particle's posterior without holding all of them (memory O(batch), not O(N·K)). Images are read batch by
+    batch, and batches shrink for big boxes so that their buffers stay within
+    :func:`~bayespose.core.runtime.work_bytes`. ``distributed``: under ``torchrun`` (:mod:`bayespose.core.parallel`)
+    this process scores every ``world_size``-th batch, the noise model is estimated once (main process, from all
+    particles) and the per-particle results (and ``marginals``) are combined, so every process returns what one
+    process would; ``on_marginals`` sees this process's batches only; ``timings`` are this process's.
 
     ``timings``: ``setup_s``, ``scoring_s``, ``total_s``, ``scoring_gflops``, ``refined_particles`` (per level),
     ``radii_px`` (each stage's cut-off, Fourier px) and ``scored_rotations_per_particle`` (rotations scored per
@@ -100,7 +112,10 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
         cap = resolution_to_radius(particles.box, particles.pixel_size, search.max_resolution_A)
         prepared = prepare_volume(volume, device=device)
         if noise is None:
-            noise = estimate_noise_model(particles, prepared, cap, images, search.mask_radius_px, seed=seed)
+            def estimate() -> NoiseModel:
+                return estimate_noise_model(particles, prepared, cap, images, search.mask_radius_px, seed=seed)
+
+            noise = parallel.main_first(estimate) if distributed else estimate()
         if noise.ctf2 is None:  # a copy: the caller's model stays as given
             noise = replace(noise, ctf2=np.ones_like(noise.noise_power))
         radii = _stage_radii(prepared, noise, space.spacing_deg, cap, 0 if local else search.refine_levels,
@@ -113,13 +128,20 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
                    group=symmetry_group(search.symmetry), pixel_size=particles.pixel_size,
                    out=ParticleResults.zeros(n), keep={int(i) for i in keep_marginals}, seed_cells=seed_cells,
                    shared_log_pi=prior.log_density(space.grid.rotations)
-                   if space.shared and not prior.per_particle else None)
+                   if space.shared and not prior.per_particle else None, sink=on_marginals)
         timings = {"setup_s": time.perf_counter() - t0}
-        for start in range(0, n, search.batch_size):
-            index = np.arange(start, min(start + search.batch_size, n))
+        batch_size = _batch_size(search.batch_size, len(deltas), len(run.scorer.frequencies(max(radii))),
+                                 particles.box, device)
+        batches = (parallel.my_batches(n, batch_size) if distributed
+                   else [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)])
+        done, mine = 0, sum(len(index) for index in batches)
+        for index in batches:
             run.assign(_Batch.load(particles, index, images, run.centers_px, device))
+            done += len(index)
             if progress:
-                progress(int(index[-1]) + 1, n)
+                progress(done, mine)
+        if distributed:
+            _combine_processes(run, np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64))
         scorer = run.scorer
         timings.update(scoring_s=scorer.seconds, total_s=time.perf_counter() - t0,
                        scoring_gflops=scorer.flops / max(scorer.seconds, 1e-9) / 1e9, refined_particles=run.n_refined,
@@ -127,6 +149,25 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     return PoseAssignment(**vars(run.out), noise=noise, n_rotations=space.size, n_shifts=len(deltas),
                           n_frequencies=len(scorer.frequencies(radii[-1])), timings=timings,
                           marginals=run.marginals, scoring_calls=scorer.calls)
+
+
+def _batch_size(batch_size: int, n_shifts: int, n_frequencies: int, box: int, device: torch.device) -> int:
+    """Particles per batch: ``batch_size``, fewer when one batch's buffers (the shifted images (B, J, M) complex64
+    at the largest cut-off, the images and CTFs (B, D, D // 2 + 1)) would exceed
+    :func:`~bayespose.core.runtime.work_bytes` (box 256 at Nyquist with 29 shifts: 6 MB per particle)."""
+    per_particle = 8 * n_shifts * n_frequencies + 12 * box * (box // 2 + 1)
+    return max(1, min(batch_size, int(work_bytes(device) // per_particle)))
+
+
+def _combine_processes(run: _Run, mine: np.ndarray) -> None:
+    """Distributed run: every process's rows of the per-particle results (this process filled ``mine``), and the
+    kept marginals of all processes, on every process."""
+    names = run.out.result_fields()
+    for name, combined in zip(names, parallel.combine_rows([getattr(run.out, name) for name in names], mine)):
+        setattr(run.out, name, combined)
+    if run.keep:
+        for part in parallel.all_gather_objects(run.marginals):
+            run.marginals.update(part)
 
 
 def _search_space(search: PoseSearch, particles: ParticleSet, centers: np.ndarray | None,
@@ -181,7 +222,9 @@ class _Run:
     keep: set[int]  # particles whose marginals are kept
     seed_cells: np.ndarray | None  # (N, C) first cells of a seeded global search
     shared_log_pi: np.ndarray | None  # (K,) log prior of the shared grid, when it is the same for all particles
+    sink: Callable[[np.ndarray, dict], None] | None = None  # receives each batch's final marginals
     marginals: dict = field(default_factory=dict, init=False)
+    batch_marginals: dict = field(default_factory=dict, init=False)  # the current batch's, for ``sink``
     n_refined: list[int] = field(init=False)  # particles refined, per level
     scored: int = field(default=0, init=False)
 
@@ -197,6 +240,9 @@ class _Run:
         self._store(batch.index, scores, rotations, self.space.spacing_deg)
         if len(self.radii) > 1:
             self._refine(batch, scores, cells)
+        if self.sink is not None:
+            self.sink(batch.index, self.batch_marginals)
+            self.batch_marginals = {}
 
     def _score_grid(self, batch: _Batch) -> tuple[_StageScores, np.ndarray, None]:
         """The whole first grid (shared, or each particle's local grid); its projections are cached."""
@@ -268,5 +314,10 @@ class _Run:
                                       spacing_deg, self.pixel_size)
         self.out.set_rows(index, stage)
         for row, i in enumerate(index):
-            if int(i) in self.keep:
-                self.marginals[int(i)] = (rotations if rotations.ndim == 3 else rotations[row], p_rot[row])
+            i = int(i)
+            if i in self.keep or self.sink is not None:
+                marginal = (rotations if rotations.ndim == 3 else rotations[row], p_rot[row])
+                if i in self.keep:
+                    self.marginals[i] = marginal
+                if self.sink is not None:
+                    self.batch_marginals[i] = marginal

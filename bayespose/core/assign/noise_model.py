@@ -22,7 +22,7 @@ from bayespose.core.geometry.rotations import random_rotations
 from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import PreparedVolume, project_fourier, slice_coefficients
 from bayespose.core.imaging.noise import (
-    noise_power_from_background,
+    background_power_sum,
     radial_average,
     reference_scale,
     scoring_frequencies,
@@ -31,6 +31,8 @@ from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.mrc import read_images
 
 __all__ = ["NoiseModel", "estimate_noise_model", "information_radius", "geometric_radius"]
+
+_NOISE_BATCH = 128  # images (and projections) per batch of the noise estimate
 
 
 @dataclass
@@ -58,16 +60,25 @@ def estimate_noise_model(particles: ParticleSet, prepared: PreparedVolume, radiu
     rng = np.random.default_rng(seed)
     n = len(particles)
     index = np.sort(rng.choice(n, size=min(n, n_sample), replace=False))
-    imgs = _load_images(particles, index, images)
     box = particles.box
-    noise_power = noise_power_from_background(imgs, mask_radius_px)
-    data_power = radial_average((torch.fft.rfft2(torch.from_numpy(imgs)).abs() ** 2).mean(0).numpy(), box)
-    proj = project_fourier(prepared, random_rotations(n_rotations, rng)).cpu()
-    mean_proj_power = radial_average((proj.abs() ** 2).mean(0).numpy(), box)
+    sums = np.zeros((3, box, box // 2 + 1))  # background power, data power, CTF², summed over the sample
+    for s in range(0, len(index), _NOISE_BATCH):  # batches: memory O(batch · D²), not O(n_sample · D²)
+        rows = index[s:s + _NOISE_BATCH]
+        imgs = _load_images(particles, rows, images)
+        sums[0] += background_power_sum(imgs, mask_radius_px)
+        sums[1] += (torch.fft.rfft2(torch.from_numpy(imgs)).abs() ** 2).sum(0).double().numpy()
+        if particles.ctf is not None:
+            sums[2] += (ctf_2d(particles.ctf.subset(rows), particles.pixel_size, box) ** 2).sum(0).double().numpy()
+    noise_power, data_power = (radial_average(x / len(index), box) for x in sums[:2])
+    proj_power = np.zeros((box, box // 2 + 1))
+    rotations = random_rotations(n_rotations, rng)
+    for s in range(0, n_rotations, _NOISE_BATCH):
+        proj = project_fourier(prepared, rotations[s:s + _NOISE_BATCH])
+        proj_power += (proj.abs() ** 2).sum(0).double().cpu().numpy()
+    mean_proj_power = radial_average(proj_power / n_rotations, box)
     ctf2 = np.ones_like(mean_proj_power)
     if particles.ctf is not None:
-        ctf2 = radial_average((ctf_2d(particles.ctf.subset(index), particles.pixel_size, box) ** 2).mean(0).numpy(),
-                              box)
+        ctf2 = radial_average(sums[2] / len(index), box)
     shells = np.arange(1, int(math.floor(radius)) + 1)
     scale = reference_scale(data_power, noise_power, ctf2 * mean_proj_power, shells)
     return NoiseModel(noise_power=noise_power, scale=scale, ctf2=ctf2)

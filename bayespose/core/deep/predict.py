@@ -25,13 +25,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from bayespose.core.deep.data import inplane_rotation_matrix, preprocess_images, rotate_shift_images
+from bayespose.core.deep.data import inplane_rotation_matrix, read_network_inputs, rotate_shift_images
 from bayespose.core.deep.vocabulary import NETWORK_PIXEL_RTOL
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.rotations import matrix_to_euler, project_to_so3, quaternion_to_matrix
 from bayespose.core.geometry.symmetry import nearest_symmetry_mate, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
-from bayespose.core.io.mrc import read_images
 from bayespose.core.results import ANGLE_LABELS, ParticleResults
 from bayespose.core.runtime import choose_device
 
@@ -104,12 +103,7 @@ def network_inputs(network, particles: ParticleSet, images: np.ndarray | None = 
                          f"{particles.pixel_size:g} Å/px (more than {100 * NETWORK_PIXEL_RTOL:g} % apart)")
     if images is not None and len(images) != len(particles):
         raise ValueError(f"{len(images)} images for {len(particles)} particles")
-    parts = []
-    for s in range(0, len(particles), batch_size):
-        index = np.arange(s, min(s + batch_size, len(particles)))
-        imgs = images[index] if images is not None else read_images(particles, index)
-        parts.append(preprocess_images(imgs, particles, index, cfg.net_box, cfg.ctf_correction))
-    return torch.cat(parts) if parts else torch.zeros((0, cfg.net_box, cfg.net_box))
+    return read_network_inputs(particles, images, cfg.net_box, cfg.ctf_correction, batch_size)
 
 
 @torch.no_grad()

@@ -190,7 +190,8 @@ def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarra
     ``result.timings["radii_px"][-1]``. The sums run over the non-redundant half plane, DC excluded, as the
     engine's. ``tolerance_deg`` > 0: the poses come from a grid whose best point lies up to about this far from
     the truth (half the finest grid step), so the z-score is credited with the expected loss of such an offset,
-    ``grid_loss = mean_a Σ α² C² |P_R - P_R·exp(δ a)|² / σ²`` over ``n_axes`` random unit axes ``a`` (seeded),
+    ``grid_loss = mean_a Σ α² C² |P_R - P_R·exp(δ a)|² / σ²`` over ``n_axes`` body-frame unit axes ``a`` (the
+    three coordinate axes by default: the exact mean over all directions for a small turn; :func:`_body_turns`),
     ``δ = tolerance_deg``; without it, at high SNR (large E) a right pose on a coarse grid would look wrong.
     Cost: ``1 + n_axes`` projections per particle (with a tolerance), about what scoring as many rotations costs.
     """
@@ -213,7 +214,7 @@ def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarra
     origins_px = np.zeros((n, 2)) if origins_A is None else np.asarray(origins_A, dtype=np.float64) / px
     if tolerance_deg < 0 or n_axes < 1:
         raise ValueError(f"tolerance must be >= 0 degrees and n_axes >= 1, got {tolerance_deg}, {n_axes}")
-    turns = _random_turns(n, n_axes, tolerance_deg, seed) if tolerance_deg > 0 else None  # (A, N, 3, 3)
+    turns = _body_turns(n_axes, tolerance_deg, seed) if tolerance_deg > 0 else None  # (A, 3, 3)
     llr, energy, loss = np.zeros(n), np.zeros(n), np.zeros(n)
     for s in range(0, n, batch_size):
         index = np.arange(s, min(n, s + batch_size))
@@ -230,19 +231,23 @@ def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarra
         energy[index] = e.sum(1).double().cpu().numpy()
         if turns is not None:
             for turn in turns:
-                moved = noise.scale * ctf * slice_coefficients(prepared, rotations[index] @ turn[index], kx, ky)
+                moved = noise.scale * ctf * slice_coefficients(prepared, rotations[index] @ turn, kx, ky)
                 loss[index] += ((model - moved).abs() ** 2 / sigma2).sum(1).double().cpu().numpy() / len(turns)
     z = (llr - energy + loss) / np.sqrt(2.0 * np.maximum(energy, 1e-12))
     return PoseFit(llr=llr, energy=energy, z=z, radius_px=float(freqs.radius), grid_loss=loss)
 
 
-def _random_turns(n: int, n_axes: int, angle_deg: float, seed: int) -> np.ndarray:
-    """(n_axes, n, 3, 3) rotations by ``angle_deg`` about random unit axes (seeded)."""
+def _body_turns(n_axes: int, angle_deg: float, seed: int) -> np.ndarray:
+    """(n_axes, 3, 3) rotations by ``angle_deg`` about body-frame axes, the same for every particle: the three
+    coordinate axes for ``n_axes == 3`` (the loss of a small turn is a quadratic form in the rotation vector, and
+    its mean over three orthonormal axes is exactly its mean over all directions), else random unit axes (seeded).
+    The same turns for every particle make each particle's z-score independent of the others in the call (a
+    data-parallel or block-wise run gives every particle the z-score of a single run)."""
     from scipy.spatial.transform import Rotation
 
-    axes = np.random.default_rng(seed).standard_normal((n_axes * n, 3))
-    axes *= math.radians(angle_deg) / np.linalg.norm(axes, axis=1, keepdims=True)
-    return Rotation.from_rotvec(axes).as_matrix().reshape(n_axes, n, 3, 3)
+    axes = np.eye(3) if n_axes == 3 else np.random.default_rng(seed).standard_normal((n_axes, 3))
+    axes = axes * (math.radians(angle_deg) / np.linalg.norm(axes, axis=1, keepdims=True))
+    return Rotation.from_rotvec(axes).as_matrix()
 
 
 def final_spacing_deg(search: PoseSearch, method: SearchMethod = "cells") -> float:

@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bayespose.core import parallel
 from bayespose.core.deep.data import (
     grid_targets,
     inplane_rotation_matrix,
-    preprocess_images,
+    read_network_inputs,
     rotate_shift_images,
     symmetry_quaternions,
 )
@@ -52,7 +53,6 @@ from bayespose.core.geometry.priors import GridPrior
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.atomic import atomic_file
-from bayespose.core.io.mrc import read_images
 from bayespose.core.runtime import choose_device, torch_threads
 
 __all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "train_pose_network", "load_pose_network",
@@ -338,9 +338,14 @@ def _start_run(config: TrainConfig, n: int, device, state: dict | None) -> _Run:
 
 
 def _train_epoch(run: _Run, task: _Task, inputs: torch.Tensor, rotations: np.ndarray, config: TrainConfig,
-                 device, callback: Callable[[int, int], None] | None) -> float:
-    """One pass over the shuffled training set with in-plane augmentation; the mean training loss."""
-    run.model.train()
+                 device, callback: Callable[[int, int], None] | None, model: torch.nn.Module | None = None) -> float:
+    """One pass over the shuffled training set with in-plane augmentation; the mean training loss.
+
+    ``model``: what computes the forward pass (default ``run.model``; a DistributedDataParallel wrapper of it in a
+    data-parallel run, where every process draws the same batch order and augmentation and trains on its slice
+    of each batch (:func:`bayespose.core.parallel.my_slice`), the gradients averaged over the processes)."""
+    model = model or run.model
+    model.train()
     order = run.rng.permutation(run.train_idx)
     total, count = 0.0, 0
     n_batches = -(-len(order) // config.batch_size)
@@ -354,15 +359,17 @@ def _train_epoch(run: _Run, task: _Task, inputs: torch.Tensor, rotations: np.nda
             shift = run.rng.uniform(-config.shift_augment_px, config.shift_augment_px, (len(idx), 2))
             x = rotate_shift_images(x, angle, shift)
             rot = inplane_rotation_matrix(angle) @ rot
-        out = run.model(x.to(device))
-        loss = task.loss(out, task.targets(rot).to(device))
+        mine = parallel.my_slice(len(idx))
+        out = model(x[mine].to(device))
+        loss = task.loss(out, task.targets(rot[mine]).to(device))
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
-        total += float(loss.detach()) * len(idx)
-        count += len(idx)
+        total += float(loss.detach()) * len(out)
+        count += len(out)
         if callback:
             callback(b + 1, n_batches)
+    total, count = parallel.all_reduce_sum(np.array([total, count], dtype=np.float64))
     return total / max(count, 1)
 
 
@@ -411,15 +418,14 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
     _check_training_inputs(particles, config, images)
     out_path = Path(out_path)
     last_path = last_state_path(out_path)
-    log = log or (lambda _line: None)
+    log = log if log is not None and parallel.is_main() else (lambda _line: None)
     state = _load_resumable(last_path, config, particles) if resume and last_path.exists() else None
     if resume and state is None:
         log(f"no saved state at {last_path}: starting afresh")
     device = choose_device(config.device)
     with torch_threads(config.threads):
         t_setup = time.perf_counter()
-        imgs = images if images is not None else read_images(particles)
-        inputs = preprocess_images(imgs, particles, None, config.net_box, config.ctf_correction)
+        inputs = read_network_inputs(particles, images, config.net_box, config.ctf_correction)  # batch by batch
         rotations = np.asarray(particles.rotations, dtype=np.float64)
         task = _Task(config)
         run = _start_run(config, len(particles), device, state)
@@ -432,13 +438,20 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
         fingerprint = training_fingerprint(particles)
         log(f"training {config.model} on {len(run.train_idx)} particles, validating on {len(run.val_idx)} "
             f"(net box {config.net_box} px, {device}, setup {time.perf_counter() - t_setup:.1f} s)")
+        model = parallel.data_parallel(run.model, device)  # the model itself in a one-process run
         while run.epoch < config.epochs and run.bad_epochs < config.patience:
             t0 = time.perf_counter()
             run.epoch += 1
             train_loss = _train_epoch(run, task, inputs, rotations, config, device,
-                                      progress(f"epoch {run.epoch}") if progress else None)
+                                      progress(f"epoch {run.epoch}") if progress else None, model)
             row, improved = _validate_epoch(run, task, network_like, inputs, rotations, config, device,
                                             train_loss, t0)
+            # every process holds the same model; the main one's bookkeeping decides (no process stops alone)
+            row, improved, run.best_val, run.best_epoch, run.bad_epochs = parallel.broadcast_object(
+                (row, improved, run.best_val, run.best_epoch, run.bad_epochs))
+            run.history[-1] = row
+            if not parallel.is_main():
+                continue
             if improved:
                 _atomic_save(_checkpoint(run, config, particles), out_path)
             log(f"epoch {run.epoch:3d}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  val "
@@ -447,7 +460,9 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
             _atomic_save(run.state(config, fingerprint), last_path)
     if run.bad_epochs >= config.patience:
         log(f"early stop: no validation improvement for {config.patience} epochs (best epoch {run.best_epoch})")
-    _finish_checkpoint(out_path, run.history)
+    if parallel.is_main():
+        _finish_checkpoint(out_path, run.history)
+    parallel.barrier()  # the checkpoint is complete before any process returns it
     return TrainResult(checkpoint=out_path, history=run.history, best_epoch=run.best_epoch)
 
 

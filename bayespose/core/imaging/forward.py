@@ -138,7 +138,8 @@ def prepare_volume(volume, pad_factor: float = 2.0, grid_correction: str = "radi
 
     ``pad_factor`` >= 1: the padded side is the smallest even ``P >= pad_factor · D``. ``grid_correction``:
     ``"radial"`` (RELION's, the default: best match to ``relion_project``), ``"separable"`` (torch-fourier-slice's)
-    or ``"none"``. Memory: (P + 1)² (P / 2 + 1) complex64 values (0.54 GB for D = 256, pad 2).
+    or ``"none"``. Memory: (P + 1)² (P / 2 + 1) complex64 values (0.54 GB for D = 256, pad 2); the peak while
+    preparing is about twice that (the padded volume and its transform; 2.6 GB before it was built in place).
 
     Measured against ``relion_project`` (3J9G map, 64 px, 8 random poses, no CTF; min per-image Pearson r,
     least-squares scale RELION/ours): radial 0.99994, 0.9999; separable 0.99994, 1.0002; none 0.99906, 1.092.
@@ -154,16 +155,29 @@ def prepare_volume(volume, pad_factor: float = 2.0, grid_correction: str = "radi
     vol = _as_volume_tensor(volume, device)
     d = vol.shape[0]
     p = 2 * math.ceil(pad_factor * d / 2)
-    before = p // 2 - d // 2  # keeps the centre voxel d // 2 at p // 2
-    after = p - d - before
-    padded = torch.nn.functional.pad(vol, [before, after] * 3)
-    if grid_correction != "none":
-        padded = padded / gridding_correction(p, p, grid_correction, device)
-    dft = torch.fft.rfftn(torch.fft.ifftshift(padded), dim=(-3, -2, -1))  # centre -> array origin
-    dft = torch.fft.fftshift(dft, dim=(0, 1))  # z, y: frequency j at index j + p // 2, j in [-p/2, p/2 - 1]
-    dft = torch.cat([dft, dft[:1]], dim=0)  # +p/2 plane (= -p/2 plane, periodic DFT) at index p
-    dft = torch.cat([dft, dft[:, :1]], dim=1)
-    return PreparedVolume(dft.to(torch.complex64).contiguous(), d, p, grid_correction)
+    if grid_correction != "none":  # the correction at the volume's voxels only (zero padding stays zero)
+        vol = vol / gridding_correction(d, p, grid_correction, device)
+    # zero-padded to P with the centre voxel d // 2 at the array origin (= ifftshift of the volume padded around
+    # P // 2), built in place: one P³ array, not the padded copy, its shifted copy and the correction's
+    padded = torch.zeros((p, p, p), dtype=torch.float32, device=device)
+    parts = [(slice(d // 2, d), slice(0, d - d // 2)), (slice(0, d // 2), slice(p - d // 2, p))]  # (source, dest)
+    for sz, dz in parts:
+        for sy, dy in parts:
+            for sx, dx in parts:
+                padded[dz, dy, dx] = vol[sz, sy, sx]
+    dft = torch.fft.rfftn(padded, dim=(-3, -2, -1)).to(torch.complex64)
+    del padded
+    # z, y fftshifted (frequency j at index j + P // 2, j in [-P/2, P/2 - 1]) and the +P/2 planes (= -P/2, periodic
+    # DFT) at index P, copied into the final array block by block
+    h = p // 2
+    data = torch.empty((p + 1, p + 1, p // 2 + 1), dtype=torch.complex64, device=device)
+    for src_z, dst_z in ((slice(h, p), slice(0, h)), (slice(0, h), slice(h, p))):
+        for src_y, dst_y in ((slice(h, p), slice(0, h)), (slice(0, h), slice(h, p))):
+            data[dst_z, dst_y] = dft[src_z, src_y]
+    del dft
+    data[p, :p] = data[0, :p]
+    data[:, p] = data[:, 0]
+    return PreparedVolume(data, d, p, grid_correction)
 
 
 def _rfft_grid(box: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,18 +75,28 @@ def noise_power_from_background(images: np.ndarray, radius_px: float | None = No
     estimate of the noise power for white noise and a mask-smoothed one for coloured noise; it is averaged over
     images and over each shell.
     """
-    images = np.asarray(images, dtype=np.float32)
+    images = np.asarray(images)
+    box = images.shape[-1]
+    return radial_average(background_power_sum(images, radius_px) / len(images), box)
+
+
+def background_power_sum(images: np.ndarray, radius_px: float | None = None, batch_size: int = 128) -> np.ndarray:
+    """Sum over ``images`` (N, D, D) of the power spectra (rfft2 layout (D, D // 2 + 1), float64) of their masked,
+    mean-removed backgrounds divided by the masked fraction (see :func:`noise_power_from_background`), in batches
+    of ``batch_size`` images (memory O(batch · D²), whatever N)."""
     box = images.shape[-1]
     mask = background_mask(box, radius_px)
     fraction = mask.mean()
     if fraction < 0.05:
         raise ValueError(f"the background outside radius {radius_px} px is only {fraction:.1%} of the box: give a "
                          "smaller particle diameter")
-    t = torch.from_numpy(images)
     m = torch.from_numpy(mask)
-    background = torch.where(m, t - (t * m).sum((-2, -1), keepdim=True) / m.sum(), torch.zeros(()))
-    power = (torch.fft.rfft2(background).abs() ** 2).mean(0) / fraction
-    return radial_average(power.numpy(), box)
+    total = np.zeros((box, box // 2 + 1))
+    for s in range(0, len(images), batch_size):
+        t = torch.from_numpy(np.asarray(images[s:s + batch_size], dtype=np.float32))
+        background = torch.where(m, t - (t * m).sum((-2, -1), keepdim=True) / m.sum(), torch.zeros(()))
+        total += (torch.fft.rfft2(background).abs() ** 2).sum(0).double().numpy() / fraction
+    return total
 
 
 def radial_average(values_rfft: np.ndarray, box: int) -> np.ndarray:

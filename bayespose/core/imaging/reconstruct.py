@@ -316,10 +316,10 @@ def _fold(grid: torch.Tensor, hermitian_conj: bool = True) -> torch.Tensor:
     ``(-z, -y)`` (conjugated for complex data; for weights ``hermitian_conj=False`` adds it as is).
     """
     p = grid.shape[0] - 1
-    g = grid[:p].clone()
-    g[0] += grid[p]
-    h = g[:, :p].clone()
-    h[:, 0] += g[:, p]
+    h = grid[:p, :p].clone()  # one copy (the raw grid is kept): 0.54 GB complex at P = 512
+    h[0] += grid[p, :p]
+    h[:, 0] += grid[:p, p]
+    h[0, 0] += grid[p, p]
     for x in (0, p // 2):
         plane = h[:, :, x]
         mate = torch.roll(torch.flip(plane, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))  # index i -> (P - i) mod P
@@ -355,7 +355,7 @@ def shell_average(folded: torch.Tensor, box: int) -> torch.Tensor:
 def _inverse_tau2(tau2, radius: torch.Tensor, box: int) -> torch.Tensor:
     """``1 / tau²`` at every voxel: tau2 (S,) per D-box shell, linearly interpolated at ``|k|``; inf where the
     interpolated tau² is 0 or beyond the last shell (those voxels are set to zero)."""
-    t = _as_float_tensor(tau2, radius.device, "tau2").reshape(-1)
+    t = (tau2 if isinstance(tau2, torch.Tensor) else _as_float_tensor(tau2, radius.device, "tau2")).reshape(-1)
     if t.numel() < 2:
         raise ValueError(f"tau2 needs one value per shell 0 .. D // 2 ({box // 2 + 1} values), got {t.numel()}")
     if bool((t < 0).any()) or not bool(torch.isfinite(t).all()):
@@ -401,23 +401,47 @@ def reconstruct(numerator: torch.Tensor, weight: torch.Tensor, box: int, tau2=No
         raise ValueError(f"weight shape {tuple(weight.shape)} differs from numerator shape {tuple(numerator.shape)}")
     num = _fold(numerator.to(torch.complex64))
     wgt = _fold(weight, hermitian_conj=False)
-    radius = _radius_d(p, box, device)
     r_max = float(box // 2) if max_radius is None else float(max_radius)
-    inside = radius <= r_max
     if tau2 is None:
         if not regularization >= 0:
             raise ValueError(f"regularization must be >= 0, got {regularization}")
-        mean_w = float(wgt[radius <= box // 2].mean()) if bool(inside.any()) else 0.0
-        inv_tau2 = torch.full_like(wgt, regularization * mean_w)
+        total, count = 0.0, 0
+        for z, radius in _radius_slabs(p, box, device):
+            within = radius <= box // 2
+            total, count = total + float(wgt[z][within].double().sum()), count + int(within.sum())
+        inv_tau2 = lambda radius: regularization * (total / count if count else 0.0)  # noqa: E731
     else:
-        inv_tau2 = _inverse_tau2(tau2, radius, box)
-    den = wgt + inv_tau2
-    ok = inside & (den > 0) & torch.isfinite(den)
-    vol_ft = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
-    vol_ft = torch.fft.ifftshift(vol_ft, dim=(0, 1))
-    padded_vol = torch.fft.fftshift(torch.fft.irfftn(vol_ft, s=(p, p, p), dim=(0, 1, 2)))  # origin -> P // 2
-    start = p // 2 - box // 2
-    vol = padded_vol[start:start + box, start:start + box, start:start + box]
+        t = _as_float_tensor(tau2, device, "tau2")
+        inv_tau2 = lambda radius: _inverse_tau2(t, radius, box)  # noqa: E731
+    for z, radius in _radius_slabs(p, box, device):  # the filter slab by slab, in place (memory O(P²))
+        den = wgt[z] + inv_tau2(radius)
+        ok = (radius <= r_max) & (den > 0) & torch.isfinite(den)
+        num[z] = torch.where(ok, num[z] / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num[z]))
+    del wgt
+    return _centre_crop(torch.fft.irfftn(num, s=(p, p, p), dim=(0, 1, 2)), box, grid_correction)
+
+
+def _radius_slabs(padded: int, box: int, device, slab: int = 32):
+    """``(z slice, |k| (Z, P, P // 2 + 1))`` over slabs of a folded grid: :func:`_radius_d` without its P³ array."""
+    j = (torch.arange(padded, device=device, dtype=torch.float32) - padded // 2) * (box / padded)
+    jx = torch.arange(padded // 2 + 1, device=device, dtype=torch.float32) * (box / padded)
+    yx = j[:, None] ** 2 + jx[None, :] ** 2
+    for z0 in range(0, padded, slab):
+        z = slice(z0, min(z0 + slab, padded))
+        yield z, torch.sqrt(j[z, None, None] ** 2 + yx[None])
+
+
+def _centre_crop(padded_vol: torch.Tensor, box: int, grid_correction: str) -> torch.Tensor:
+    """The central D³ of the map from ``irfftn`` of the z/y-fftshifted spectrum, divided by the gridding correction.
+
+    The spectrum's z and y axes hold frequency j at index j + P/2, so the inverse transform is the map times
+    (-1)^(z + y) with its origin at voxel 0; the voxel i of the D-box (centre D // 2) is padded voxel
+    (i - D // 2) mod P: gathered directly (no shifted P³ copies)."""
+    p = padded_vol.shape[0]
+    device = padded_vol.device
+    idx = (torch.arange(box, device=device) - box // 2) % p
+    sign = 1.0 - 2.0 * (idx % 2).to(torch.float32)  # (-1)^n, n = idx (P even)
+    vol = padded_vol[idx][:, idx][:, :, idx] * (sign[:, None, None] * sign[None, :, None])
     if grid_correction != "none":
         vol = vol / gridding_correction(box, p, grid_correction, device)
     return vol.to(torch.float32).contiguous()

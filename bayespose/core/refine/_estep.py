@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from bayespose.core import parallel
 from bayespose.core.assign import NoiseModel, PoseAssignment, PoseSearch, assign_poses
 from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.priors import RotationPrior
@@ -115,27 +116,43 @@ def e_step(particles: ParticleSet, images: np.ndarray | None, reference: np.ndar
                         device=str(device), threads=config.threads)
     n = len(particles)
     e_progress = progress("E-step") if progress else None
-    result = assign_poses(particles, reference, search, prior, images, noise, keep_marginals=range(n),
-                          progress=e_progress, seed=config.seed)
     centers = particles.origins_px if (local and particles.origins_A is not None) else np.zeros((n, 2))
     grid = None if local else healpix_grid(sampling.order).rotations
     support = _Support(particles, images, reference, noise, radius, centers, [], [], [], [], [], grid)
     ncand = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        rotations, probs = result.marginals[i]
-        rot, p, needed = _candidates(rotations, probs, config.candidate_mass, config.max_candidates)
-        if (needed > config.max_candidates and config.mode == "soft" and grid is not None
-                and len(rotations) == len(grid) and np.array_equal(rotations, grid)):
-            support.broad_rows.append(i)
-            support.broad_p.append(probs / probs.sum())
-            ncand[i] = len(grid)
-        else:
-            support.rows.append(i)
-            support.cand_rot.append(rot)
-            support.cand_p.append(p)
-            ncand[i] = len(p)
-    mass = direction_mass(result.marginals, direction_order) if direction_order is not None else None
+    mass = np.zeros(12 * 4 ** direction_order) if direction_order is not None else None
+
+    def take(index: np.ndarray, marginals: dict) -> None:
+        """One batch's final-stage rotation posteriors -> its candidate supports (and direction mass); the
+        posteriors themselves are not kept (memory O(batch), not O(N · K))."""
+        for i in index:
+            rotations, probs = marginals[int(i)]
+            ncand[i] = _add_support(support, int(i), rotations, probs, config, grid)
+        if mass is not None:
+            mass[:] += direction_mass(marginals, direction_order)
+
+    result = assign_poses(particles, reference, search, prior, images, noise, progress=e_progress,
+                          seed=config.seed, on_marginals=take, distributed=True)
+    ncand = parallel.all_reduce_sum(ncand)  # each particle's count comes from the one process that scored it
+    mass = parallel.all_reduce_sum(mass) if mass is not None else None
     return HalfEStep(_particle_results(result, ncand), support, mass)
+
+
+def _add_support(support: _Support, i: int, rotations: np.ndarray, probs: np.ndarray, config: RefineConfig,
+                 grid: np.ndarray | None) -> int:
+    """Particle ``i``'s M-step support from its rotation posterior ``probs`` (K,) on ``rotations`` (K, 3, 3): its
+    candidate rotations (float32) with their renormalised probabilities, or, for a broad posterior on the whole
+    coarse grid in soft mode, that posterior (float32); returns its number of candidate rotations."""
+    rot, p, needed = _candidates(rotations, probs, config.candidate_mass, config.max_candidates)
+    if (needed > config.max_candidates and config.mode == "soft" and grid is not None
+            and len(rotations) == len(grid) and (rotations is grid or np.array_equal(rotations, grid))):
+        support.broad_rows.append(i)
+        support.broad_p.append((probs / probs.sum()).astype(np.float32))
+        return len(grid)
+    support.rows.append(i)
+    support.cand_rot.append(rot.astype(np.float32))
+    support.cand_p.append(p.astype(np.float32))
+    return len(p)
 
 
 def _particle_results(assignment: PoseAssignment, n_candidates: np.ndarray) -> ParticleResults:

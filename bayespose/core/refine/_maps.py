@@ -32,7 +32,8 @@ def maps_from(accumulators: list, pixel_size: float, mask: np.ndarray | None) ->
     """FSC of the unregularised half maps (a small ridge only: τ² of a previous cut-off would be zero beyond it,
     and the FSC of two zeroed shells would measure crop leakage) -> resolution (FSC 0.143, at least Nyquist) and
     τ² (RELION's rule); the Wiener half maps with that τ² and the combined map with the whole-map τ².
-    ``accumulators``: the two half sets' FourierAccumulators; ``mask``: (D, D, D) in [0, 1] for the FSC, or None."""
+    ``accumulators``: the two half sets' FourierAccumulators (the first one ends holding their sum); ``mask``:
+    (D, D, D) in [0, 1] for the FSC, or None."""
     provisional = [acc.reconstruct(tau2=None).cpu().numpy() for acc in accumulators]
     freq_t, fsc_t = fsc(provisional[0], provisional[1], pixel_size, mask=mask)
     freq, fsc_values = freq_t.cpu().numpy(), fsc_t.cpu().numpy()
@@ -40,7 +41,7 @@ def maps_from(accumulators: list, pixel_size: float, mask: np.ndarray | None) ->
     mean_weight = 0.5 * (accumulators[0].mean_weight_per_shell() + accumulators[1].mean_weight_per_shell())
     tau2 = tau2_from_fsc(fsc_values, mean_weight[:len(fsc_values)])
     half_maps = [acc.reconstruct(tau2=tau2).cpu().numpy() for acc in accumulators]
-    both = accumulators[0] + accumulators[1]
+    both = accumulators[0].add_(accumulators[1])  # in place: no third grid (0.8 GB at box 256)
     combined = both.reconstruct(tau2=tau2_from_fsc(fsc_values, both.mean_weight_per_shell()[:len(fsc_values)],
                                                    whole_map=True)).cpu().numpy()
     return Maps(half_maps, combined, freq, fsc_values, float(resolution), tau2.cpu().numpy())

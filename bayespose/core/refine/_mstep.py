@@ -27,6 +27,7 @@ import healpy
 import numpy as np
 import torch
 
+from bayespose.core import parallel
 from bayespose.core.assign import NoiseModel, shift_lattice
 from bayespose.core.assign._scoring import _phase
 from bayespose.core.imaging.ctf import ctf_2d
@@ -36,6 +37,7 @@ from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.imaging.reconstruct import FourierAccumulator
 from bayespose.core.io.mrc import read_images
 from bayespose.core.refine.config import RefineConfig
+from bayespose.core.runtime import work_bytes
 
 
 def direction_density(mass: np.ndarray, order: int, pseudocount: float) -> np.ndarray:
@@ -127,12 +129,19 @@ class _HalfMStep:
         self.noise_sum += np.bincount(shell, weights=power, minlength=len(self.noise_sum))
         self.noise_count += np.bincount(shell, minlength=len(self.noise_sum)) * len(y)
 
+    def _rows_per_batch(self, width: int) -> int:
+        """Particles per batch: ``config.batch_size``, fewer when the batch's buffers (shifted data (B, J, M)
+        twice, numerators and weights (B, width, M)) would exceed :func:`work_bytes` (big boxes)."""
+        per_particle = 16 * len(self.deltas) * len(self.freqs) + 12 * width * len(self.freqs)
+        return max(1, min(self.config.batch_size, int(work_bytes(self.device) // per_particle)))
+
     def _insert(self, numerator: torch.Tensor, weight: torch.Tensor, rotations: np.ndarray) -> None:
         """Insert slices given on the scored half plane (K, M) at RELION rotations (K, 3, 3)."""
         box, flat = self.box, self.freqs.flat_index.to(self.device)
         width = box * (box // 2 + 1)
-        for s in range(0, len(rotations), 1024):
-            e = min(s + 1024, len(rotations))
+        step = max(1, min(1024, int(work_bytes(self.device) // (12 * width))))  # full slices being inserted
+        for s in range(0, len(rotations), step):
+            e = min(s + step, len(rotations))
             slices = torch.zeros((e - s, width), dtype=torch.complex64, device=self.device)
             weights = torch.zeros((e - s, width), device=self.device)
             slices[:, flat] = numerator[s:e]
@@ -146,8 +155,9 @@ class _HalfMStep:
         and rotation posteriors ``cand_p[b]`` (n_b,) (summing to 1)."""
         dev, m = self.device, len(self.freqs)
         alpha = self.noise.scale
-        for s in range(0, len(rows), self.config.batch_size):
-            sl = slice(s, s + self.config.batch_size)
+        step = self._rows_per_batch(max(len(p) for p in cand_p))
+        for s in range(0, len(rows), step):
+            sl = slice(s, s + step)
             r_b, rot_b, p_b = rows[sl], cand_rot[sl], cand_p[sl]
             b = len(r_b)
             width = max(len(p) for p in p_b)
@@ -191,37 +201,70 @@ class _HalfMStep:
     # -- shared-grid path (broad coarse posteriors)
     def shared(self, rows: np.ndarray, grid_rotations: np.ndarray, p_rows: np.ndarray) -> None:
         """Soft M-step sums for half rows ``rows`` whose rotation posteriors ``p_rows`` (R, K) live on the shared
-        grid ``grid_rotations`` (K, 3, 3): data summed per grid rotation in 2D, each rotation inserted once."""
-        dev, m = self.device, len(self.freqs)
+        grid ``grid_rotations`` (K, 3, 3): data summed per grid rotation in 2D, each rotation inserted once.
+
+        In chunks of grid rotations whose projections, numerators and weights ((Kc, 2M_s + 3M) float32) stay
+        within :func:`work_bytes` (the whole grid at Nyquist would be (K, 2M): 0.9 GB for order 2 at box 256,
+        three such arrays): p(j | i, k) is a softmax over the shifts of each rotation, so chunks over k are exact;
+        each chunk reads the rows' images again (the page cache serves them)."""
         k_total = len(grid_rotations)
-        alpha = self.noise.scale
-        proj = slice_coefficients(self.prepared, grid_rotations, self.score_kx, self.score_ky)
+        m, m_s = len(self.freqs), len(self.score_kx)
+        chunk = max(1, min(k_total, int(work_bytes(self.device) // (4 * (2 * m_s + 3 * m)))))
+        best = (np.full(len(rows), -np.inf), np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), np.int64))
+        for k0 in range(0, k_total, chunk):
+            self._shared_chunk(rows, grid_rotations[k0:k0 + chunk], p_rows[:, k0:k0 + chunk], k0, best)
+        step = self._rows_per_batch(0)
+        for s in range(0, len(rows), step):  # best pose and noise residual of each row, known only now
+            r_b, kk, jj = rows[s:s + step], best[1][s:s + step], best[2][s:s + step]
+            y, ctf, _, origins = self._batch(r_b)
+            idx = np.arange(len(r_b))
+            self.best_rot[r_b] = grid_rotations[kk]
+            self.best_org[r_b] = origins[idx, jj]
+            proj = slice_coefficients(self.prepared, grid_rotations[kk], self.score_kx, self.score_ky)
+            self._noise_from(y, ctf, proj, origins[idx, jj])
+
+    def _shared_chunk(self, rows: np.ndarray, rotations: np.ndarray, p_rows: np.ndarray, k0: int,
+                      best: tuple) -> None:
+        """One chunk of :meth:`shared`: grid rotations ``rotations`` (Kc, 3, 3) starting at grid index ``k0`` with
+        the rows' posteriors on them ``p_rows`` (R, Kc); inserts the chunk and updates ``best`` (value, grid
+        index, shift index per row: the argmax of the joint weight, first one on ties)."""
+        dev, m = self.device, len(self.freqs)
+        kc = len(rotations)
+        proj = slice_coefficients(self.prepared, rotations, self.score_kx, self.score_ky)
         m_s = proj.shape[-1]
-        proj_real = torch.view_as_real(proj).reshape(k_total, 2 * m_s)
-        numerator = torch.zeros((k_total, 2 * m), device=dev)
-        weight = torch.zeros((k_total, m), device=dev)
-        for s in range(0, len(rows), self.config.batch_size):
-            r_b = rows[s:s + self.config.batch_size]
+        proj_real = torch.view_as_real(proj).reshape(kc, 2 * m_s)
+        numerator = torch.zeros((kc, 2 * m), device=dev)
+        weight = torch.zeros((kc, m), device=dev)
+        step = self._rows_per_batch(0)
+        for s in range(0, len(rows), step):
+            r_b = rows[s:s + step]
             b = len(r_b)
-            y, ctf, z, origins = self._batch(r_b)
+            _, ctf, z, _ = self._batch(r_b)
             j = z.shape[1]
             z_real = torch.view_as_real(z).reshape(b * j, 2 * m)
             z_scored = torch.view_as_real(self._scored(z)).reshape(b * j, 2 * m_s)
-            cross = (2.0 * alpha) * (z_scored @ proj_real.T).view(b, j, k_total)
+            cross = (2.0 * self.noise.scale) * (z_scored @ proj_real.T).view(b, j, kc)
             p_t = torch.as_tensor(p_rows[s:s + b], dtype=torch.float32, device=dev)
             log_joint = torch.log(p_t)[:, None, :] + torch.log_softmax(cross, dim=1)
-            w = torch.exp(log_joint)  # (B, J, K)
-            numerator += w.reshape(b * j, k_total).T @ z_real
+            w = torch.exp(log_joint)  # (B, J, Kc)
+            numerator += w.reshape(b * j, kc).T @ z_real
             weight += w.sum(1).T @ (ctf ** 2 / self.sigma2)
-            flat_best = log_joint.reshape(b, -1).argmax(dim=1)
-            jj, kk = (flat_best // k_total).cpu().numpy(), (flat_best % k_total).cpu().numpy()
-            idx = np.arange(b)
-            self.best_rot[r_b] = grid_rotations[kk]
-            self.best_org[r_b] = origins[idx, jj]
-            self._noise_from(y, ctf, proj[torch.as_tensor(kk)], origins[idx, jj])
+            value, flat = log_joint.reshape(b, -1).max(dim=1)
+            value, flat = value.cpu().numpy(), flat.cpu().numpy()
+            better = value > best[0][s:s + b]
+            best[0][s:s + b] = np.where(better, value, best[0][s:s + b])
+            best[1][s:s + b] = np.where(better, k0 + flat % kc, best[1][s:s + b])
+            best[2][s:s + b] = np.where(better, flat // kc, best[2][s:s + b])
         keep = torch.nonzero(weight.sum(1) > 0).squeeze(1)
-        numer_c = torch.view_as_complex(numerator.view(k_total, m, 2).contiguous())
-        self._insert(numer_c[keep], weight[keep], grid_rotations[keep.cpu().numpy()])
+        numer_c = torch.view_as_complex(numerator.view(kc, m, 2).contiguous())
+        self._insert(numer_c[keep], weight[keep], rotations[keep.cpu().numpy()])
+
+    def all_reduce(self) -> None:
+        """Data-parallel run: the sums of every process (accumulator, noise residuals), on every process."""
+        parallel.all_reduce_sum(torch.view_as_real(self.accumulator.numerator))
+        parallel.all_reduce_sum(self.accumulator.weight)
+        self.noise_sum = parallel.all_reduce_sum(self.noise_sum)
+        self.noise_count = parallel.all_reduce_sum(self.noise_count)
 
 
 @dataclass
@@ -262,4 +305,5 @@ def m_step(support: _Support, config: RefineConfig, device: torch.device, progre
         mstep.shared(np.asarray(support.broad_rows), support.grid, np.stack(support.broad_p))
         if m_progress:
             m_progress(n, n)
+    mstep.all_reduce()  # under torchrun each process inserted its own particles
     return mstep

@@ -34,6 +34,12 @@ iteration and ends exactly as an uninterrupted run would (same inputs and settin
 fingerprint); with no complete iteration it starts from the beginning. A resumed finished run returns the saved
 final maps, or, if the final pass is missing, recomputes the joint-weight supports with one E-step against the
 saved references and redoes the final pass. A fresh start removes an earlier run's engine files from ``out_dir``.
+
+Data-parallel (``torchrun``, :mod:`bayespose.core.parallel`): every process runs the same iterations; each E-step
+scores every ``world_size``-th batch of particles (the per-particle results are combined), each process inserts its
+own particles, and the Fourier accumulators, noise residuals and direction mass are summed over the processes
+before the maps are made, so every process holds the state one process would (within float rounding of the sums);
+only the main process writes files and log lines.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bayespose.core import parallel
 from bayespose.core.assign import NoiseModel, estimate_noise_model
 from bayespose.core.geometry.priors import DirectionDensityPrior
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
@@ -124,7 +131,7 @@ class RefineRun:
         return resolution_to_radius(self.box, self.px, None)
 
     def say(self, line: str) -> None:
-        if self.log:
+        if self.log and parallel.is_main():
             self.log(line)
 
 
@@ -156,7 +163,7 @@ def refine(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
         state = _start(run, initial_map, fingerprint, resume)
         while state.iteration < config.iterations and not state.converged:
             state = run_iteration(state, run)
-            if run.out_dir is not None:
+            if run.out_dir is not None and parallel.is_main():
                 state.save(run.out_dir, run.px)
         maps = _final_maps(state, run) if config.final_full_resolution else state.maps
     final = replace(state.results.to_particle_set(particles, config.estimator), half_set=state.halves.astype(int))
@@ -208,8 +215,9 @@ def _start(run: RefineRun, initial_map: np.ndarray, fingerprint: dict, resume: b
             run.say(f"resuming after iteration {done} (resolution {state.resolution:.1f} Å)")
             return state
         run.say(f"no complete iteration in {run.out_dir}: starting from the beginning")
-    if run.out_dir is not None and remove_engine_files(run.out_dir):
+    if run.out_dir is not None and parallel.is_main() and remove_engine_files(run.out_dir):
         run.say(f"removed the files of an earlier refinement in {run.out_dir}")
+    parallel.barrier()  # no process starts before an earlier run's files are gone
     return _initial_state(run, initial_map, fingerprint)
 
 
@@ -222,8 +230,8 @@ def _initial_state(run: RefineRun, initial_map: np.ndarray, fingerprint: dict) -
         reference = references_from([start_map], run.reference_mask, None, px, join=False)[0]
         radius = min(run.box * px / config.initial_lowpass_A, run.nyquist)
         try:
-            noise = estimate_noise_model(run.particles, prepare_volume(reference, device=run.device), radius,
-                                         run.images, seed=config.seed)
+            noise = parallel.main_first(lambda: estimate_noise_model(
+                run.particles, prepare_volume(reference, device=run.device), radius, run.images, seed=config.seed))
         except ValueError as exc:
             raise ValueError(f"{exc} (or give the reference scale: RefineConfig.initial_scale)") from None
     else:
@@ -310,6 +318,7 @@ def _half_passes(state: EMState, run: RefineRun, sampling: Sampling, radius: flo
         if m_steps:
             mstep = m_step(estep.support, config, run.device, sub_progress)
             msteps.append(_MStepSums(mstep.accumulator, mstep.noise_sum, mstep.noise_count))
+            del mstep  # its prepared reference (0.5 GB at box 256) must not live through the other half's passes
     return esteps, msteps
 
 
@@ -371,7 +380,7 @@ def _final_pass(supports: list, it: int, run: RefineRun) -> Maps:
     maps = maps_from(accumulators, run.px, run.mask)
     run.say(f"final reconstruction to Nyquist ({2 * run.px:.1f} Å) at the weights of iteration {it}: resolution "
             f"{maps.resolution:.1f} Å (FSC 0.143), {time.perf_counter() - t0:.1f} s")
-    if run.out_dir is not None:
+    if run.out_dir is not None and parallel.is_main():
         FinalState(it, maps).save(run.out_dir, run.px)
     return maps
 
