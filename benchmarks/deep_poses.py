@@ -346,6 +346,99 @@ def section_symmetry(cfg: Config, work: Path, results: dict) -> None:
     results["symmetry"] = out
 
 
+# ------------------------------------------------------------------- issue 12: the relion_project benchmark
+@dataclass
+class RelionConfig:
+    """Sizes of the relion_project benchmark (benchmarks/_deep_relion.py): training pool and test set at box 64,
+    training sizes, network kinds, deep-prior comparison sizes (box 64, bigger boxes, finer sampling)."""
+
+    n_pool: int = 20000
+    n_test: int = 1000
+    sizes: tuple = (400, 4000, 20000)
+    kinds: tuple = ("particles", "map+particles")
+    map_only_particles: int = 4000  # particles lending their CTFs, noise and shifts to the map-only network
+    pretrain_steps: int | None = None  # None: bayespose's default
+    threads: int = 2
+    n_prior: int = 1000
+    n_box: int = 200
+    boxes: tuple = (128, 256)
+    n_fine: int = 300
+    prior_network: str = "map+particles_4000"
+    seed: int = 12
+
+
+QUICK_RELION = RelionConfig(n_pool=1200, n_test=200, sizes=(400, 1000), map_only_particles=1000, pretrain_steps=500,
+                            n_prior=100, n_box=30, boxes=(128,), n_fine=30, prior_network="map+particles_1000")
+
+
+def _relion_train_config(rcfg: RelionConfig):
+    from bayespose.core.deep.vocabulary import DEFAULT_PRETRAIN_STEPS
+
+    steps = DEFAULT_PRETRAIN_STEPS if rcfg.pretrain_steps is None else rcfg.pretrain_steps
+    return TrainConfig(pretrain_steps=steps, threads=rcfg.threads, device="cpu", seed=0)
+
+
+def section_relion_sizes(rcfg: RelionConfig, work: Path, results: dict, save) -> None:
+    """Networks trained on 400 / 4000 / 20000 particles alone, with map pre-training, and on the map alone, on
+    the relion_project particles; evaluated on the test particles (never seen, no origins)."""
+    import _deep_relion as dr
+
+    particles, images, snr = dr.relion_box_data(work, dr.BASE_BOX, rcfg.n_pool + rcfg.n_test, rcfg.seed)
+    volume, _ = read_map(fragment_map_path())
+    test_idx = np.arange(rcfg.n_pool, rcfg.n_pool + rcfg.n_test)
+    test, truth = dr.picked(particles.subset(test_idx)), particles.rotations[test_idx]
+    entry = results.setdefault("relion", {}).setdefault("sizes", {})
+    results["relion"]["data"] = {"box": dr.BASE_BOX, "snr_measured": snr, "n_pool": rcfg.n_pool,
+                                 "n_test": rcfg.n_test, "config": asdict(rcfg),
+                                 "train_config": asdict(_relion_train_config(rcfg))}
+    runs = [(kind, n) for n in rcfg.sizes for kind in rcfg.kinds] + [("map", rcfg.map_only_particles)]
+    for kind, n in runs:
+        name = f"{kind}_{n}"
+        train_idx = np.arange(n)
+        print(f"  [relion sizes] {name}", flush=True)
+        row = dr.train_variant(kind, particles.subset(train_idx), images[train_idx], volume,
+                               _relion_train_config(rcfg), work / "nets" / f"{name}.pt",
+                               lambda line, tag=name: print(f"    [{tag}] {line}", flush=True))
+        row["test"] = dr.evaluate_network(row["checkpoint"], test, images[test_idx], truth)
+        t = row["test"]
+        print(f"  [relion sizes] {name}: test MAnE {t['mane_deg']:.1f} median {t['median_deg']:.1f} > 30° "
+              f"{t['frac_over_30']:.3f} (confident half {t['frac_over_30_confident_half']:.3f}); train "
+              f"{row['train_wall_s'] / 60:.1f} min wall, other processes {row['other_cores']:.1f} cores", flush=True)
+        entry[name] = row
+        save()
+
+
+def section_relion_prior(rcfg: RelionConfig, work: Path, results: dict, save) -> None:
+    """``predict --refine-map`` (network + deep-prior MMSE) against the global MMSE search: box 64 (n_prior test
+    particles), boxes 128 / 256 (n_box particles, the upsampled map, the same network relabelled) and finer
+    sampling (order 3 + 1 level, n_fine particles)."""
+    import _deep_relion as dr
+
+    network = str(work / "nets" / f"{rcfg.prior_network}.pt")
+    if not Path(network).is_file():
+        raise SystemExit(f"no network {network}: run the relion_sizes section first")
+    entry = results.setdefault("relion", {}).setdefault("prior", {})
+    log = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+    cases = [(dr.BASE_BOX, rcfg.n_prior, {})] + [(box, rcfg.n_box, {}) for box in rcfg.boxes] + [
+        (dr.BASE_BOX, rcfg.n_fine, {"healpix_order": 3, "refine_levels": 1})]
+    for box, n, grid in cases:
+        if box == dr.BASE_BOX:
+            particles, images, _ = dr.relion_box_data(work, box, rcfg.n_pool + rcfg.n_test, rcfg.seed)
+        else:  # other poses than the training pool's
+            particles, images, _ = dr.relion_box_data(work, box, n, rcfg.seed + box)
+        idx = np.arange(len(particles) - rcfg.n_test, len(particles) - rcfg.n_test + n) if box == 64 else np.arange(n)
+        test, truth = dr.picked(particles.subset(idx)), particles.rotations[idx]
+        volume, px = read_map(dr.box_map(work, box))
+        net = network if box == dr.BASE_BOX else dr.relabelled_network(network, box, particles.pixel_size,
+                                                                        work / "nets" / f"relabelled_box{box}.pt")
+        search = PoseSearch(threads=rcfg.threads, device="cpu", **dr.box_search_kwargs(box), **grid)
+        label = f"box {box}, order {search.healpix_order} + {search.refine_levels} levels, {n} particles"
+        row = dr.compare_searches(test, images[idx], truth, volume, net, search, log, label)
+        row.update(box=box, n=n, snr_note=dr.snr_note(box), search=asdict(search))
+        entry[label] = row
+        save()
+
+
 # ------------------------------------------------------------------------------------------------ report
 def plot(results: dict, out: Path) -> None:
     from matplotlib.figure import Figure
@@ -435,6 +528,107 @@ def _deep_prior_lines(snr: str, dp: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _relion_lines(results: dict) -> list[str]:
+    """The issue-12 sections of the report (relion_project benchmark)."""
+    rel = results.get("relion")
+    if not rel:
+        return []
+    data = rel.get("data", {})
+    lines = ["## Issue 12: relion_project benchmark (networks at realistic training sizes, train from the map, "
+             "calibrated confidence, deep prior vs global search)", "",
+             f"Data: benchmarks/_deep_relion.py (module doc). {data.get('n_pool', '?')} training-pool and "
+             f"{data.get('n_test', '?')} test particles of the 3J9G fragment at box 64 (4.4 Å/px), relion_project "
+             f"--ctf --add_noise, measured SNR {data.get('snr_measured', float('nan')):.3f}, uniform poses, origins "
+             "±2 px, test particles without origins. Networks: so3grid with bayespose's defaults "
+             f"({json.dumps(data.get('train_config', {}))}); 'particles' = training on the particles alone, "
+             "'map+particles' = pre-training on synthetic projections of the consensus map then fine-tuning, "
+             "'map' = the map alone (the particles lend CTFs, noise and shifts, not their poses). Errors: geodesic "
+             "angles (degrees) on the test particles; MAnE and wMAnE (weights = network confidence) as in CESPED "
+             "(Sánchez-García et al. 2024).", ""]
+    sizes = rel.get("sizes", {})
+    if sizes:
+        lines += ["### Network alone", "",
+                  "| training | MAnE | wMAnE | median | < 10° | > 30° | > 30° in the most confident 50 % | "
+                  "train min (wall) | train CPU min | other processes (cores) | particles/s pre-train / "
+                  "fine-tune | epochs (best) | temperature |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in sizes.items():
+            t, rate = r["test"], r.get("samples_per_s", {})
+            lines.append(f"| {name.replace('_', ' on ')} | {t['mane_deg']:.1f} | {t['wmane_deg']:.1f} | "
+                         f"{t['median_deg']:.1f} | {t['frac_below_10']:.2f} | {t['frac_over_30']:.3f} | "
+                         f"{t['frac_over_30_confident_half']:.3f} | {r['train_wall_s'] / 60:.1f} | "
+                         f"{r['train_cpu_s'] / 60:.1f} | {r['other_cores']:.1f} | "
+                         f"{_f(rate.get('pretrain'), '.0f')} / {_f(rate.get('finetune'), '.0f')} | "
+                         f"{r['epochs']} ({r['best_epoch']}) | {r['temperature']:.2f} |")
+        lines.append("")
+        calib = next((r for n, r in sizes.items() if n.startswith("map+particles")
+                      and "reliability" in r["test"]), None)
+        if calib:
+            rows, raw = calib["test"]["reliability"], calib["test"]["uncalibrated"].get("reliability", [])
+            lines += ["### Calibration (reliability, `fig_reliability.png`)", "",
+                      "Predicted probability mass within X° of the mode (mean over the test particles) against the "
+                      f"observed fraction within X° ({calib['checkpoint'].split('/')[-1]}).", "",
+                      "| X | predicted, calibrated | predicted, temperature 1 | observed |", "|---|---|---|---|"]
+            for r, u in zip(rows, raw or [{}] * len(rows)):
+                lines.append(f"| {r['radius_deg']:g}° | {r['predicted']:.3f} | {_f(u.get('predicted'), '.3f')} | "
+                             f"{r['observed']:.3f} |")
+            lines.append("")
+    prior = rel.get("prior", {})
+    if prior:
+        lines += ["### predict --refine-map (network + deep-prior MMSE) against the global MMSE search", "",
+                  "Wall and CPU seconds of the same run, on the same particles (network inference included in "
+                  "the deep prior's); 'other cores' = CPU used by other processes meanwhile.", "",
+                  "| case | global MAnE / wMAnE / median | deep prior MAnE / wMAnE / median | global wall s (CPU s) | "
+                  "deep prior wall s (CPU s) | falls back | wall ratio | CPU ratio | mean-error ratio | other "
+                  "cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in prior.items():
+            g, d = r["global"], r["deep_prior"]
+            lines.append(f"| {name} ({r['snr_note']}) | {g['mane_deg']:.2f} / {g['wmane_deg']:.2f} / "
+                         f"{g['median_deg']:.2f} | {d['mane_deg']:.2f} / {d['wmane_deg']:.2f} / "
+                         f"{d['median_deg']:.2f} | {g['wall_s']:.1f} ({g['cpu_s']:.1f}) | {d['wall_s']:.1f} "
+                         f"({d['cpu_s']:.1f}) | {100 * d['fallback_fraction']:.1f} % | {r['wall_ratio']:.2f} | "
+                         f"{r['cpu_ratio']:.2f} | {r['mean_error_ratio']:.3f} | {g['other_cores']:.1f} / "
+                         f"{d['other_cores']:.1f} |")
+        lines.append("")
+    return lines
+
+
+def plot_relion(results: dict, out: Path) -> None:
+    """fig_reliability.png (calibration of the map+particles networks) and fig_sizes.png (test error against
+    training size)."""
+    from bayespose.plotting import save_figure
+    from bayespose.plotting.deep import plot_reliability
+
+    sizes = results.get("relion", {}).get("sizes", {})
+    tables = {}
+    for name, r in sizes.items():
+        if name.startswith("map") and "reliability" in r["test"]:
+            tables[f"{name.replace('_', ' on ')}"] = r["test"]["reliability"]
+            if name.startswith("map+particles") and "reliability" in r["test"].get("uncalibrated", {}):
+                tables[f"{name.replace('_', ' on ')}, temperature 1"] = r["test"]["uncalibrated"]["reliability"]
+    if tables:
+        save_figure(plot_reliability(tables, title="reliability on the test particles"), out / "fig_reliability.png",
+                    dpi=110)
+    if sizes:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5.2, 3.8))
+        ax = fig.subplots()
+        for kind, style in (("particles", "o-"), ("map+particles", "s-")):
+            pts = sorted((int(n.split("_")[-1]), r["test"]) for n, r in sizes.items() if n.startswith(kind + "_"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1]["mane_deg"] for p in pts], style, label=f"{kind}: mean")
+                ax.plot([p[0] for p in pts], [p[1]["median_deg"] for p in pts], style, alpha=0.5,
+                        label=f"{kind}: median")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training particles")
+        ax.set_ylabel("test angular error (deg)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        save_figure(fig, out / "fig_sizes.png", dpi=110)
+
+
 NOTES_HEADING = "## Notes on this run"
 
 
@@ -477,6 +671,7 @@ def write_report(results: dict, cfg: Config, out: Path, argv: list[str], seconds
             lines.append(f"| {name} | {_f(a['median_deg'])} | {_f(a['mane_deg'])} | {_f(a['frac_below_10'], '.2f')} "
                          f"| {_f(b['median_deg'])} | {_f(b['mane_deg'])} |")
         lines.append("")
+    lines += _relion_lines(results)
     lines += ["Figures: `fig_errors.png` (error histograms on half 2), `fig_training.png` (validation median "
               "error per epoch), `fig_deep_prior_tradeoff.png` (section 4: mean error against scored rotations "
               "for the fallback rules). All numbers: `results.json`.", ""]
@@ -494,11 +689,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small run (a few minutes)")
     parser.add_argument("--sections", default="halfset,symmetry", help="comma list: halfset (incl. equivariance "
                         "and deep prior), symmetry, deep_prior (section 4 alone, reusing --work; updates the "
-                        "existing results.json)")
+                        "existing results.json), relion_sizes (issue 12: networks on 400/4000/20000 "
+                        "relion_project particles with and without the map), relion_prior (issue 12: predict "
+                        "--refine-map against the global search at box 64/128/256 and finer sampling; needs "
+                        "relion_sizes' networks in --work); the relion_* sections update results.json")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None, help="folder for simulated stacks and checkpoints")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of the relion_* sections [2]")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
+    rcfg = QUICK_RELION if args.quick else RelionConfig()
+    if args.threads:
+        rcfg = replace(rcfg, threads=args.threads)
     root = Path(__file__).resolve().parent / "results" / "deep"
     out = args.out or (root / "quick" if args.quick else root)
     out.mkdir(parents=True, exist_ok=True)
@@ -508,14 +710,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict = {"config": asdict(cfg)}
     sections = args.sections.split(",")
-    unknown = set(sections) - {"halfset", "symmetry", "deep_prior"}
+    unknown = set(sections) - {"halfset", "symmetry", "deep_prior", "relion_sizes", "relion_prior"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
-    only_deep_prior = "deep_prior" in sections and "halfset" not in sections
-    if only_deep_prior and (out / "results.json").is_file():  # update section 4 of the earlier run
+    only_deep_prior = "halfset" not in sections and "symmetry" not in sections
+    if only_deep_prior and (out / "results.json").is_file():  # update the given sections of the earlier run
         results = json.loads((out / "results.json").read_text())
         results.setdefault("runs", {"halfset,symmetry": {"command": "(earlier run)",
                                                          "minutes": results.get("seconds", 0.0) / 60}})
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    for name, section in (("relion_sizes", section_relion_sizes), ("relion_prior", section_relion_prior)):
+        if name in sections:
+            started = time.perf_counter()
+            section(rcfg, work, results, save)
+            results.setdefault("runs", {})[name] = {"command": " ".join(argv),
+                                                    "minutes": (time.perf_counter() - started) / 60}
+            save()
     if "halfset" in sections:
         section_halfset(cfg, work, results)
     elif "deep_prior" in sections:
@@ -524,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         section_symmetry(cfg, work, results)
     seconds = time.perf_counter() - t0
     if only_deep_prior:
-        results.setdefault("runs", {})["deep_prior"] = {"command": " ".join(argv), "minutes": seconds / 60}
+        if "deep_prior" in sections:
+            results.setdefault("runs", {})["deep_prior"] = {"command": " ".join(argv), "minutes": seconds / 60}
     else:
         results["seconds"] = seconds
         results["runs"] = {args.sections: {"command": " ".join(argv), "minutes": seconds / 60}}
@@ -532,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     if "halfset" in results and all(m in e for e in results["halfset"].values() for m in ("so3grid", "quaternion")):
         plot(results, out)
     plot_tradeoff(results, out)
+    plot_relion(results, out)
     write_report(results, cfg, out, argv, seconds)
     print(f"wrote {out} in {seconds / 60:.1f} min", flush=True)
     return 0

@@ -15,7 +15,8 @@ from matplotlib.ticker import MaxNLocator
 
 from bayespose.plotting.assign import plot_direction_posterior
 
-__all__ = ["plot_training_history", "plot_angular_errors", "plot_predicted_distribution", "ERROR_THRESHOLDS_DEG"]
+__all__ = ["plot_training_history", "plot_angular_errors", "plot_predicted_distribution", "plot_reliability",
+           "ERROR_THRESHOLDS_DEG"]
 
 #: Angular thresholds (degrees) of the "fraction of particles below" metrics (Sanchez-Garcia et al. 2023, "CESPED:
 #: a new benchmark for supervised particle pose estimation in cryo-EM", arXiv:2311.06194, eq. 6).
@@ -36,7 +37,8 @@ def plot_training_history(history: Sequence[Mapping], best_epoch: int | None = N
     (left) and the validation mean / median angular error in degrees (right), with the best (saved) epoch marked.
 
     ``history``: rows with ``epoch``, ``train_loss``, ``val_loss``, ``val_mean_error_deg``,
-    ``val_median_error_deg`` (the checkpoint's ``history``). Raises ``ValueError`` on an empty history.
+    ``val_median_error_deg`` (the checkpoint's ``history``) and optionally ``phase`` (epochs of ``pretrain`` on
+    projections of the map are shaded). Raises ``ValueError`` on an empty history.
     """
     if not history:
         raise ValueError("the training history is empty: nothing to plot")
@@ -54,6 +56,10 @@ def plot_training_history(history: Sequence[Mapping], best_epoch: int | None = N
     ax_err.set_ylabel("angular error (degrees)")
     ax_err.set_title("validation angular error (symmetry-aware)", fontsize=9)
     ax_err.set_ylim(bottom=0)
+    pre = [row.get("epoch") for row in history if row.get("phase") == "pretrain"]
+    if pre:  # epochs of pre-training on projections of the map
+        for ax in (ax_loss, ax_err):
+            ax.axvspan(min(pre) - 0.5, max(pre) + 0.5, color="0.9", zorder=0, label="on projections of the map")
     if best_epoch is not None:
         for ax in (ax_loss, ax_err):
             ax.axvline(best_epoch, color="k", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
@@ -123,3 +129,32 @@ def plot_predicted_distribution(rotations: np.ndarray, probabilities: np.ndarray
     """
     return plot_direction_posterior(rotations, probabilities, nside=int(nside), markers=markers, title=title,
                                     min_relative=1e-4)
+
+
+def plot_reliability(tables: Mapping[str, Sequence[Mapping]], title: str = "") -> Figure:
+    """Reliability diagram of predicted pose distributions: for radii X (degrees), the mean predicted probability
+    mass within X of the predicted mode (x) against the observed fraction of particles whose mode is within X of
+    the true pose (y); a calibrated network lies on the diagonal. ``tables``: ``{"label": rows}`` with rows
+    ``radius_deg``, ``predicted``, ``observed`` (:func:`bayespose.core.deep.calibration.reliability_table`)."""
+    if not tables:
+        raise ValueError("no reliability tables to plot")
+    fig = Figure(figsize=(4.8, 4.4))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="calibrated")
+    for label, rows in tables.items():
+        x = [float(r["predicted"]) for r in rows]
+        y = [float(r["observed"]) for r in rows]
+        ax.plot(x, y, "o-", markersize=4, label=label)
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(f"{float(r['radius_deg']):g}°", (xi, yi), fontsize=6, textcoords="offset points",
+                        xytext=(3, -8))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted probability mass within X° of the mode")
+    ax.set_ylabel("observed fraction with error <= X°")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -2,10 +2,11 @@
 particles (thin wrapper over :func:`bayespose.core.deep.train_pose_network`, the same function as
 ``bayespose train``).
 
-Steps: ``convertInputStep`` (Scipion particles -> ``extra/train_particles.star``), ``trainStep`` (a job,
-:func:`~bayespose.protocols._common.run_job`, running ``trainJob`` in the form's processes; writes the
-best-validation checkpoint ``extra/pose_network.pt`` and a resumable last state next to it; a continued run resumes
-from it) and ``createOutputStep`` (a :class:`bayespose.objects.BayesposePoseNetwork` pointing at the checkpoint).
+Steps: ``convertInputStep`` (Scipion particles -> ``extra/train_particles.star``; the optional reference map ->
+``extra/reference_map.mrc``), ``trainStep`` (a job, :func:`~bayespose.protocols._common.run_job`, running
+``trainJob`` in the form's processes; writes the best-validation checkpoint ``extra/pose_network.pt`` and a
+resumable last state next to it; a continued run resumes from it) and ``createOutputStep`` (a
+:class:`bayespose.objects.BayesposePoseNetwork` pointing at the checkpoint).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pwem.protocols import EMProtocol
 from pyworkflow.constants import BETA
 
 from bayespose.convert import particles_from_scipion
-from bayespose.core.deep.vocabulary import CTF_CORRECTIONS, MODEL_TYPES
+from bayespose.core.deep.vocabulary import CTF_CORRECTIONS, DEFAULT_PRETRAIN_STEPS, MODEL_TYPES, TRAINING_DEFAULTS
+from bayespose.core.io.mrc import read_map, write_map
 from bayespose.core.io.relion_star import read_star, write_star
 from bayespose.objects import BayesposePoseNetwork
 from bayespose.protocols._common import (
@@ -23,6 +25,7 @@ from bayespose.protocols._common import (
     add_parallel_params,
     decile_logger,
     describe_particles,
+    geometry_errors,
     gpu_device,
     n_threads,
     no_gpu_warnings,
@@ -41,6 +44,7 @@ CTF_PHASE_FLIP, CTF_NONE = CTF_CODES.index("phase_flip"), CTF_CODES.index("none"
 MAX_GRID_ORDER = 3
 
 TRAIN_STAR = "train_particles.star"
+REFERENCE_MAP = "reference_map.mrc"
 CHECKPOINT = "pose_network.pt"
 GPU_HELP = ("Run the network (and the MMSE scoring) on the GPU when torch sees a CUDA device; else on the CPU, with "
             "a warning before the run. The results are the same up to float rounding.")
@@ -85,10 +89,23 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         add_gpu_params(form, GPU_HELP)
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
-                      pointerCondition="hasAlignmentProj", important=True, label="Aligned particles",
+                      important=True, label="Particles",
                       help="Particles with a 3D projection alignment (e.g. from a RELION / cryoSPARC refinement "
-                           "or a simulation): their poses are the training targets. The images must be MRC stacks. "
+                           "or a simulation): their poses are the training targets. Without an alignment, a "
+                           "consensus map is needed (map-only training). The images must be MRC stacks. "
                            "Predictions later need particles with the same box and pixel size.")
+        form.addParam("inputVolume", params.PointerParam, pointerClass="Volume", allowsNull=True,
+                      label="Consensus map (optional)",
+                      help="The particles' consensus map (same box, pixel size within 1 %), e.g. the refinement "
+                           "that gave their poses. The network is then first trained on unlimited synthetic "
+                           "projections of this map, made with the particles' own CTFs, noise spectrum (from their "
+                           "background), shifts and normalisation, and fine-tuned on the particles: useful "
+                           "networks from hundreds of particles. With a map, the particles need no alignment: a "
+                           "map-only network (a fast first guess for new data).")
+        form.addParam("pretrainSteps", params.IntParam, default=DEFAULT_PRETRAIN_STEPS,
+                      condition="inputVolume", expertLevel=params.LEVEL_ADVANCED,
+                      label="Steps on synthetic projections",
+                      help="Optimisation steps of the pre-training on projections of the map (0: none).")
         form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry",
                       help="Point group of the particles in RELION's notation: c1 (none), cN, dN, t, o, i (= i2), "
                            "i1..i4. Symmetry-equivalent poses share the training target and the errors are measured "
@@ -108,18 +125,25 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
                       help="The images are Fourier-cropped to this box before the network (a multiple of 4, at "
                            "most the particle box): smaller is faster, and the network only needs low resolution to "
                            "find the pose. The effective pixel size is pixel size x particle box / network box.")
-        form.addParam("gridOrder", params.IntParam, default=2, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("gridOrder", params.IntParam, default=TRAINING_DEFAULTS["grid_order"],
+                      expertLevel=params.LEVEL_ADVANCED,
                       label="Output grid (HEALPix order)", condition=f"modelType=={MODEL_SO3GRID}",
                       help="Resolution of the predicted distribution: HEALPix order 0-3 (spacing 60°, 30°, 15°, "
                            "7.5°; 72 x 8^order rotations). The MMSE refinement recovers finer poses from it.")
 
         form.addSection(label="Training")
-        form.addParam("epochs", params.IntParam, default=30, validators=[params.Positive], label="Maximum epochs",
-                      help="Passes over the training particles (training may stop earlier, see patience).")
-        form.addParam("batchSize", params.IntParam, default=64, validators=[params.Positive], label="Batch size",
-                      help="Particles per optimisation step. Larger batches use more (GPU) memory.")
-        form.addParam("learningRate", params.FloatParam, default=1e-3, validators=[params.Positive],
-                      label="Learning rate", help="Step size of the Adam optimiser.")
+        form.addParam("epochs", params.IntParam, default=TRAINING_DEFAULTS["epochs"], validators=[params.Positive],
+                      label="Maximum epochs",
+                      help="Epochs on the particles, each at least 2048 samples (small sets are passed several "
+                           "times per epoch); training may stop earlier, see patience.")
+        form.addParam("batchSize", params.IntParam, default=0, label="Batch size",
+                      help="Particles per optimisation step; 0 = from the data size (32 below 1000 training "
+                           "particles, 64 below 10000, else 128). Larger batches use more (GPU) memory.")
+        form.addParam("learningRate", params.FloatParam, default=TRAINING_DEFAULTS["learning_rate"],
+                      validators=[params.Positive], label="Learning rate",
+                      help="Step size of the AdamW optimiser (fine-tuning after pre-training on the map uses "
+                           f"{TRAINING_DEFAULTS['finetune_lr_factor']:g} of it); halved when the validation loss "
+                           "stalls for two epochs.")
         form.addParam("valFraction", params.FloatParam, default=0.1, label="Validation fraction",
                       help="Fraction of the particles held out (random, fixed by the seed) to measure the "
                            "validation loss and angular error each epoch, in (0, 1).")
@@ -147,10 +171,16 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def convertInputStep(self):
-        """Input particles -> extra/train_particles.star."""
+        """Input particles -> extra/train_particles.star; the consensus map -> extra/reference_map.mrc."""
+        from bayespose.protocols.protocol_simulate import volume_file
+
         particles = particles_from_scipion(self.inputParticles.get())
         write_star(self._getExtraPath(TRAIN_STAR), particles)
         self.info(describe_particles(particles, "training particles"))
+        if self.hasMap():
+            volume = self.inputVolume.get()
+            data, _ = read_map(volume_file(volume))
+            write_map(self._getExtraPath(REFERENCE_MAP), data, volume.getSamplingRate())
 
     def trainStep(self):
         """The training, as a job (:func:`run_job`: the form's processes, Scipion's queue)."""
@@ -162,15 +192,19 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         from bayespose.core.deep import last_state_path, train_pose_network
 
         particles = read_star(self._getExtraPath(TRAIN_STAR))
+        volume = read_map(self._getExtraPath(REFERENCE_MAP))[0] if self.hasMap() else None
         config = self.trainConfig(has_ctf=particles.has_ctf)
         checkpoint = self.checkpointPath()
         resume = last_state_path(checkpoint).exists()  # left by an interrupted run that is continued
-        self.info(f"training {config.model} on {len(particles)} particles: net box {config.net_box} px, "
-                  f"{config.epochs} epochs max, batch {config.batch_size}, lr {config.learning_rate:g}, device "
-                  f"{config.device}, {config.threads} thread(s){', resuming' if resume else ''}")
+        self.info(f"training {config.model} on {len(particles)} particles"
+                  f"{f' and {config.pretrain_steps} steps on projections of the map' if volume is not None else ''}"
+                  f": net box {config.net_box} px, {config.epochs} epochs max, batch "
+                  f"{config.batch_size or 'auto'}, lr {config.learning_rate:g}, device {config.device}, "
+                  f"{config.threads} thread(s){', resuming' if resume else ''}")
         result = train_pose_network(particles, config, checkpoint, log=network_log(self),
-                                    progress=progress_logger(self, "training"), resume=resume)
-        self.info(f"best epoch {result.best_epoch} of {len(result.history)}; checkpoint {result.checkpoint}")
+                                    progress=progress_logger(self, "training"), resume=resume, volume=volume)
+        self.info(f"best epoch {result.best_epoch} of {len(result.history)}, calibration temperature "
+                  f"{result.temperature:.3g}; checkpoint {result.checkpoint}")
 
     def createOutputStep(self):
         """A BayesposePoseNetwork pointing at the checkpoint, with its metadata."""
@@ -183,6 +217,10 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         self._defineSourceRelation(self.inputParticles, output)
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def hasMap(self) -> bool:
+        """A consensus map was given (train from the map)."""
+        return self.inputVolume.get() is not None
+
     def checkpointPath(self) -> str:
         """extra/pose_network.pt."""
         return self._getExtraPath(CHECKPOINT)
@@ -193,7 +231,8 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
 
         ctf = CTF_CODES[self.ctfCorrection.get()] if has_ctf else "none"
         return TrainConfig(model=MODEL_CODES[self.modelType.get()], net_box=self.netBox.get(),
-                           epochs=self.epochs.get(), batch_size=self.batchSize.get(),
+                           epochs=self.epochs.get(), batch_size=self.batchSize.get() or None,
+                           pretrain_steps=int(self.pretrainSteps.get() or 0) if self.hasMap() else 0,
                            learning_rate=self.learningRate.get(), val_fraction=self.valFraction.get(),
                            patience=self.patience.get(), symmetry=self.symmetryGroup.get().strip().upper(),
                            grid_order=self.gridOrder.get(), augment=bool(self.augment.get()), ctf_correction=ctf,
@@ -215,9 +254,18 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
             return ["Select the input particles."]
         if parts.getSize() == 0:
             errors.append("The input particle set is empty.")
-        if not parts.hasAlignmentProj():
+        if not parts.hasAlignmentProj() and not (self.hasMap() and (self.pretrainSteps.get() or 0) > 0):
             errors.append("The input particles have no 3D projection alignment: the network learns from known "
-                          "poses. Use particles from a 3D refinement (or a simulation).")
+                          "poses. Use particles from a 3D refinement (or a simulation), or give their consensus "
+                          "map to train from the map only.")
+        if self.hasMap():
+            errors += geometry_errors(parts, self.inputVolume.get(), "consensus map", require_pixel_size=False)
+            if self.modelType.get() != MODEL_SO3GRID:
+                errors.append("Training from the map needs the 'distribution over rotations' model.")
+            if (self.pretrainSteps.get() or 0) < 0:
+                errors.append("The number of steps on synthetic projections must be >= 0.")
+        if (self.batchSize.get() or 0) < 0 or self.batchSize.get() == 1:
+            errors.append("The batch size must be 0 (automatic) or at least 2.")
         errors += symmetry_errors(self.symmetryGroup.get() or "")
         dim = parts.getDim()
         if dim is not None and dim[0] and self.netBox.get() and self.netBox.get() > dim[0]:
@@ -227,7 +275,7 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
             errors.append("The network box must be a multiple of 4 and at least 8 px.")
         if not 0 < (self.valFraction.get() or 0) < 1:
             errors.append("The validation fraction must be in (0, 1).")
-        if parts.getSize() and parts.getSize() < 4:
+        if parts.getSize() and parts.getSize() < 4 and parts.hasAlignmentProj():
             errors.append("At least 4 particles are needed (a training and a validation set).")
         if self.modelType.get() == MODEL_SO3GRID and not 0 <= (self.gridOrder.get() or 0) <= MAX_GRID_ORDER:
             errors.append(f"The output grid order must be in 0..{MAX_GRID_ORDER}.")
@@ -261,10 +309,17 @@ class ProtBayesposeTrainPoseNetwork(EMProtocol):
         head = ("an Image2Sphere-style SO(3) grid head [Klee2023] (HEALPix order "
                 f"{model.getGridOrder()}) trained with cross-entropy" if model.getModelType() == "so3grid"
                 else "a unit-quaternion regression head [Lian2022]")
-        return [f"A pose-prediction network with {head} was trained with bayespose on the "
-                f"{model.getNumberOfParticles()} aligned particles of {self.getObjectTag('inputParticles')} "
-                f"(images Fourier-cropped to {model.getNetBox()} px, {100 * self.valFraction.get():g} % held out "
-                f"for validation and early stopping), giving {self.getObjectTag('outputModel')}."]
+        data = (f"the {model.getNumberOfParticles()} aligned particles of {self.getObjectTag('inputParticles')}"
+                f" (images Fourier-cropped to {model.getNetBox()} px, {100 * self.valFraction.get():g} % held out "
+                "for validation, early stopping and the calibration of its confidence)")
+        if self.hasMap():
+            data = (f"{self.pretrainSteps.get()} steps of synthetic projections of "
+                    f"{self.getObjectTag('inputVolume')} made with the CTFs, noise spectrum and shifts of the "
+                    f"particles, then fine-tuned on {data}" if self.inputParticles.get().hasAlignmentProj() else
+                    f"synthetic projections of {self.getObjectTag('inputVolume')} made with the CTFs, noise "
+                    f"spectrum and shifts of the particles of {self.getObjectTag('inputParticles')} (map only)")
+        return [f"A pose-prediction network with {head} was trained with bayespose on {data}, giving "
+                f"{self.getObjectTag('outputModel')}."]
 
 
 def network_info(network, n_particles: int | None = None) -> dict:

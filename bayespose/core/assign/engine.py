@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bayespose.core import parallel
+from bayespose.core.assign._ragged import score_ragged
 from bayespose.core.assign._scoring import ScoringCall, _Batch, _Scorer, _StageScores
 from bayespose.core.assign._search_space import _SearchSpace, shift_lattice
 from bayespose.core.assign._statistics import _significant_cells, _stage_results
@@ -261,8 +262,8 @@ class _Run:
         cells = np.where(valid, cells, cells.max(1, keepdims=True))
         rotations = self.space.grid.rotations[cells]  # (B, C, 3, 3)
         log_q = np.where(valid, self.space.log_q[cells], -np.inf)
-        scores = self.scorer.score(batch, self.radii[0], rotations, log_q,
-                                   self.prior.log_density(rotations, batch.index), lattice_ids=cells)
+        scores = score_ragged(self.scorer, batch, self.radii[0], rotations, log_q,
+                              self.prior.log_density(rotations, batch.index), lattice_ids=cells)
         self.scored += int(valid.sum())
         return scores, rotations, cells
 
@@ -301,9 +302,9 @@ class _Run:
             psi_i = np.mod(np.rint(cell_psi * n_psi / 360.0 - 0.5).astype(np.int64), n_psi)
             # lattice ids carry the level: the projection cache is keyed by radius only, and levels whose radii
             # coincide (e.g. all capped at Nyquist) must not share ids (cell i of level 1 is not cell i of level 2)
-            scores = self.scorer.score(sub, self.radii[level], children, np.where(valid, 0.0, -np.inf),
-                                       self.prior.log_density(children, sub.index),
-                                       lattice_ids=cell_dir * n_psi + psi_i + (level << 40), stage=level)
+            scores = score_ragged(self.scorer, sub, self.radii[level], children, np.where(valid, 0.0, -np.inf),
+                                  self.prior.log_density(children, sub.index),
+                                  lattice_ids=cell_dir * n_psi + psi_i + (level << 40), stage=level)
             self._store(sub.index, scores, children, self.space.spacing_deg / 2 ** level)
             self.n_refined[level - 1] += len(active)
             self.scored += int(valid.sum())

@@ -43,6 +43,7 @@ from bayespose.core.imaging.forward import shift_fourier
 from bayespose.core.imaging.particles import ParticleSet
 
 __all__ = ["preprocess_images", "read_network_inputs", "fourier_resize", "normalise_background", "circular_mask",
+           "augment_inputs",
            "rotate_shift_images", "inplane_rotation_matrix", "grid_targets", "symmetry_quaternions"]
 
 def fourier_resize(images: torch.Tensor, new_box: int) -> torch.Tensor:
@@ -93,12 +94,18 @@ def normalise_background(images: torch.Tensor, radius: float | None = None) -> t
 
 def preprocess_images(images: np.ndarray | torch.Tensor, particles: ParticleSet, index: np.ndarray | None,
                       net_box: int, ctf_correction: CtfCorrection = "phase_flip",
-                      batch_size: int = 512) -> torch.Tensor:
+                      batch_size: int = 512, work_box: int | None = None) -> torch.Tensor:
     """Network inputs (N, net_box, net_box) float32 (CPU) from particle images (N, D, D) (see module doc).
 
     ``particles``: the set the images belong to; ``index`` (N,): which of its particles the images are (None:
     all). Centring uses ``particles.origins_A`` (Å) when present; phase flipping uses ``particles.ctf`` when
     ``ctf_correction == "phase_flip"`` (particles without CTF are left as they are).
+
+    ``work_box`` (training, :func:`augment_inputs`): return instead the images Fourier-cropped to ``work_box``
+    (``net_box <= work_box <= D``), normalised with the background mean and std of their ``net_box`` crop and not
+    masked; then ``fourier_resize(x, net_box) * circular_mask(net_box)`` is the network input (the Fourier crop
+    is linear and keeps constants), and in-plane turns interpolated at the finer ``work_box`` leave the frequencies
+    the network sees nearly untouched.
     """
     if ctf_correction not in CTF_CORRECTIONS:
         raise ValueError(f"ctf_correction must be one of {CTF_CORRECTIONS}, got {ctf_correction!r}")
@@ -110,7 +117,8 @@ def preprocess_images(images: np.ndarray | torch.Tensor, particles: ParticleSet,
         raise ValueError(f"{len(imgs)} images for {len(index)} particles")
     if imgs.shape[-1] != particles.box:
         raise ValueError(f"images are {imgs.shape[-1]} px, the particle set says box = {particles.box}")
-    out = torch.empty((len(imgs), net_box, net_box), dtype=torch.float32)
+    size = net_box if work_box is None else work_box
+    out = torch.empty((len(imgs), size, size), dtype=torch.float32)
     mask = circular_mask(net_box)
     for s in range(0, len(imgs), batch_size):
         sel = slice(s, s + batch_size)
@@ -121,7 +129,10 @@ def preprocess_images(images: np.ndarray | torch.Tensor, particles: ParticleSet,
         if ctf_correction == "phase_flip" and particles.ctf is not None:
             f = f * torch.sign(ctf_2d(particles.ctf.subset(rows), particles.pixel_size, particles.box, rfft=True))
         real = torch.fft.irfft2(f, s=imgs.shape[-2:])
-        out[sel] = normalise_background(fourier_resize(real, net_box)) * mask
+        if work_box is None:
+            out[sel] = normalise_background(fourier_resize(real, net_box)) * mask
+        else:
+            out[sel] = _normalise_like(fourier_resize(real, work_box), net_box)
     return out
 
 
@@ -139,6 +150,26 @@ def read_network_inputs(particles: ParticleSet, images: np.ndarray | None, net_b
         imgs = images[index] if images is not None else read_images(particles, index)
         parts.append(preprocess_images(imgs, particles, index, net_box, ctf_correction))
     return torch.cat(parts) if parts else torch.zeros((0, net_box, net_box))
+
+
+def _normalise_like(images: torch.Tensor, net_box: int) -> torch.Tensor:
+    """Images (B, W, W) minus the background mean and divided by the background std of their ``net_box`` crop."""
+    small = fourier_resize(images, net_box)
+    c = torch.arange(net_box, device=images.device) - net_box // 2
+    outside = (c[:, None] ** 2 + c[None, :] ** 2) > (net_box / 2.0) ** 2
+    bg = small[:, outside]
+    return (images - bg.mean(1)[:, None, None]) / bg.std(1).clamp_min(1e-8)[:, None, None]
+
+
+def augment_inputs(work_images: torch.Tensor, net_box: int, angle_deg=None, shift_px=None) -> torch.Tensor:
+    """Network inputs (B, net_box, net_box) from ``work_box`` images of :func:`preprocess_images`: turned in-plane
+    by ``angle_deg`` (B,) degrees and moved by ``shift_px`` (B, 2) px of the work box (:func:`rotate_shift_images`;
+    None: not turned / not moved), Fourier-cropped to ``net_box`` and masked. Without a turn or shift this is
+    exactly :func:`preprocess_images`'s input. The pose of a turned image is ``inplane_rotation_matrix(a) @ A``."""
+    x = work_images
+    if angle_deg is not None or shift_px is not None:
+        x = rotate_shift_images(x, np.zeros(len(x)) if angle_deg is None else angle_deg, shift_px)
+    return fourier_resize(x, net_box) * circular_mask(net_box, device=x.device)
 
 
 def inplane_rotation_matrix(angle_deg: np.ndarray | float) -> np.ndarray:

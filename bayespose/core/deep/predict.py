@@ -1,8 +1,9 @@
 """Inference with a trained pose network: the predicted distribution over SO(3), its mode and a confidence.
 
 Rotations are RELION ``A`` matrices (volume -> image). For the ``so3grid`` model the distribution is the softmax
-of the logits on ``healpix_grid(grid_order)`` (cell k = direction * n_psi + psi index,
-:mod:`bayespose.core.geometry.grids`).
+of the logits divided by the network's temperature (fitted on held-out particles after training,
+:mod:`.calibration`; 1 for an uncalibrated network) on ``healpix_grid(grid_order)`` (cell k = direction * n_psi +
+psi index, :mod:`bayespose.core.geometry.grids`).
 
 * **Mode**: the most probable cell, refined below the grid spacing by the probability-weighted mean (projected on
   SO(3), 000 eq. 15-19) of the cells within 1.5 grid spacings of it, folded to its symmetry mates.
@@ -172,7 +173,7 @@ def predict_from_inputs(network, inputs: torch.Tensor, top_k: int = 8, batch_siz
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if network.config.model == "so3grid":
         logits = forward_batches(model, inputs, batch_size, dev, progress)
-        log_probs = torch.log_softmax(logits.double(), dim=1).numpy()
+        log_probs = torch.log_softmax(logits.double() / float(getattr(network, "temperature", 1.0)), dim=1).numpy()
         grid = healpix_grid(network.grid_order)
         modes, conf = grid_modes(log_probs, grid.rotations, grid.spacing_deg, network.symmetry)
         idx, probs = _top_cells(log_probs, top_k)

@@ -64,6 +64,7 @@ Shifts: the shift lattice of ``search`` around each particle's input origin. Sym
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -93,6 +94,7 @@ from bayespose.core.results import ParticleResults
 from bayespose.core.runtime import choose_device
 
 __all__ = ["deep_prior_assign", "DeepPriorSearch", "default_local_range_deg", "cells_near", "seed_rotations",
+           "seed_cells", "neighbour_table",
            "fit_zscores", "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit",
            "SEARCH_METHODS", "AUTO_FALLBACK_Z", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS"]
 
@@ -127,6 +129,31 @@ def cells_near(rotations: np.ndarray, order: int, range_deg: float, chunk: int |
     return np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows])
 
 
+def _top_cells(prediction: PosePrediction, seed_mass: float | None, max_seed_cells: int,
+               top_k: int | None) -> tuple[np.ndarray | None, np.ndarray]:
+    """Per particle the most probable cells of the prediction's grid (N, C) (rows padded by repeating the most
+    probable cell) and their counts (N,), or (None, counts) when the seeds are the fixed top-K rotations."""
+    if seed_mass is None or prediction.log_probabilities is None:
+        k = prediction.top_rotations.shape[1] if top_k is None else min(top_k, prediction.top_rotations.shape[1])
+        return None, np.full(len(prediction), k)
+    if not 0 < seed_mass <= 1:
+        raise ValueError(f"seed_mass must be in (0, 1] (a fraction of the predicted probability), got {seed_mass}")
+    if max_seed_cells < 1:
+        raise ValueError(f"max_seed_cells must be >= 1, got {max_seed_cells}")
+    log_p = np.asarray(prediction.log_probabilities, dtype=np.float64)
+    cap = min(int(max_seed_cells), log_p.shape[1])
+    top = np.argpartition(-log_p, cap - 1, axis=1)[:, :cap] if cap < log_p.shape[1] else np.tile(
+        np.arange(log_p.shape[1]), (len(log_p), 1))
+    top_logp = np.take_along_axis(log_p, top, axis=1)
+    order = np.argsort(-top_logp, axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    peak = log_p.max(1, keepdims=True)
+    log_norm = peak + np.log(np.exp(log_p - peak).sum(1, keepdims=True))
+    p = np.exp(np.take_along_axis(top_logp, order, axis=1) - log_norm)
+    counts = np.minimum((np.cumsum(p, axis=1) < seed_mass).sum(1) + 1, cap)
+    return np.where(np.arange(cap)[None] < counts[:, None], top, top[:, :1]), counts
+
+
 def seed_rotations(prediction: PosePrediction, seed_mass: float | None = DEFAULT_SEED_MASS,
                    max_seed_cells: int = DEFAULT_MAX_SEED_CELLS,
                    top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -141,27 +168,61 @@ def seed_rotations(prediction: PosePrediction, seed_mass: float | None = DEFAULT
     centres = np.asarray(prediction.top_rotations, dtype=np.float64)
     if centres.ndim != 4 or centres.shape[-2:] != (3, 3):
         raise ValueError(f"prediction.top_rotations must be (N, K, 3, 3), got {centres.shape}")
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        centres = centres[:, :top_k]
-    if seed_mass is None or prediction.log_probabilities is None:
-        return centres, np.full(len(centres), centres.shape[1])
-    if not 0 < seed_mass <= 1:
-        raise ValueError(f"seed_mass must be in (0, 1] (a fraction of the predicted probability), got {seed_mass}")
-    if max_seed_cells < 1:
-        raise ValueError(f"max_seed_cells must be >= 1, got {max_seed_cells}")
-    log_p = np.asarray(prediction.log_probabilities, dtype=np.float64)
-    cap = min(int(max_seed_cells), log_p.shape[1])
-    top = np.argpartition(-log_p, cap - 1, axis=1)[:, :cap] if cap < log_p.shape[1] else np.tile(
-        np.arange(log_p.shape[1]), (len(log_p), 1))
-    top_logp = np.take_along_axis(log_p, top, axis=1)
-    order = np.argsort(-top_logp, axis=1)
-    top = np.take_along_axis(top, order, axis=1)
-    p = np.exp(np.take_along_axis(top_logp, order, axis=1) - np.logaddexp.reduce(log_p, axis=1, keepdims=True))
-    counts = np.minimum((np.cumsum(p, axis=1) < seed_mass).sum(1) + 1, cap)
-    cells = np.where(np.arange(cap)[None] < counts[:, None], top, top[:, :1])
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    cells, counts = _top_cells(prediction, seed_mass, max_seed_cells, top_k)
+    if cells is None:
+        return centres[:, :counts[0]], counts
     return healpix_grid(int(prediction.grid_order)).rotations[cells], counts
+
+
+@functools.lru_cache(maxsize=8)
+def neighbour_table(order: int, range_deg: float) -> np.ndarray:
+    """For each cell of ``healpix_grid(order)`` the cells whose centre lies within ``range_deg`` degrees of its
+    centre, itself first: (K, W) int64 padded with -1 (unit quaternions ``q`` and ``-q`` in a k-d tree; the angle
+    ``t`` between two rotations is ``2 arccos |<q1, q2>|``)."""
+    from scipy.spatial import cKDTree
+    from scipy.spatial.transform import Rotation
+
+    q = Rotation.from_matrix(healpix_grid(order).rotations).as_quat()
+    k = len(q)
+    radius = math.sqrt(max(0.0, 2.0 - 2.0 * math.cos(math.radians(range_deg) / 2.0))) + 1e-9
+    lists = cKDTree(np.concatenate([q, -q])).query_ball_point(q, radius)
+    rows = [np.unique(np.asarray(row, dtype=np.int64) % k) for row in lists]
+    rows = [np.concatenate([[i], row[row != i]]) for i, row in enumerate(rows)]
+    width = max(len(r) for r in rows)
+    return np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows])
+
+
+def _unique_rows(cells: np.ndarray) -> np.ndarray:
+    """Each row's distinct non-negative entries, compacted to the left and padded with -1 (N, C')."""
+    srt = np.sort(cells, axis=1)
+    keep = (srt >= 0) & np.concatenate([np.ones((len(srt), 1), bool), srt[:, 1:] != srt[:, :-1]], axis=1)
+    order = np.argsort(~keep, axis=1, kind="stable")
+    width = max(int(keep.sum(1).max()), 1)
+    out = np.take_along_axis(np.where(keep, srt, -1), order, axis=1)[:, :width]
+    return out
+
+
+def seed_cells(prediction: PosePrediction, order: int, range_deg: float,
+               seed_mass: float | None = DEFAULT_SEED_MASS, max_seed_cells: int = DEFAULT_MAX_SEED_CELLS,
+               top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of ``healpix_grid(order)`` a seeded search scores first: (N, C) indices padded with -1, and the
+    number of seeds per particle (N,).
+
+    The seeds (:func:`seed_rotations`: the predicted cells holding ``seed_mass`` of the probability, or the top-K
+    rotations) are mapped to the cell of ``order`` that contains them, and every cell whose centre lies within
+    ``range_deg`` of such a cell is added (:func:`neighbour_table`; this covers seeds near a cell's border). When
+    ``order`` is the prediction's own grid the seed cells are the predicted cells themselves.
+    """
+    cells, counts = _top_cells(prediction, seed_mass, max_seed_cells, top_k)
+    if cells is not None and prediction.grid_order is not None and int(prediction.grid_order) == order:
+        mapped = cells
+    else:
+        rotations, counts = seed_rotations(prediction, seed_mass, max_seed_cells, top_k)
+        mapped = GridPrior(order, np.zeros((1, len(healpix_grid(order))))).cell_index(rotations)
+    table = neighbour_table(int(order), round(float(range_deg), 6))
+    return _unique_rows(table[mapped].reshape(len(mapped), -1)), counts
 
 
 @dataclass
@@ -390,7 +451,6 @@ def _search_predicted_regions(
         config: DeepPriorSearch, symmetry: str, images: np.ndarray | None, noise: NoiseModel | None,
         progress: Callable[[int, int], None] | None) -> tuple[PoseAssignment, PoseSearch, np.ndarray]:
     """Stages 1-2 (module doc): the deep-prior assignment, the engine settings it ran with and the seed counts."""
-    centres, counts = seed_rotations(prediction, config.seed_mass, config.max_seed_cells, config.top_k)
     range_deg = (float(config.local_range_deg) if config.local_range_deg is not None
                  else default_local_range_deg(prediction, config.method))
     if prediction.log_probabilities is not None:
@@ -398,16 +458,29 @@ def _search_predicted_regions(
     else:
         prior = IGSO3Prior(np.asarray(prediction.rotations, dtype=np.float64), math.radians(range_deg) / 3.0)
     if config.method == "cells":
-        deep_search = replace(search, local_range_deg=None, symmetry=symmetry)
-        seeds = cells_near(centres, deep_search.healpix_order, range_deg)
+        deep_search = replace(search, local_range_deg=None, symmetry=symmetry, **_start_order(search, prediction))
+        seeds, counts = seed_cells(prediction, deep_search.healpix_order, range_deg, config.seed_mass,
+                                   config.max_seed_cells, config.top_k)
         deep = assign_poses(target, volume, deep_search, prior, images=images, noise=noise, progress=progress,
                             seed_cells=seeds)
     else:
+        centres, counts = seed_rotations(prediction, config.seed_mass, config.max_seed_cells, config.top_k)
         deep_search = replace(search, local_range_deg=range_deg,
                               local_step_deg=search.local_step_deg or range_deg / 3.0, symmetry=symmetry)
         deep = assign_poses(target, volume, deep_search, prior, images=images, noise=noise, progress=progress,
                             centers=centres)
     return deep, deep_search, counts
+
+
+def _start_order(search: PoseSearch, prediction: PosePrediction) -> dict:
+    """Where the seeded coarse-to-fine search starts: on the network's own grid when it is finer than the
+    search's coarse grid (its cells are already resolved by the prediction; the coarse levels are skipped), with
+    the levels that end on the same finest grid as the global search; else the search's own grid."""
+    order = prediction.grid_order
+    finest = search.healpix_order + search.refine_levels
+    if order is None or not search.healpix_order < int(order) <= finest:
+        return {}
+    return {"healpix_order": int(order), "refine_levels": finest - int(order)}
 
 
 def _verify_and_fall_back(result: DeepPriorAssignment, target: ParticleSet, volume: np.ndarray,

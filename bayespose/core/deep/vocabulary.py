@@ -9,7 +9,9 @@ Defined once here (no torch: the CLI builds its argument choices from this modul
   :mod:`.prior_refine`) and its measured defaults :data:`DEFAULT_SEED_MASS`, :data:`DEFAULT_MAX_SEED_CELLS` and
   :data:`AUTO_FALLBACK_Z`, and :func:`fallback_threshold` that reads a user's ``auto | none | Z``;
 * :data:`NETWORK_PIXEL_RTOL`: the relative pixel-size tolerance between a network's training particles and the
-  particles it predicts.
+  particles it predicts;
+* the training defaults (:data:`TRAINING_DEFAULTS`: learning rate, epochs, output grid order, pre-training steps
+  with a map, fine-tuning rate factor), measured on benchmarks/deep_poses.py (benchmarks/results/deep/README.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import math
 from typing import Literal, get_args
 
 __all__ = ["ModelType", "MODEL_TYPES", "CtfCorrection", "CTF_CORRECTIONS", "SearchMethod", "SEARCH_METHODS",
-           "NETWORK_PIXEL_RTOL", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS", "AUTO_FALLBACK_Z", "fallback_threshold"]
+           "NETWORK_PIXEL_RTOL", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS", "AUTO_FALLBACK_Z", "fallback_threshold",
+           "DEFAULT_PRETRAIN_STEPS", "TRAINING_DEFAULTS"]
 
 ModelType = Literal["so3grid", "quaternion"]
 MODEL_TYPES: tuple[ModelType, ...] = get_args(ModelType)
@@ -32,6 +35,10 @@ SEARCH_METHODS: tuple[SearchMethod, ...] = get_args(SearchMethod)
 # A network sees Fourier-cropped images in pixel units: particles at another pixel size show the molecule at
 # another magnification, and its predictions would be silently wrong. Pixel sizes must agree within 0.1 %.
 NETWORK_PIXEL_RTOL = 1e-3
+
+# training defaults (TrainConfig reads them; the CLI shows them without importing torch)
+DEFAULT_PRETRAIN_STEPS = 6000  # steps on synthetic projections when a map is given (``bayespose train --map``)
+TRAINING_DEFAULTS = {"learning_rate": 2e-3, "epochs": 30, "grid_order": 3, "finetune_lr_factor": 0.3}
 
 # deep-prior MMSE defaults, chosen on benchmarks/deep_poses.py section 4 (benchmarks/results/deep/README.md,
 # "Deep-prior MMSE: seeds and fallback")

@@ -177,7 +177,8 @@ class GridPrior(RotationPrior):
         if log_weights.ndim != 2 or log_weights.shape[1] != len(self.grid):
             raise ValueError(f"grid prior needs (N, {len(self.grid)}) log weights for HEALPix order {order}, got "
                              f"{log_weights.shape}")
-        norm = np.logaddexp.reduce(log_weights, axis=1, keepdims=True)
+        peak = log_weights.max(axis=1, keepdims=True)  # log-sum-exp (np.logaddexp.reduce is ~10x slower)
+        norm = peak + np.log(np.exp(log_weights - peak).sum(axis=1, keepdims=True))
         self.log_density_cells = log_weights - norm + np.log(len(self.grid))
         self.name = f"grid prior (HEALPix order {order}, per particle)"
 

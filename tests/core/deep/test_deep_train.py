@@ -24,11 +24,11 @@ from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_da
 from bayespose.core.io.mrc import read_images, read_map
 from bayespose.data import fragment_map_path
 
-# measured (2-core CPU, seed 0, ~40 s for the whole module): best validation median so3grid 15.6° (epoch 36),
-# quaternion 45.9° (epoch 39); uniformly random rotations give ~126°
-SO3GRID = dict(model="so3grid", grid_order=1, lmax=4, channels=32, so3_channels=4, epochs=40, learning_rate=2e-3,
-               batch_size=16, patience=40, val_fraction=0.2, threads=1, device="cpu")
-QUATERNION = dict(model="quaternion", channels=32, epochs=40, learning_rate=1e-3, batch_size=32, patience=40,
+# an epoch is at least 2048 samples (_training.MIN_EPOCH_SAMPLES): 6 epochs of the 320 training particles are
+# about 40 passes. Uniformly random rotations give ~126°
+SO3GRID = dict(model="so3grid", grid_order=1, lmax=4, channels=32, so3_channels=4, epochs=6, learning_rate=2e-3,
+               batch_size=16, patience=6, val_fraction=0.2, threads=1, device="cpu")
+QUATERNION = dict(model="quaternion", channels=32, epochs=6, learning_rate=1e-3, batch_size=32, patience=6,
                   val_fraction=0.2, threads=1, device="cpu")
 
 
@@ -65,7 +65,7 @@ def test_so3grid_learns_poses(so3grid_run):
     best = _best(result)
     print("so3grid best validation epoch", best)
     assert best["val_median_error_deg"] < 40.0, best
-    assert result.history[0]["val_median_error_deg"] > 60.0  # it did learn: the first epoch is near random
+    assert result.history[0]["val_median_error_deg"] > best["val_median_error_deg"] + 5  # it kept learning
     assert len(lines) >= len(result.history) and "val error" in lines[1]
     assert set(best) >= {"epoch", "train_loss", "val_loss", "val_mean_error_deg", "val_median_error_deg",
                          "seconds"}
@@ -86,10 +86,15 @@ def test_checkpoint_round_trip(so3grid_run, training_set):
     assert (net.box, net.symmetry, net.grid_order, net.config.model) == (64, "C1", 1, "so3grid")
     assert net.pixel_size == pytest.approx(particles.pixel_size)
     assert len(net.history) == len(result.history)
+    assert net.temperature == pytest.approx(result.temperature) and net.temperature != 1.0
     val = np.asarray(net.metadata["val_idx"])
+    calibrated = predict_poses(net, particles.subset(val), images=images[val], top_k=5)
+    net.temperature = 1.0  # the validation during training is uncalibrated
     pred = predict_poses(net, particles.subset(val), images=images[val], top_k=5)
     errors = geodesic_distance_deg(pred.rotations, particles.rotations[val])
     assert np.median(errors) == pytest.approx(_best(result)["val_median_error_deg"], abs=1e-3)
+    # the temperature changes the probabilities, not the ranking of the cells
+    np.testing.assert_array_equal(np.argmax(calibrated.log_probabilities, 1), np.argmax(pred.log_probabilities, 1))
     np.testing.assert_allclose(np.logaddexp.reduce(pred.log_probabilities.astype(np.float64), axis=1), 0.0,
                                atol=1e-4)
     assert pred.top_rotations.shape == (len(val), 5, 3, 3)
