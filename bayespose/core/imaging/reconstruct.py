@@ -47,6 +47,7 @@ __all__ = [
     "backproject_coefficients",
     "FourierAccumulator",
     "reconstruct",
+    "mask_outside_sphere",
     "shell_average",
     "tau2_from_fsc",
     "fsc",
@@ -327,26 +328,19 @@ def _fold(grid: torch.Tensor, hermitian_conj: bool = True) -> torch.Tensor:
     return h
 
 
-def _radius_d(padded: int, box: int, device) -> torch.Tensor:
-    """|k| in Fourier px of the D-box for every voxel of a folded grid (P, P, P // 2 + 1)."""
-    j = (torch.arange(padded, device=device, dtype=torch.float32) - padded // 2) * (box / padded)
-    jx = torch.arange(padded // 2 + 1, device=device, dtype=torch.float32) * (box / padded)
-    return torch.sqrt(j[:, None, None] ** 2 + j[None, :, None] ** 2 + jx[None, None, :] ** 2)
-
-
 def shell_average(folded: torch.Tensor, box: int) -> torch.Tensor:
     """Mean of a folded grid (P, P, P // 2 + 1) over D-box shells ``round(|k|)`` = 0 .. D // 2 -> (D // 2 + 1,).
 
     Every voxel of the shell counts (empty ones too), as RELION's ``updateSSNRarrays``.
     """
-    p = folded.shape[0]
-    r = _radius_d(p, box, folded.device)
-    shell = torch.round(r).long()
     n = box // 2 + 1
-    keep = shell < n
-    sums = torch.zeros(n, dtype=torch.float64, device=folded.device).index_add_(
-        0, shell[keep], folded[keep].to(torch.float64))
-    counts = torch.bincount(shell[keep], minlength=n).to(torch.float64)
+    sums = torch.zeros(n, dtype=torch.float64, device=folded.device)
+    counts = torch.zeros(n, dtype=torch.float64, device=folded.device)
+    for z, radius in _radius_slabs(folded.shape[0], box, folded.device):  # slab by slab: no P³ index arrays
+        shell = torch.round(radius).long()
+        keep = shell < n
+        sums.index_add_(0, shell[keep], folded[z][keep].to(torch.float64))
+        counts += torch.bincount(shell[keep], minlength=n).to(torch.float64)
     return (sums / counts.clamp(min=1)).to(torch.float32)
 
 
@@ -368,9 +362,13 @@ def _inverse_tau2(tau2, radius: torch.Tensor, box: int) -> torch.Tensor:
     return torch.where(val > 0, 1.0 / val.clamp(min=torch.finfo(torch.float32).tiny), torch.full_like(val, math.inf))
 
 
+WIENER_MODES = ("voxel", "shell")
+
+
 def reconstruct(numerator: torch.Tensor, weight: torch.Tensor, box: int, tau2=None,
                 regularization: float = 1e-3, max_radius: float | None = None,
-                grid_correction: str = "radial") -> torch.Tensor:
+                grid_correction: str = "radial", mask_outside: bool = False, wiener: str = "voxel"
+                ) -> torch.Tensor:
     """Wiener-filtered map (D, D, D) float32, ``[z, y, x]``, centre ``D // 2``, from accumulated raw grids.
 
     ``numerator`` complex / ``weight`` real, raw grids ``(P + 1, P + 1, P // 2 + 1)`` (:class:`FourierAccumulator`).
@@ -382,10 +380,23 @@ def reconstruct(numerator: torch.Tensor, weight: torch.Tensor, box: int, tau2=No
     (a small ridge that only keeps nearly empty voxels from blowing up). ``max_radius`` (Fourier px of the D-box,
     default ``D // 2``): frequencies beyond are zeroed. Then: inverse FFT, crop the padding, divide by the
     gridding correction (``grid_correction``: ``"radial"`` RELION's ``sinc²(r / P)``, default; ``"separable"``
-    ``Π sinc²(x_i / P)``, the exact transform of the trilinear kernel; ``"none"``).
+    ``Π sinc²(x_i / P)``, the exact transform of the trilinear kernel; ``"none"``). ``mask_outside``: then flatten
+    everything beyond the box's inscribed sphere (:func:`mask_outside_sphere`), as every RELION reconstruction does.
+
+    ``wiener`` (with ``tau2``): ``"voxel"`` divides every voxel by ``weight + 1 / tau²`` as above (the MAP map,
+    RELION's); ``"shell"`` keeps that per-voxel weighting but not its damping of the shell: each voxel is divided by
+    ``(weight + 1/tau²) · mean_w / (mean_w + 1/tau²)`` (``mean_w`` the shell's mean weight, so that its average
+    voxel is unscaled), and each shell's Wiener factor ``mean_w / (mean_w + 1/tau²)`` is applied to the D-box map
+    after cropping and masking. The two agree where the weights are uniform, but damping shells by orders of
+    magnitude BEFORE the padding is cropped lets the cropping leak the strong low-resolution shells into the
+    damped ones, which then correlate with the truth worse than an unregularised map does (measured on 500
+    relion_project particles at SNR 0.03 and our refinement's final weights: FSC vs the truth at 12 Å 0.075
+    ("voxel"), 0.186 ("shell"), 0.172 unregularised; ``relion_reconstruct`` from the same poses 0.150).
     """
     if grid_correction not in GRID_CORRECTIONS:
         raise ValueError(f"grid_correction must be one of {GRID_CORRECTIONS}, got {grid_correction!r}")
+    if wiener not in WIENER_MODES:
+        raise ValueError(f"wiener must be one of {WIENER_MODES}, got {wiener!r}")
     if not isinstance(numerator, torch.Tensor) or not numerator.is_complex():
         raise ValueError("numerator must be a complex torch tensor (P + 1, P + 1, P // 2 + 1)")
     p = numerator.shape[0] - 1
@@ -413,16 +424,28 @@ def reconstruct(numerator: torch.Tensor, weight: torch.Tensor, box: int, tau2=No
     else:
         t = _as_float_tensor(tau2, device, "tau2")
         inv_tau2 = lambda radius: _inverse_tau2(t, radius, box)  # noqa: E731
+    shell_w = shell_average(wgt, box) if tau2 is not None and wiener == "shell" else None
     for z, radius in _radius_slabs(p, box, device):  # the filter slab by slab, in place (memory O(P²))
-        den = wgt[z] + inv_tau2(radius)
+        inv = inv_tau2(radius)
+        den = wgt[z] + inv
+        if shell_w is not None:  # the shell's Wiener factor is left out here and applied after cropping
+            w = _interpolate_shells(shell_w, radius)
+            factor = torch.where(torch.isfinite(inv), w / (w + inv).clamp(min=1e-30), torch.zeros_like(w))
+            den = torch.where(factor > 0, den * factor, den)
         ok = (radius <= r_max) & (den > 0) & torch.isfinite(den)
         num[z] = torch.where(ok, num[z] / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num[z]))
     del wgt
-    return _centre_crop(torch.fft.irfftn(num, s=(p, p, p), dim=(0, 1, 2)), box, grid_correction)
+    vol = _centre_crop(torch.fft.irfftn(num, s=(p, p, p), dim=(0, 1, 2)), box, grid_correction)
+    if mask_outside:
+        vol = mask_outside_sphere(vol)
+    if shell_w is not None:
+        vol = _shell_wiener(vol, shell_w, tau2)
+    return vol.to(torch.float32).contiguous()
 
 
 def _radius_slabs(padded: int, box: int, device, slab: int = 32):
-    """``(z slice, |k| (Z, P, P // 2 + 1))`` over slabs of a folded grid: :func:`_radius_d` without its P³ array."""
+    """``(z slice, |k| (Z, P, P // 2 + 1))`` over slabs of a folded grid (P, P, P // 2 + 1): |k| in Fourier px of
+    the D-box, never as one P³ array."""
     j = (torch.arange(padded, device=device, dtype=torch.float32) - padded // 2) * (box / padded)
     jx = torch.arange(padded // 2 + 1, device=device, dtype=torch.float32) * (box / padded)
     yx = j[:, None] ** 2 + jx[None, :] ** 2
@@ -444,7 +467,45 @@ def _centre_crop(padded_vol: torch.Tensor, box: int, grid_correction: str) -> to
     vol = padded_vol[idx][:, idx][:, :, idx] * (sign[:, None, None] * sign[None, :, None])
     if grid_correction != "none":
         vol = vol / gridding_correction(box, p, grid_correction, device)
-    return vol.to(torch.float32).contiguous()
+    return vol
+
+
+def _interpolate_shells(values: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Per-shell ``values`` (S,) (shells 0..S-1, Fourier px) linearly interpolated at ``radius``; the last value
+    beyond the last shell."""
+    s = radius.clamp(max=values.numel() - 1)
+    i0 = torch.floor(s).long().clamp(max=values.numel() - 2)
+    f = s - i0
+    return values[i0] * (1 - f) + values[i0 + 1] * f
+
+
+def _shell_wiener(volume: torch.Tensor, mean_weight: torch.Tensor, tau2) -> torch.Tensor:
+    """``volume`` (D, D, D) with each D-box shell multiplied by its Wiener factor ``mean_w / (mean_w + 1/tau²)``
+    (``mean_weight`` and ``tau2`` per shell, linearly interpolated at ``|k|``; 0 where tau² is 0)."""
+    d = volume.shape[0]
+    k = torch.fft.fftfreq(d, d=1.0 / d, device=volume.device)
+    kx = torch.fft.rfftfreq(d, d=1.0 / d, device=volume.device)
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    inv = _inverse_tau2(tau2, r, d)
+    w = _interpolate_shells(mean_weight.to(volume.device), r)
+    factor = torch.where(torch.isfinite(inv), w / (w + inv).clamp(min=1e-30), torch.zeros_like(w))
+    return torch.fft.irfftn(torch.fft.rfftn(volume) * factor, s=volume.shape)
+
+
+def mask_outside_sphere(volume: torch.Tensor, edge_px: float = 3.0) -> torch.Tensor:
+    """RELION's ``softMaskOutsideMap`` on a reconstruction (D, D, D): kept within radius ``D / 2`` of the centre
+    voxel ``D // 2``, a raised-cosine edge of ``edge_px`` beyond it, and the rest (the corners) set to the mean
+    value out there. No particle reaches the corners (its diameter is at most the box), so they hold only
+    noise: 48 % of the box's volume, whose noise lowers the FSC against the truth at every shell (measured on 500
+    relion_project particles at SNR 0.03 with their true poses, FSC at 24.6 Å: 0.736 without, 0.827 with;
+    ``relion_reconstruct`` 0.829). Returns float32 on the volume's device."""
+    d = volume.shape[0]
+    c = torch.arange(d, device=volume.device, dtype=torch.float32) - d // 2
+    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    mask = 0.5 + 0.5 * torch.cos(math.pi * ((r - d / 2) / edge_px).clamp(0.0, 1.0))
+    outside = 1.0 - mask
+    background = (volume * outside).sum() / outside.sum().clamp(min=1e-12)
+    return (volume * mask + background * outside).to(torch.float32)
 
 
 def tau2_from_fsc(fsc_values, mean_weight, whole_map: bool = False, relion_sqrt: bool = False,
