@@ -56,7 +56,8 @@ def test_final_map_keeps_what_the_poses_hold(at_true_poses):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     _, relion_fsc = fsc(read_map(out / "relion.mrc")[0], volume, px)
-    _, ours_fsc = fsc(maps_from([a.copy() for a in accumulators], px, None).combined, volume, px)  # maps_from sums into its first
+    # maps_from sums the halves into its first accumulator: give it copies (the fixture is shared)
+    _, ours_fsc = fsc(maps_from([a.copy() for a in accumulators], px, None).combined, volume, px)
     relion_fsc, ours_fsc = relion_fsc.numpy(), ours_fsc.numpy()
     noise = np.nonzero(relion_fsc[1:] < 0.1)[0]
     shells = np.arange(1, noise[0] + 1 if len(noise) else len(relion_fsc))  # until RELION's curve reaches noise
