@@ -7,7 +7,7 @@ Scipion plugin (``Plugin``) when Scipion's ``pwem`` is importable; the core and 
 __version__ = "0.1.0"
 
 _logo = "bayespose_logo.png"
-_references = ["Balanov2026", "Scheres2012a"]
+_references = ["Xu2026", "Scheres2012a"]
 
 try:
     import pwem

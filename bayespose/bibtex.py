@@ -1,5 +1,5 @@
 """
-@article{Balanov2026,
+@article{Xu2026,
 title = "Bayesian perspective for orientation determination in cryo-EM with application to structural heterogeneity analysis",
 author = "Xu, Sheng and Balanov, Amnon and Singer, Amit and Bendory, Tamir",
 journal = "Acta Crystallographica Section D",
@@ -8,6 +8,7 @@ number = "4",
 year = "2026",
 url = "https://journals.iucr.org/d/issues/2026/04/00/bar5003/",
 eprint = "arXiv:2412.03723",
+doi = "https://doi.org/10.48550/arXiv.2412.03723",
 note = "MMSE orientation estimator, priors on SO(3), EM with rotational-prior estimation; preprint arXiv:2412.03723"
 }
 

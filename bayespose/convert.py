@@ -1,6 +1,6 @@
 """Scipion objects <-> bayespose core arrays: poses, CTF, acquisition and particle sets.
 
-Pure conversion, no science. Conventions (measured against the relion plugin, see tests/test_convert.py):
+Pure conversion, no science. Conventions (measured against the relion plugin, see tests/scipion/test_convert.py):
 
 * Core poses are RELION's: rotation ``A`` (3, 3) maps volume -> image coordinates
   (``A = Rotation.from_euler("ZYZ", [rot, tilt, psi], degrees=True).as_matrix().T``), origins are

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Accuracy evidence for MMSE orientation assignment (issue 3, evidence 1 and 2; paper 000 Fig. 1-3).
+"""Accuracy evidence for MMSE orientation assignment (issue 3, evidence 1 and 2; Xu et al. 2026 Fig. 1-3).
 
 Known poses, the asymmetric 3J9G fragment map (``bayespose.data.fragment_map_path()``, 64³ px, 4.4 Å/px), CTF
 (defocus 1.0-2.5 µm, astigmatism <= 200 Å, 300 kV, Cs 2.7 mm, 10 % amplitude contrast), no shifts unless said.
@@ -12,13 +12,13 @@ Sections (``--sections``, default all):
 
 * ``snr``   MMSE vs MAP vs MLE (uniform prior) vs SNR, particles simulated by bayespose (``simulate_dataset``) and
   independently by RELION (``relion_project --ctf --add_noise --white_noise S``) for the same true poses and CTF;
-  plus one row with shifts searched (paper 000 Fig. 1, Prop. 2).
+  plus one row with shifts searched (Xu et al. 2026 Fig. 1, Prop. 2).
 * ``prior`` poses drawn from IGSO3(identity, eta_true = 0.5 rad); MMSE/MAP with the uniform, the matched and two
-  mismatched (2x, 0.5x eta) IGSO3 priors (paper 000 Fig. 2).
+  mismatched (2x, 0.5x eta) IGSO3 priors (Xu et al. 2026 Fig. 2).
 * ``grid``  error vs the number L of grid rotations at high SNR for single HEALPix grids of order 0-3
   (``refine_levels=0``), with the engine's information-matched frequency cut-off and at Nyquist, against the
   nearest-grid-node (oracle) error; slope of log error vs log L; where the default coarse-to-fine lands
-  (paper 000 Fig. 3).
+  (Xu et al. 2026 Fig. 3).
 * ``sym``   D2- and C4-symmetrised fragment (``relion_image_handler --sym``): errors with symmetry folding vs the
   C1 fragment, and the unfolded mean (symmetric map assigned as C1) (issue 3 evidence 2).
 
@@ -102,7 +102,7 @@ FULL = Config(mode="full", n_snr=500, snrs=(1.0, 0.1, 0.05, 0.03, 0.02, 0.01, 0.
 # ------------------------------------------------------------------------------------------------ metrics
 def error_summary(err_deg: np.ndarray) -> dict:
     """Mean / median / 90th percentile geodesic error (deg), fraction under 5/10/15 deg, and the mean squared
-    chordal (Frobenius) error ``8 sin²(θ/2)`` that the MMSE estimator minimises (paper 000 sec. 2.2.3)."""
+    chordal (Frobenius) error ``8 sin²(θ/2)`` that the MMSE estimator minimises (Xu et al. 2026 sec. 2.2.3)."""
     e = np.asarray(err_deg, dtype=np.float64)
     return {"mean": float(e.mean()), "median": float(np.median(e)), "p90": float(np.percentile(e, 90)),
             "frac5": float((e < 5).mean()), "frac10": float((e < 10).mean()), "frac15": float((e < 15).mean()),
@@ -650,7 +650,7 @@ def summary_lines(runs: list[Run], oracle: dict, cfg: Config) -> list[str]:
         rs = sorted([r for r in sweep if r.label["source"] == source], key=lambda r: -r.label["snr"])
         high = [r for r in rs if r.label["snr"] >= 0.1]
         if high:
-            lines.append(f"- {source}, SNR >= 0.1: MMSE and MAP/MLE coincide up to the grid (paper 000 Prop. 2): mean "
+            lines.append(f"- {source}, SNR >= 0.1: MMSE and MAP/MLE coincide up to the grid (Xu et al. 2026 Prop. 2): mean "
                          "geodesic gap MMSE–MAP " + ", ".join(f"{r.extra['mmse_map_gap_deg']['mean']:.2f}° (SNR "
                                                               f"{r.label['snr']:g})" for r in high)
                          + " against a final grid step of 3.75°; mean errors " + ", ".join(
@@ -724,21 +724,21 @@ def write_report(out: Path, cfg: Config, runs: list[Run], oracle: dict, invarian
              "not below the geometric floor 2 / spacing (rad)) unless a row says otherwise; no shift search except where stated; uniform prior except in section 2.", "",
              "## Summary", "", *summary_lines(runs, oracle, cfg), ""]
     if any(r.section == "snr" for r in runs):
-        lines += ["## 1. MMSE vs MAP vs MLE against SNR (paper 000 Fig. 1, Prop. 2)", "",
+        lines += ["## 1. MMSE vs MAP vs MLE against SNR (Xu et al. 2026 Fig. 1, Prop. 2)", "",
                   f"N = {cfg.n_snr} particles per point, uniform poses (seed {cfg.seeds['snr']}); the same poses "
                   "and CTFs at every SNR and for both simulators. `relion_project` rows: images made by "
                   "`relion_project --ctf --add_noise --white_noise S` from a RELION 3.1 star of the true poses, "
                   "S from the clean relion_project images' variance and S²(1 − 1/64).", "",
                   "![fig1](fig1_snr.png)", "", *table_snr(runs), ""]
     if any(r.section == "prior" for r in runs):
-        lines += ["## 2. Prior (paper 000 Fig. 2)", "",
+        lines += ["## 2. Prior (Xu et al. 2026 Fig. 2)", "",
                   f"N = {cfg.n_prior} particles per point with poses drawn from IGSO3(identity, η = {cfg.eta_true} "
                   f"rad) (seed {cfg.seeds['prior']}); the same particles under each prior. The MLE column is the "
                   "argmax of the likelihood over the cells that run scored: with coarse-to-fine refinement the "
                   "refined cells follow the posterior, so it moves with the prior (the uniform-prior run's MLE is "
                   "the plain MLE).", "", "![fig2](fig2_prior.png)", "", *table_prior(runs), ""]
     if any(r.section == "grid" for r in runs):
-        lines += ["## 3. Grid size at high SNR (paper 000 Fig. 3)", "",
+        lines += ["## 3. Grid size at high SNR (Xu et al. 2026 Fig. 3)", "",
                   f"N = {cfg.n_grid} particles (seed {cfg.seeds['grid']}); single HEALPix grids (refine_levels = 0) "
                   "scored with the engine's default cut-off (information-matched, `smoothness_nats=30`, with "
                   "its geometric floor) and at Nyquist (`smoothness_nats=inf`); `radii` are the cut-offs used; `nearest node` is the error of the grid node closest to the "

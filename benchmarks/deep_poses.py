@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evidence for deep pose prediction (issue 5; papers 001, 002, 003) on simulated particles with known poses.
+"""Evidence for deep pose prediction (issue 5; Lian et al. 2022, CESPED (Sanchez-Garcia et al. 2023), CryoSphere (Chheda & Nori 2024)) on simulated particles with known poses.
 
 Data: the asymmetric 3J9G fragment (``bayespose.data.fragment_map_path()``, 64³ px, 4.4 Å/px), CTF (defocus
 1.0-2.5 µm, astigmatism <= 200 Å), no shifts, uniform poses, SNR as in :mod:`bayespose.core.imaging.simulate`.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evidence for EM refinement with rotational-prior estimation (issue 4, evidence 1-3; paper 000 sec. 4, App. F2).
+"""Evidence for EM refinement with rotational-prior estimation (issue 4, evidence 1-3; Xu et al. 2026 sec. 4, App. F2).
 
 Known truth: particles simulated from the asymmetric 3J9G fragment (``bayespose.data.fragment_map_path()``, 64³ px,
 4.4 Å/px) with CTF (defocus 1.0-2.5 µm, 300 kV), white noise at the given SNR (clean-image variance over noise
@@ -15,7 +15,7 @@ Sections (``--sections``, default all):
 * ``prior``  strong preferred orientation (``pose_distribution="preferred"``: 75 % of the views in a vMF peak of
   kappa 40 around +z): prior ``estimate`` vs ``uniform``: correlation of the estimated viewing-direction density with
   the true one (the vMF mixture averaged over each HEALPix pixel), FSC vs truth, angular errors.
-* ``noise``  Einstein from noise (paper 000 sec. 4.2): pure-noise particles (same CTF and noise level as the
+* ``noise``  Einstein from noise (Xu et al. 2026 sec. 4.2): pure-noise particles (same CTF and noise level as the
   ``truth`` set, no signal) refined from the structured template (the true map low-passed to 30 Å) with the
   reference scale the signal set gives (the program believes there is a particle): correlation of the final map
   with the template, soft vs hard.

@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
                    help="signal-to-noise ratio: signal variance / noise variance over the box; 0 = noiseless")
     p.add_argument("--pose-dist", default="uniform",
                    help="pose distribution: uniform | igso3:ETA (isotropic Gaussian on SO(3) around the identity with "
-                        "scale ETA in radians, paper 000 App. F1: small = concentrated, std of the angle ~0.67 ETA)"
+                        "scale ETA in radians, Xu et al. 2026 App. F1: small = concentrated, std of the angle ~0.67 "
+                        "ETA)"
                         " | preferred (mostly top views, uniform in-plane) [uniform]")
     p.add_argument("--ctf", action="store_true", help="apply a CTF (defocus drawn in --defocus range)")
     p.add_argument("--defocus", nargs=2, type=positive_float, default=(1.0, 2.5), metavar=("MIN", "MAX"),

@@ -70,7 +70,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
 
     _label = "assign poses (MMSE)"
     _devStatus = BETA
-    _references = ["Balanov2026"]  # pyworkflow: _citations() is a method that returns _references
+    _references = ["Xu2026"]  # pyworkflow: _citations() is a method that returns _references
     _possibleOutputs = {"outputParticles": SetOfParticles}
 
     # ------------------------------------------------------------------------------------------------- form
@@ -375,7 +375,7 @@ class ProtBayesposeAssignPoses(ProtRefine3D):
         search = self.poseSearch(self.localRange.get() if self.prior.get() == PRIOR_LOCAL else None)
         return [f"The poses of {self.outputParticles.getSize()} particles of {self.getObjectTag('inputParticles')} "
                 f"were assigned against {self.getObjectTag('inputVolume')} with bayespose's Bayesian pose "
-                f"assignment [Balanov2026]: the posterior over rotations and shifts under a Gaussian noise model "
+                f"assignment [Xu2026]: the posterior over rotations and shifts under a Gaussian noise model "
                 f"{'without CTF (ignored)' if self.ignoreCtf.get() else 'with per-particle CTF'} "
                 f"({PRIOR_CHOICES[self.prior.get()]} rotation prior; "
                 f"{self._describeSearch(search)}), from which the {self.estimatorName().upper()} pose and the "

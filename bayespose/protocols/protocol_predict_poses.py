@@ -90,7 +90,7 @@ class ProtBayesposePredictPoses(EMProtocol):
 
     _label = "predict poses"
     _devStatus = BETA
-    _references = ["Klee2023", "Lian2022", "Balanov2026", "SanchezGarcia2023"]
+    _references = ["Klee2023", "Lian2022", "Xu2026", "SanchezGarcia2023"]
     _possibleOutputs = {"outputParticles": SetOfParticles}
 
     # ------------------------------------------------------------------------------------------------- form
@@ -362,6 +362,6 @@ class ProtBayesposePredictPoses(EMProtocol):
                 f"were predicted with the pose network {self.getObjectTag('inputModel')} of bayespose {cite}")
         if self.refines():
             text += (f" and refined against {self.getObjectTag('inputVolume')} by Bayesian MMSE assignment "
-                     "[Balanov2026] on a local grid around the top "
+                     "[Xu2026] on a local grid around the top "
                      f"{self.topK.get()} predicted poses, with the predicted distribution as the rotation prior")
         return [text + f", giving {self.getObjectTag('outputParticles')}."]

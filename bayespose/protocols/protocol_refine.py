@@ -110,7 +110,7 @@ class ProtBayesposeRefine(ProtRefine3D):
 
     _label = "refine with prior estimation (EM)"
     _devStatus = BETA
-    _references = ["Balanov2026", "Scheres2012a"]  # pyworkflow: _citations() returns _references
+    _references = ["Xu2026", "Scheres2012a"]  # pyworkflow: _citations() returns _references
     _possibleOutputs = {"outputVolume": Volume, "outputFSC": FSC, "outputParticles": SetOfParticles}
 
     # ------------------------------------------------------------------------------------------------- form
@@ -410,7 +410,7 @@ class ProtBayesposeRefine(ProtRefine3D):
         return [f"{self.getObjectTag('outputVolume')} was refined from {out.summary['n_particles']} particles of "
                 f"{self.getObjectTag('inputParticles')} starting from {self.getObjectTag('inputVolume')} "
                 f"(low-pass filtered to {config.initial_lowpass_A:g} Å) by expectation-maximisation in bayespose "
-                f"[Balanov2026] ({config.mode} assignment, {prior}; HEALPix order {config.healpix_order} to "
+                f"[Xu2026] ({config.mode} assignment, {prior}; HEALPix order {config.healpix_order} to "
                 f"{config.max_healpix_order}, symmetry {config.symmetry}, {len(out.history)} iterations), with "
                 f"independent half sets as in RELION [Scheres2012a]. The gold-standard FSC reached 0.143 at "
                 f"{out.resolution_A:.2f} Å."]

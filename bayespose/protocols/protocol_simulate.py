@@ -33,7 +33,7 @@ class ProtBayesposeSimulate(EMProtocol):
 
     _label = "simulate particles"
     _devStatus = BETA
-    _references = ["Balanov2026"]
+    _references = ["Xu2026"]
     _possibleOutputs = {"outputParticles": SetOfParticles}
 
     # ------------------------------------------------------------------------------------------------- form

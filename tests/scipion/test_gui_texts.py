@@ -84,8 +84,8 @@ def test_citations_are_complete_and_cited_keys_are_links():
         text = Protocol._getCiteText(None, entry)
         assert ", ," not in text and not text.endswith(", "), f"{key} renders with an empty field: {text!r}"
     assert {"Xu", "Balanov", "Singer", "Bendory"} <= {a.split(",")[0].strip() for a in
-                                                     entries["Balanov2026"]["author"].split(" and ")}
-    assert "2412.03723" in entries["Balanov2026"].get("eprint", "") + entries["Balanov2026"].get("note", "")
+                                                     entries["Xu2026"]["author"].split(" and ")}
+    assert "2412.03723" in entries["Xu2026"].get("eprint", "") + entries["Xu2026"].get("note", "")
     # every key a methods text cites in brackets becomes a link (doi or url), not a bare key
     cited = set()
     for cls in PROTOCOLS:

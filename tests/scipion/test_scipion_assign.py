@@ -6,7 +6,7 @@ Also: the ``_bp`` attributes are sane, the viewer writes its PNGs headless and r
 consistently, the form has help everywhere and ``_validate`` catches a mismatched box and missing CTF / alignment;
 the ``_bp`` attribute names and dtypes (from the result schema) are those the protocol always wrote.
 
-Data and bounds as in tests/test_assign_cli.py (30 particles of the fragment map, CTF, SNR 0.1, shifts ±1.5 px;
+Data and bounds as in tests/cli/test_assign_cli.py (30 particles of the fragment map, CTF, SNR 0.1, shifts ±1.5 px;
 HEALPix order 2 + 2 refinement levels = 3.75° final spacing; median error < 7.5°, 90 % < 15°, max < 30°;
 origins within 1 px).
 """

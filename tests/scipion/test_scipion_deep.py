@@ -6,8 +6,8 @@ again from the project database (the BayesposePoseNetwork object, particles with
 attributes) -> viewers write their PNGs -> ``_validate`` catches a model / particle box mismatch.
 
 The network is trained for two epochs only (the accuracy of the CLI's identical code path is tested in
-tests/test_deep_cli.py); here the outputs are checked for consistency: the ``_bp`` attributes against angles computed
-with scipy from the simulation's ground truth (the protocol's star file) and from the output alignment.
+tests/cli/test_deep_cli.py); here the outputs are checked for consistency: the ``_bp`` attributes against angles
+computed with scipy from the simulation's ground truth (the protocol's star file) and from the output alignment.
 """
 
 import os

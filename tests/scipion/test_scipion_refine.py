@@ -9,7 +9,7 @@ headless. The run takes the form's default prior (estimate, the protocol's point
 catches a mismatched box, missing CTF, too few particles (per half set, with the chosen split: input half sets of
 25 and 5 are refused, a random split of the same 30 particles is not) and a bad symmetry.
 
-Data and bounds as in tests/test_refine_cli.py: the fragment map Fourier-cropped to 32 px (8.8 Å/px), 60 particles
+Data and bounds as in tests/cli/test_refine_cli.py: the fragment map Fourier-cropped to 32 px (8.8 Å/px), 60 particles
 with CTF at SNR 1, no shifts; the initial volume is the true map (low-passed to 30 Å by the refinement). Measured:
 correlation of the refined map with the truth 0.88, median pose error 11.6° (2 iterations, seed 1); bounds 0.7 and
 25°.

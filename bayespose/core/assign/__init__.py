@@ -1,7 +1,7 @@
 """Bayesian pose assignment: for every particle, the posterior over (rotation, shift) against a reference map, and
-from it the MMSE, MAP and MLE poses with their uncertainty (Balanov, Xu, Bendory & Singer (2026), "Bayesian
+from it the MMSE, MAP and MLE poses with their uncertainty (Xu, Balanov, Singer & Bendory (2026), "Bayesian
 perspective for orientation determination in cryo-EM with application to structural heterogeneity analysis",
-Acta Cryst. D; ``Balanov2026`` in :mod:`bayespose.bibtex`).
+Acta Cryst. D 82, doi:10.48550/arXiv.2412.03723; ``Xu2026`` in :mod:`bayespose.bibtex`).
 
 Modules, in pipeline order:
 

@@ -1,6 +1,6 @@
 """Scoring: the log-likelihood of every (particle, rotation, shift), streamed into log-sum-exp accumulations.
 
-The model (Balanov et al. 2026, eq. 3 and App. B). For particle i with Fourier coefficients Y_i, CTF C_i, noise
+The model (Xu et al. 2026, eq. 3 and App. B). For particle i with Fourier coefficients Y_i, CTF C_i, noise
 power sigma²(k) (per shell), reference scale alpha, candidate rotation R_k and origin o_j (px):
 
     log p(Y_i | R_k, o_j) = Σ_k' [ 2 Re(conj(Y_i) · alpha C_i S_j P_k) - alpha² C_i² |P_k|² - |Y_i|² ] / sigma²

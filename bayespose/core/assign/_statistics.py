@@ -1,4 +1,4 @@
-"""Estimators and per-particle statistics from one stage's posterior (Balanov et al. 2026, sec. 2.3 and App. B2).
+"""Estimators and per-particle statistics from one stage's posterior (Xu et al. 2026, sec. 2.3 and App. B2).
 
 * MLE: argmax over (k, j) of the log-likelihood; MAP: argmax of log-likelihood + log pi (not the quadrature);
 * MMSE rotation: the SVD projection onto SO(3) of ``M = Σ_k p_k R_k`` (eq. 15-19), after folding every rotation to

@@ -1,5 +1,11 @@
-"""Deep pose prediction (DESIGN.md "Deep pose prediction"; papers 001, 002, 003): supervised networks that predict
-a distribution over SO(3) for each particle image, and that distribution as the prior of MMSE assignment.
+"""Deep pose prediction: supervised networks that predict a distribution over SO(3) for each particle image, and that
+distribution as the prior of MMSE assignment. Built on: Klee, Biza, Platt & Walters (2023), "Image to Sphere:
+Learning Equivariant Features for Efficient Pose Prediction", ICLR, doi:10.48550/arXiv.2302.13926 (the so3grid
+head); Lian et al. (2022), "End-to-end orientation estimation from 2D cryo-EM images", Acta Cryst. D 78, 174-186,
+doi:10.1107/S2059798321011761 (the quaternion baseline); Sanchez-Garcia et al. (2023), "CESPED: a new benchmark for
+supervised particle pose estimation in Cryo-EM", doi:10.48550/arXiv.2311.06194 (protocol, metrics, local refinement
+from predicted poses); Chheda & Nori (2024), "CryoSphere: SO(3)-equivariant method for cryo-EM pose estimation"
+(poster; the equivariance test).
 
 * :class:`TrainConfig`, :func:`train_pose_network` -> :class:`TrainResult` (checkpoint ``.pt`` + resumable state);
 * :func:`load_pose_network` -> :class:`PoseNetwork`; :func:`predict_poses` -> :class:`PosePrediction`;

@@ -22,7 +22,7 @@ In-plane augmentation (:func:`rotate_shift_images`): ``image'(p) = image(Rz(a)^T
 ``p = (x, y)`` from the centre, i.e. the content is turned by ``a`` degrees from +x towards +y and then moved by
 ``t`` px. Then the pose of the new image is ``Rz(a) @ A`` with ``Rz(a) = [[cos a, -sin a, 0], [sin a, cos a, 0],
 [0, 0, 1]]`` (:func:`inplane_rotation_matrix`): ``image(R^T p) = ∫ V(A^T Rz^T (p, z)) dz``. Checked against real
-projections of the fragment map in tests/test_deep_data.py.
+projections of the fragment map in tests/core/deep/test_deep_data.py.
 
 Symmetry (:func:`grid_targets`, :func:`symmetry_quaternions`): all mates ``A @ L_g`` (``core.symmetry``, mates on
 the right) are correct labels and share the target mass equally.

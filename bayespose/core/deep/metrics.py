@@ -10,23 +10,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bayespose.core.geometry.rotations import geodesic_distance_deg
-from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
+from bayespose.core.geometry.symmetry import symmetric_angle_deg
 from bayespose.core.imaging.forward import PreparedVolume, prepare_volume, project_fourier
 
 __all__ = ["angular_errors_deg", "pose_error_metrics", "reprojection_rmse"]
 
 
 def angular_errors_deg(pred_rotations: np.ndarray, true_rotations: np.ndarray, symmetry: str = "C1") -> np.ndarray:
-    """Per-particle angular error (N,) in degrees, minimised over the symmetry mates (002 eq. 4-5)."""
+    """Per-particle angular error (N,) in degrees, minimised over the symmetry mates (CESPED eq. 4-5): checks the
+    shapes, then :func:`~bayespose.core.geometry.symmetry.symmetric_angle_deg`."""
     pred = np.asarray(pred_rotations, dtype=np.float64)
     true = np.asarray(true_rotations, dtype=np.float64)
     if pred.shape != true.shape or pred.ndim != 3 or pred.shape[1:] != (3, 3):
         raise ValueError(f"pred and true rotations must both be (N, 3, 3), got {pred.shape} and {true.shape}")
-    group = symmetry_group(symmetry)
-    if len(group) == 1:
-        return geodesic_distance_deg(true, pred)
-    return symmetric_geodesic_distance_deg(true, pred, group)
+    return symmetric_angle_deg(true, pred, symmetry)
 
 
 def pose_error_metrics(pred_rotations: np.ndarray, true_rotations: np.ndarray, symmetry: str = "C1",

@@ -1,9 +1,10 @@
 """Pose networks: an Image2Sphere-style head with e3nn (``so3grid``) and a unit-quaternion regressor
 (``quaternion``), both on a small CNN image encoder.
 
-``so3grid`` (paper 002 Appendix B, Image2Sphere; Klee et al. 2023), re-written with explicit einsums on e3nn's
-primitives (``o3.spherical_harmonics``, e3nn's Wigner-D convention via :func:`wigner_D_fast`, and e3nn's SO(3)
-grid for the activation with the quadrature weights of :func:`beta_quadrature_weights`):
+``so3grid`` (Image2Sphere: Klee et al. 2023, doi:10.48550/arXiv.2302.13926; as in CESPED's App. B), re-written with
+explicit einsums on e3nn's primitives (``o3.spherical_harmonics``, e3nn's Wigner-D convention via
+:func:`wigner_D_fast`, and e3nn's SO(3) grid for the activation with the quadrature weights of
+:func:`beta_quadrature_weights`):
 
 1. CNN encoder: image (1, net_box, net_box) -> feature map (C, h, w) (h = w = net_box / 4).
 2. Orthographic projection onto a hemisphere: HEALPix points ``n`` (e3nn xyz coordinates) with ``n_y >= 0``; point
@@ -22,10 +23,11 @@ the e3nn rotation ``g = Q A Q^T`` with ``Q (x, y, z) = (x, -z, y)``: turning the
 left-equivariant (``c_l -> D_l(L) c_l`` gives ``G_l -> D_l(L) G_l`` and ``s(g) -> s(L^{-1} g)``), so the
 predicted distribution turns with the image. The CNN encoder (square pixel grid) and the discrete hemisphere
 points are only approximately equivariant; training with in-plane augmentation teaches the rest
-(tests/test_deep_models.py measures it).
+(tests/core/deep/test_deep_models.py measures it).
 
-``quaternion`` (paper 001): the same encoder, flattened, an MLP to 4 numbers, normalised to a unit quaternion
-``(w, x, y, z)`` of the RELION ``A`` matrix (:func:`bayespose.core.geometry.rotations.quaternion_to_matrix`).
+``quaternion`` (Lian et al. 2022, doi:10.1107/S2059798321011761): the same encoder, flattened, an MLP to 4 numbers,
+normalised to a unit quaternion ``(w, x, y, z)`` of the RELION ``A`` matrix
+(:func:`bayespose.core.geometry.rotations.quaternion_to_matrix`).
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ class SO3GridNet(nn.Module):
 
 
 class QuaternionNet(nn.Module):
-    """CNN encoder -> MLP -> unit quaternion (B, 4) ``(w, x, y, z)`` of the RELION ``A`` matrix (paper 001)."""
+    """CNN encoder -> MLP -> unit quaternion (B, 4) ``(w, x, y, z)`` of the RELION ``A`` matrix (Lian et al. 2022)."""
 
     def __init__(self, net_box: int, channels: int = 64, hidden: int = 256):
         super().__init__()

@@ -1,7 +1,8 @@
 """Deep-prior MMSE: Bayesian pose assignment restricted to a pose network's predicted regions, verified per
 particle, with a global-search fallback for the particles the network got wrong.
 
-DESIGN.md "Deep pose prediction" and paper 002 App. F (local refinement from predicted poses): the network's
+Sanchez-Garcia et al. (2023), "CESPED: a new benchmark for supervised particle pose estimation in Cryo-EM",
+doi:10.48550/arXiv.2311.06194, App. F (local refinement from predicted poses): the network's
 distribution narrows the search to a few regions of SO(3), and the MMSE engine (:mod:`bayespose.core.assign`) scores
  only there, with the network's distribution as the prior. The settings of the three stages are one
 :class:`DeepPriorSearch`; the grid, shift and noise settings those of the engine's

@@ -1,5 +1,5 @@
 """Training images from the map: unlimited synthetic projections that look like the particles at the network's
-input ("train from the map", DESIGN.md "Deep pose prediction").
+input ("train from the map").
 
 Whoever trains a pose network has the consensus map of the particles. :class:`SyntheticProjections` renders, for
 uniformly random rotations, the network input (:func:`bayespose.core.deep.data.preprocess_images`) of a particle

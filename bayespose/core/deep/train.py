@@ -5,9 +5,9 @@ Losses:
 
 * ``so3grid``: cross-entropy ``-sum_k w_k t_k log softmax(logits)_k`` against the cell(s) of
   ``healpix_grid(grid_order)`` containing the true rotation; with a point group every mate ``A @ L_g`` gets mass
-  1/|G| (:func:`.data.grid_targets`; paper 002 "labels are expanded"). Cells: ``GridPrior.cell_index`` (the same
-  cells :func:`.prior_refine.deep_prior_assign` uses as a prior).
-* ``quaternion``: ``min_g 1 - <q_pred, q(A L_g)>²`` (paper 001 eq. 12, minimised over the symmetry mates).
+  1/|G| (:func:`.data.grid_targets`; CESPED's "labels are expanded", Sanchez-Garcia et al. 2023). Cells:
+  ``GridPrior.cell_index`` (the same cells :func:`.prior_refine.deep_prior_assign` uses as a prior).
+* ``quaternion``: ``min_g 1 - <q_pred, q(A L_g)>²`` (Lian et al. 2022, eq. 12, minimised over the symmetry mates).
 
 Per-particle weights (``weight_column``, e.g. ``rlnMaxValueProbDistribution`` or ``bpPmax`` of a refinement:
 particles whose consensus pose is uncertain teach less) multiply the particle's loss (normalised to mean 1).

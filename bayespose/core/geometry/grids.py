@@ -116,7 +116,7 @@ def healpix_grid(order: int) -> SO3Grid:
     in-plane degree < n_psi with the error of the HEALPix midpoint rule only, O(pixel area) = O(1 / Nside^2):
     odd moments vanish exactly (z -> -z symmetry), E tr(R)^2 = 1 is reproduced to 1.2e-2 / 2.9e-3 / 7.3e-4 at
     orders 1 / 2 / 3 (about 0.047 / Nside^2), E R_ij R_kl = delta_ik delta_jl / 3 to 2/3 of that
-    (tested in tests/test_grids.py).
+    (tested in tests/core/geometry/test_grids.py).
 
     Args:
         order: HEALPix order r >= 0 (RELION's ``--healpix_order``); angular step 360 / (6 * 2^r) degrees.

@@ -1,6 +1,6 @@
 """Rotations in RELION's convention: Euler angles <-> matrices <-> unit quaternions, distances, SO(3) projection.
 
-Convention used everywhere in bayespose (measured against RELION, see tests/test_rotations.py):
+Convention used everywhere in bayespose (measured against RELION, see tests/core/geometry/test_rotations.py):
 
 * Euler angles are RELION's ``(rot, tilt, psi)`` in **degrees**, ZYZ.
 * The rotation matrix of a pose is RELION's ``A`` (``Euler_angles2matrix``): it maps **volume** coordinates to

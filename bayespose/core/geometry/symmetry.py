@@ -1,6 +1,6 @@
 """Point-symmetry groups in RELION 3.1's settings and how they act on poses.
 
-Conventions (measured against RELION 3.1's binaries, see tests/test_symmetry.py):
+Conventions (measured against RELION 3.1's binaries, see tests/core/geometry/test_symmetry.py):
 
 * A pose is RELION's matrix ``A`` (:mod:`bayespose.core.geometry.rotations`): ``x_image = A @ x_volume``.
 * A group is an array ``L`` of shape (G, 3, 3) of proper rotations acting on **volume** coordinates, identity

@@ -13,8 +13,8 @@ with ``|k|`` in 1/Å, ``θ`` the angle of the frequency vector measured from the
 +y (image row index), and λ the relativistic electron wavelength. So ``defocus_angle`` is the angle of the
 defocus-U axis from the x axis, as RELION defines ``rlnDefocusAngle``. torch-ctf's docstring says its angle 0
 puts U along y; its code (``apply_astigmatism_to_defocus``: unit vector ``yx = (sin a, cos a)``) puts it along x,
-which is RELION's convention — measured in tests/test_forward.py (analytic formula) and
-tests/test_relion_convention.py (``relion_project --ctf``).
+which is RELION's convention — measured in tests/core/imaging/test_forward.py (analytic formula) and
+tests/relion/test_relion_convention.py (``relion_project --ctf``).
 
 Layout: ``rfft=True`` returns the non-fftshifted half transform, shape (N, box, box // 2 + 1), the same layout as
 ``torch.fft.rfft2`` of a (box, box) image (row = ky, column = kx >= 0); ``rfft=False`` the full (N, box, box) grid

@@ -6,7 +6,7 @@ https://doi.org/10.1016/j.jsb.2012.09.006)::
 
     Y_i(k) = C_i(k) · S_{t_i}(k) · (P_{A_i} V)(k) + noise
 
-Conventions (measured against ``relion_project`` in tests/test_relion_convention.py):
+Conventions (measured against ``relion_project`` in tests/relion/test_relion_convention.py):
 
 * Volumes are indexed ``volume[z, y, x]`` (mrcfile order); images ``image[y, x]`` (row = y). The centre of a box of
   side ``D`` (even or odd) is pixel ``D // 2`` along every axis, RELION's origin.
@@ -32,11 +32,11 @@ sampler that torch-fourier-slice uses) directly at the ``D``-grid frequencies of
 is made. torch-fourier-slice's own ``extract_central_slices_rfft_3d`` samples at the padded grid (4x more points for
 ``pad_factor = 2``) and maps frequencies to array coordinates half a voxel off for odd padded sizes (its
 ``project_3d_to_2d`` of a 33 px blob volume correlates 0.993 with the exact projection, this module 0.9999);
-tests/test_forward.py checks this module against its ``project_3d_to_2d`` for an even box.
+tests/core/imaging/test_forward.py checks this module against its ``project_3d_to_2d`` for an even box.
 
 Odd boxes: bayespose keeps RELION's documented centre ``D // 2``. ``relion_project`` (RELION assumes even boxes)
 writes odd-box projections centred at ``D // 2 + 1``, i.e. ours rolled by +1 px in x and y
-(tests/test_relion_convention.py).
+(tests/relion/test_relion_convention.py).
 """
 
 from __future__ import annotations

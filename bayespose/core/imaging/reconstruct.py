@@ -14,7 +14,7 @@ Conventions (the same as :mod:`bayespose.core.imaging.forward`; read its docstri
 * :func:`backproject_coefficients` and :meth:`FourierAccumulator.insert` are the **exact adjoint** (for the real
   inner product ``Re Σ a · conj(b)``) of :func:`~bayespose.core.imaging.forward.slice_coefficients` /
   :func:`~bayespose.core.imaging.forward.project_fourier` on that grid: same coordinates, trilinear weights, Friedel
-  reflection (``F(-k) = conj F(k)``) and centring phase. ``tests/test_reconstruct.py`` checks
+  reflection (``F(-k) = conj F(k)``) and centring phase. ``tests/core/imaging/test_reconstruct.py`` checks
   ``<P x, y> = <x, P^T y>`` numerically.
 * :meth:`FourierAccumulator.insert` inserts each Hermitian pair of 2D coefficients once (the non-redundant
   half-plane ``kx > 0`` or ``kx == 0, ky >= 0``, the set the scoring engine uses, :mod:`.noise`), so that after

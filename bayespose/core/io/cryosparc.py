@@ -24,7 +24,8 @@ The pose and shift conventions agree with two independent readers: cryoDRGN's ``
 of ``cryosparc_P12_J24_001_particles.cs`` gives ``rot = expmap(pose)^T`` to 4e-7 and ``trans * box = +shift``,
 while its star parser gives ``rot = A_relion`` and ``trans * box = rlnOriginX/Y (px)``), and pyem's
 ``csparc2star`` (``rlnAngle* = rot2euler(expmap(pose))`` where pyem's ``expmap`` returns the transposed Rodrigues
-matrix and ``rot2euler`` decomposes RELION's A; ``rlnOriginX/Y = shift``). Tested in ``tests/test_io_cryosparc.py``.
+matrix and ``rot2euler`` decomposes RELION's A; ``rlnOriginX/Y = shift``). Tested in
+``tests/core/io/test_io_cryosparc.py``.
 
 Passthrough files: cryoSPARC job outputs often keep the blob and CTF fields in a separate
 ``*_passthrough_*.cs`` file. Fields missing from the main file are taken from the passthrough file(s), matched by

@@ -1,7 +1,8 @@
-"""EM 3D refinement with rotational-prior estimation (Balanov, Xu, Bendory & Singer (2026), "Bayesian perspective
-for orientation determination in cryo-EM with application to structural heterogeneity analysis", Acta Cryst. D,
-sec. 4 and App. F2), with RELION's gold-standard half sets (Scheres (2012), "RELION: Implementation of a Bayesian
-approach to cryo-EM structure determination", J. Struct. Biol. 180, 519-530, doi:10.1016/j.jsb.2012.09.006).
+"""EM 3D refinement with rotational-prior estimation (Xu, Balanov, Singer & Bendory (2026), "Bayesian perspective
+for orientation determination in cryo-EM with application to structural heterogeneity analysis", Acta Cryst. D 82,
+doi:10.48550/arXiv.2412.03723, sec. 4 and App. F2), with RELION's gold-standard half sets (Scheres (2012), "RELION:
+Implementation of a Bayesian approach to cryo-EM structure determination", J. Struct. Biol. 180, 519-530,
+doi:10.1016/j.jsb.2012.09.006).
 
 :func:`refine` sets up an :class:`~bayespose.core.refine.state.EMState` and calls :func:`run_iteration` until
 the maximum number of iterations or convergence. Each iteration, for each half set h independently, against its

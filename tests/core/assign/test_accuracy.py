@@ -78,7 +78,7 @@ def errors(truth: np.ndarray, result, group: np.ndarray | None = None) -> dict:
 def test_high_snr_fine_search_puts_every_particle_near_the_truth(fragment):
     """SNR 1, 30 particles, HEALPix order 3 (7.5°) + 1 refinement level (3.75°) with a finer frequency cut-off
     than the default (smoothness_nats=100): MMSE, MAP and MLE all within 2 final grid steps of the truth for
-    every particle, and MMSE within a few degrees of MAP (paper 000 Prop. 2: they coincide as the noise
+    every particle, and MMSE within a few degrees of MAP (Xu et al. 2026, Prop. 2: they coincide as the noise
     vanishes)."""
     volume, px = fragment
     truth = random_rotations(30, np.random.default_rng(11))
@@ -128,7 +128,7 @@ def test_higher_snr_is_not_less_accurate(fragment):
 
 # ------------------------------------------------------------------------------------------------ (b) scale
 def test_reference_scale_does_not_change_the_poses(fragment):
-    """DESIGN.md: a reference multiplied by 10 or 0.1 gives the same poses (the scale is estimated)."""
+    """A reference multiplied by 10 or 0.1 gives the same poses (the scale is estimated)."""
     volume, px = fragment
     truth = random_rotations(20, np.random.default_rng(21))
     particles, images = make_particles(volume, px, truth, snr=0.05, seed=21)

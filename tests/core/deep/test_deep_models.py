@@ -1,5 +1,5 @@
-"""Deep pose networks: fast Wigner matrices, the so3grid head's output and its exact equivariance (paper 003),
-the symmetry-aware losses."""
+"""Deep pose networks: fast Wigner matrices, the so3grid head's output and its exact equivariance (the test of
+CryoSphere, Chheda & Nori 2024), the symmetry-aware losses."""
 
 import numpy as np
 import pytest

@@ -77,7 +77,7 @@ def test_projection_matches_real_space_rotation(box):
 
 
 def test_matches_torch_fourier_slice_projector():
-    """An independent implementation: torch-fourier-slice's project_3d_to_2d given A^T (DESIGN.md)."""
+    """An independent implementation: torch-fourier-slice's project_3d_to_2d given A^T."""
     vol = blob_volume(32, seed=2)
     mats = euler_to_matrix(np.random.default_rng(3).uniform(-180, 180, (6, 3)))
     ours = project(vol, mats).numpy()
