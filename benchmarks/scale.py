@@ -174,12 +174,16 @@ def command_for(kind: str, work: Path, box: int, n: int, out: Path, model: Path 
     return cli("predict", "--model", str(model), "--particles", star, *common, "--out", str(out / "predicted.star"))
 
 
-def run_memory(work: Path, results: dict, limit_s: float, quick: bool) -> None:
+def run_memory(work: Path, results: dict, limit_s: float, quick: bool, large_boxes=BOXES,
+               complete_limit_s: float = 4 * 3600.0) -> None:
+    """Every command at every box for 1k particles (limit ``complete_limit_s``: they normally complete), then the
+    10k and 100k runs at ``large_boxes`` (limit ``limit_s``: their peak and RSS trace show whether memory grows)."""
     sizes = SIZES[:1] if quick else SIZES
     order = sorted(sizes, key=lambda n: (n != min(sizes), -n))  # the complete 1k runs first, then 100k, 10k
     plan = [(kind, box, n) for n in order for kind in COMMANDS
             for box in (BOXES if kind in ("assign", "refine") else (128, 256))
-            if not (quick and kind in ("train", "predict") and box == 256)]
+            if not (quick and kind in ("train", "predict") and box == 256)
+            and (n == min(sizes) or box in large_boxes)]
     for kind, box, n in plan:
         key = f"{kind}:{box}:{n}"
         if key in results.get("memory", {}):
@@ -188,7 +192,7 @@ def run_memory(work: Path, results: dict, limit_s: float, quick: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         model = work / "runs" / f"train{box}_n1000" / "model.pt"
-        limit = limit_s if n > min(SIZES) else 4 * 3600.0  # the 1k runs complete: their peak is end to end
+        limit = limit_s if n > min(SIZES) else complete_limit_s  # a complete run's peak is end to end
         row = monitored(command_for(kind, work, box, n, out, model), out / "log.txt", limit)
         row.update(kind=kind, box=box, n=n)
         results.setdefault("memory", {})[key] = row
@@ -220,8 +224,8 @@ def run_speed(work: Path, results: dict) -> None:
               f"{row['square_gflops']:.1f}, same shape {row['gemm_cross_gflops']:.1f}", flush=True)
 
 
-def run_parallel(work: Path, results: dict) -> None:
-    """1 x 1 thread, 1 x 2 threads and torchrun 2 x 1 thread on the same 1000 particles."""
+def run_parallel(work: Path, results: dict, n: int = 1000) -> None:
+    """1 x 1 thread, 1 x 2 threads and torchrun 2 x 1 thread on the same ``n`` particles (a star of the data)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
               "bayespose.cli"]
     for kind, box in (("assign", 128), ("refine", 64)):
@@ -232,11 +236,11 @@ def run_parallel(work: Path, results: dict) -> None:
             out = work / "runs" / f"par_{kind}{box}_{label}"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
-            cmd = command_for(kind, work, box, 1000, out)[3:]  # the CLI arguments after "-m bayespose.cli"
+            cmd = command_for(kind, work, box, n, out)[3:]  # the CLI arguments after "-m bayespose.cli"
             cmd[cmd.index("--threads") + 1] = threads
             env = dict(os.environ, OMP_NUM_THREADS=threads)
             row = monitored(prefix + cmd, out / "log.txt", 1e9, env=env)
-            row.update(kind=kind, box=box, label=label)
+            row.update(kind=kind, box=box, label=label, n=n)
             results.setdefault("parallel", {})[key] = row
             save(work, results)
             print(f"{key}: {row['wall_s']:.1f} s, other load {row['other_cores']:.1f} cores", flush=True)
@@ -331,7 +335,8 @@ def markdown(results: dict) -> str:
                          f"| {r['max_rss_mb']:.0f} |")
     par = results.get("parallel", {})
     if par:
-        lines += ["", "## Two data-parallel processes (torchrun, gloo) on 1000 particles", "",
+        n_par = next(iter(par.values())).get("n", 1000)
+        lines += ["", f"## Two data-parallel processes (torchrun, gloo) on {n_par} particles", "",
                   "| command | box | 1 process x 1 thread s | 1 x 2 threads s | 2 processes x 1 thread s "
                   "| speed-up 2x1 vs 1x1 | 2x1 vs 1x2 |", "|---|---|---|---|---|---|---|"]
         for kind, box in sorted({(r["kind"], r["box"]) for r in par.values()}):
@@ -421,6 +426,12 @@ def main(argv=None) -> int:
     parser.add_argument("--limit-s", type=float, default=900.0,
                         help="stop a memory run of 10k or 100k particles after this many seconds (1k runs complete)")
     parser.add_argument("--quick", action="store_true", help="N = 1000 only (no 10k/100k runs)")
+    parser.add_argument("--large-boxes", nargs="+", type=int, default=list(BOXES), choices=BOXES,
+                        help="boxes of the 10k and 100k memory runs (default all)")
+    parser.add_argument("--complete-limit-s", type=float, default=4 * 3600.0,
+                        help="limit of the 1k memory runs (meant to complete)")
+    parser.add_argument("--parallel-n", type=int, default=1000, choices=(200, 1000),
+                        help="particles of the parallel section's runs")
     parser.add_argument("--redo", nargs="*", default=[], metavar="KEY",
                         help="forget these saved results (e.g. memory:assign:256:1000) and run them again")
     args = parser.parse_args(argv)
@@ -433,13 +444,13 @@ def main(argv=None) -> int:
     results.setdefault("environment", {}).update(command="python benchmarks/scale.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), cores=os.cpu_count())
     if set(args.sections) - {"report"}:
-        make_data(args.work, sizes=SIZES[:1] if args.quick else SIZES)
+        make_data(args.work, sizes=(SIZES[:1] if args.quick else SIZES) + (args.parallel_n,))
     if "memory" in args.sections:
-        run_memory(args.work, results, args.limit_s, args.quick)
+        run_memory(args.work, results, args.limit_s, args.quick, args.large_boxes, args.complete_limit_s)
     if "speed" in args.sections:
         run_speed(args.work, results)
     if "parallel" in args.sections:
-        run_parallel(args.work, results)
+        run_parallel(args.work, results, args.parallel_n)
     if "relion" in args.sections and shutil.which("relion_refine"):
         run_relion_side_by_side(args.work, results)
     save(args.work, results)

@@ -64,7 +64,7 @@ class TestDeepChain(BaseTest):
         cls.launchProtocol(cls.sim_test)
         cls.train = cls.newProtocol(ProtBayesposeTrainPoseNetwork, inputParticles=cls.sim_train.outputParticles,
                                     netBox=32, epochs=EPOCHS, batchSize=32, learningRate=2e-3, valFraction=0.1,
-                                    numberOfThreads=2, useGpu=False)
+                                    gridOrder=2, numberOfThreads=2, useGpu=False)  # 15° cells (default 3)
         cls.launchProtocol(cls.train)
 
     def test_train_output_is_a_registered_pose_network(self):
@@ -138,7 +138,7 @@ class TestDeepChain(BaseTest):
                 np.testing.assert_allclose([p._bpAngleToInputDeg.get() for p in items], err, atol=1e-2)
                 to_mmse = np.array([p._bpDeepToMmseDeg.get() for p in items])
                 np.testing.assert_allclose(to_mmse, np.degrees((deep.inv() * _poses(out)).magnitude()), atol=1e-2)
-                self.assertIn("Balanov", "\n".join(pred.methods()))
+                self.assertIn("Xu2026", "\n".join(pred.methods()))
             else:
                 np.testing.assert_allclose(err, deep_err, atol=1e-2)  # output alignment = the network mode
             self.assertTrue(pred.summary() and f"{TEST_N} particles" in pred.summary()[0], pred.summary())
