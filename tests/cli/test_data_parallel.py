@@ -12,6 +12,12 @@ same command line (1 thread each, so that every process multiplies matrices of t
   summed, so the maps differ only by the order of float additions (measured: 2e-7 of the map's maximum); the
   bound 1e-4 of the maximum (and poses within 0.05°) would fail for a missing all-reduce (half the particles: map
   difference ~50 %) or a process that scored other particles' batches twice.
+* train (DistributedDataParallel): every process draws the same batches and trains on its half of each, the
+  gradients averaged; the history's loss and sample counts are those of whole batches (summed over the processes:
+  a missing reduction halves the samples), one checkpoint is written, and the run is an equally good training
+  (first-epoch loss within 10 % of one process's: CPU BatchNorm normalises each half with its own statistics).
+* predict: the processes predict alternate blocks of particles and the main one writes all rows: the same poses
+  and confidences as one process, to float rounding.
 * Other commands refuse to run under torchrun (they would write their outputs once per process): exit code 2.
 """
 
@@ -96,6 +102,31 @@ def test_refine_two_processes_give_the_one_process_result(small, tmp_path):
     a = np.loadtxt(tmp_path / "one" / "fsc.csv", delimiter=",", skiprows=1)
     b = np.loadtxt(tmp_path / "two" / "fsc.csv", delimiter=",", skiprows=1)
     np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+def test_train_and_predict_two_processes(small, tmp_path):
+    import torch
+
+    star, _ = small
+    train = ["train", "--particles", str(star), "--net-box", "16", "--grid-order", "1", "--epochs", "1",
+             "--batch-size", "32", "--threads", "1", "--device", "cpu"]
+    assert main([*train, "--out", str(tmp_path / "one.pt")]) == 0
+    done = _torchrun([*train, "--out", str(tmp_path / "two.pt")])
+    assert done.stdout.count("on 2 processes") == 1, done.stdout
+    one = torch.load(tmp_path / "one.pt", map_location="cpu", weights_only=False)["history"]
+    two = torch.load(tmp_path / "two.pt", map_location="cpu", weights_only=False)["history"]
+    assert [row["epoch"] for row in two] == [row["epoch"] for row in one] == [1]
+    assert two[0]["samples"] == one[0]["samples"] >= 2048
+    assert two[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=0.1)
+    assert np.isfinite(two[0]["val_loss"])
+    predict = ["predict", "--model", str(tmp_path / "one.pt"), "--particles", str(star), "--top-k", "2",
+               "--batch-size", "32", "--threads", "1", "--device", "cpu"]
+    assert main([*predict, "--out", str(tmp_path / "one.star")]) == 0
+    _torchrun([*predict, "--out", str(tmp_path / "two.star")])
+    a, b = read_star(tmp_path / "one.star"), read_star(tmp_path / "two.star")
+    assert len(b) == len(a) == 160
+    assert geodesic_distance_deg(a.rotations, b.rotations).max() < 1e-3
+    np.testing.assert_allclose(b.extra["bpDeepConfidence"], a.extra["bpDeepConfidence"], rtol=1e-5)
 
 
 def test_commands_that_write_once_refuse_torchrun(small, tmp_path, monkeypatch, capsys):
