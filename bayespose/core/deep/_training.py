@@ -53,13 +53,14 @@ def epoch_batches(n_train: int, batch_size: int) -> int:
 
 @dataclass
 class RealSource:
-    """Batches of real particles: ``work_images`` (N, W, W) CPU (:func:`~.data.preprocess_images` with a work box),
+    """Batches of real particles: ``work_images`` (N, W, W) CPU (:func:`~.data.preprocess_images` with a work box;
+    a tensor, or a memory-mapped array for large sets),
     ``rotations`` (N, 3, 3), ``weights`` (N,) or None (per-particle loss weights, mean 1). Augmentation (when
     ``augment``): a uniform in-plane turn and a shift drawn from ``shift_pool`` (S, 2) px of the work box (the
     particles' picking offsets), or uniform within ``±shift_uniform`` px of the work box without a pool; the
     turn is interpolated at the work box (:func:`~.data.augment_inputs`)."""
 
-    work_images: torch.Tensor
+    work_images: torch.Tensor | np.ndarray
     rotations: np.ndarray
     weights: np.ndarray | None
     net_box: int
@@ -67,14 +68,18 @@ class RealSource:
     shift_pool: np.ndarray | None
     shift_uniform: float
 
+    def _rows(self, index: np.ndarray) -> torch.Tensor:
+        rows = self.work_images[index]
+        return rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
+
     def inputs(self, index: np.ndarray) -> torch.Tensor:
         """Unaugmented network inputs (B, n, n) CPU of particles ``index`` (validation, prediction)."""
-        parts = [augment_inputs(self.work_images[index[s:s + 1024]], self.net_box) for s in range(0, len(index), 1024)]
+        parts = [augment_inputs(self._rows(index[s:s + 1024]), self.net_box) for s in range(0, len(index), 1024)]
         return torch.cat(parts) if parts else torch.zeros((0, self.net_box, self.net_box))
 
     def batch(self, index: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
         """Inputs (B, n, n) CPU, rotations (B, 3, 3) (turned with the images) and weights (B,) or None."""
-        x, rot = self.work_images[index], self.rotations[index]
+        x, rot = self._rows(index), self.rotations[index]
         if self.augment:
             angle = rng.uniform(0.0, 360.0, len(index))
             if self.shift_pool is not None:

@@ -50,7 +50,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -422,17 +423,46 @@ class _Data:
 MAP_ONLY_VALIDATION = 1024  # synthetic images of the fixed validation set of a map-only run
 
 
-def _work_images(particles: ParticleSet, images: np.ndarray | None, config: TrainConfig,
-                 batch: int = 1024) -> torch.Tensor:
-    """The particles at the work box (twice the network box, at most the particle box; :func:`augment_inputs`)."""
+IN_MEMORY_WORK_BYTES = 1e9  # work-box images up to this size stay in RAM; more go to a memory-mapped scratch file
+
+
+def _work_images(particles: ParticleSet, images: np.ndarray | None, config: TrainConfig, scratch: Path | None = None,
+                 batch: int = 1024) -> torch.Tensor | np.ndarray:
+    """The particles at the work box (twice the network box, at most the particle box; :func:`augment_inputs`),
+    read and preprocessed ``batch`` images at a time: (N, W, W) float32.
+
+    Memory stays flat in N: up to ``IN_MEMORY_WORK_BYTES`` (60,000 particles at work box 64) they are a tensor in
+    RAM; a larger set is written once to ``scratch``, a memory-mapped ``.npy`` that the caller removes (measured
+    before: 2.3 GB of RSS while reading 90,000 particles of 256 px, growing with N)."""
     work = min(particles.box, 2 * config.net_box)
+    n = len(particles)
+    store = None
+    if scratch is not None and n * work * work * 4 > IN_MEMORY_WORK_BYTES:
+        store = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(n, work, work))
     parts = []
-    for s in range(0, len(particles), batch):
-        index = np.arange(s, min(s + batch, len(particles)))
+    for s in range(0, n, batch):
+        index = np.arange(s, min(s + batch, n))
         imgs = images[index] if images is not None else read_images(particles, index)
-        parts.append(preprocess_images(imgs, particles, index, config.net_box, config.ctf_correction,
-                                       work_box=work))
+        x = preprocess_images(imgs, particles, index, config.net_box, config.ctf_correction, work_box=work)
+        if store is None:
+            parts.append(x)
+        else:
+            store[index] = x.numpy()
+    if store is not None:
+        store.flush()
+        return store
     return torch.cat(parts)
+
+
+@contextmanager
+def _scratch_path(out_path: Path) -> Iterator[Path]:
+    """A hidden scratch file beside the checkpoint for this process's work-box images (one per process of a
+    data-parallel run), removed when training ends, however it ends."""
+    path = out_path.with_name(f".{out_path.stem}.inputs.{parallel.rank()}.npy")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _loss_weights(particles: ParticleSet, column: str | None) -> np.ndarray | None:
@@ -449,14 +479,15 @@ def _loss_weights(particles: ParticleSet, column: str | None) -> np.ndarray | No
 
 
 def _prepare_data(particles: ParticleSet, images: np.ndarray | None, volume: np.ndarray | None,
-                  config: TrainConfig, run: _Run, device) -> _Data:
-    """The sources of a run (module doc): real particles (work-box images, shifts from their origins), the
-    synthetic projections of the map, the validation set and the batch size."""
+                  config: TrainConfig, run: _Run, device, scratch: Path | None = None) -> _Data:
+    """The sources of a run (module doc): real particles (work-box images, in ``scratch`` when large: see
+    :func:`_work_images`; shifts from their origins), the synthetic projections of the map, the validation set and
+    the batch size."""
     n, d = config.net_box, particles.box
     supervised = particles.has_alignment
     real = synthetic = None
     if supervised:
-        work = _work_images(particles, images, config)
+        work = _work_images(particles, images, config, scratch)
         w = work.shape[-1]
         pool = None
         if config.shift_augment_px is None and particles.origins_px is not None and np.any(particles.origins_px):
@@ -581,11 +612,11 @@ def train_pose_network(particles: ParticleSet, config: TrainConfig, out_path: st
     trained_on = ("map+" if volume is not None and config.pretrain_steps else "") + (
         "particles" if particles.has_alignment else "")
     trained_on = trained_on.rstrip("+") or "map"
-    with torch_threads(config.threads):
+    with torch_threads(config.threads), _scratch_path(out_path) as scratch:
         t_setup = time.perf_counter()
         task = _Task(config)
         run = _start_run(config, len(particles), particles.has_alignment, device, state)
-        data = _prepare_data(particles, images, volume, config, run, device)
+        data = _prepare_data(particles, images, volume, config, run, device, scratch)
         schedule = Schedule(config.learning_rate, config.pretrain_steps,
                             config.finetune_lr_factor if data.synthetic is not None else 1.0)
         network_like = PoseNetwork(model=run.model, config=config, box=particles.box,

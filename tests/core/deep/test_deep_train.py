@@ -3,6 +3,8 @@ models reach validation errors far below random (~126° median for uniform rotat
 resume = uninterrupted training, equivariance of the trained so3grid network under in-plane turns, and deep-prior
 MMSE against a global search."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -123,6 +125,32 @@ def test_resume_equals_uninterrupted_training(training_set, tmp_path):
     with pytest.raises(ValueError, match="resume"):
         train_pose_network(particles.subset(sub), TrainConfig(**dict(cfg, epochs=5, channels=8)),
                            tmp_path / "b.pt", images=images[sub], log=None, resume=True)
+
+
+def test_large_sets_train_from_a_memory_mapped_scratch_file_identically(training_set, tmp_path, monkeypatch):
+    """Work-box images beyond IN_MEMORY_WORK_BYTES go to a memory-mapped scratch file (training memory flat in N):
+    the same training, to the last bit of the losses, and the file is gone afterwards, also after a failure."""
+    import bayespose.core.deep.train as train_module
+
+    particles, images, _ = training_set
+    sub = np.arange(64)
+    cfg = TrainConfig(**dict(QUATERNION, channels=16, batch_size=16, epochs=2))
+    in_ram = train_pose_network(particles.subset(sub), cfg, tmp_path / "ram.pt", images=images[sub], log=None)
+    monkeypatch.setattr(train_module, "IN_MEMORY_WORK_BYTES", 0)
+    scratch = tmp_path / ".mapped.inputs.0.npy"
+    seen = []
+    real_open = np.lib.format.open_memmap
+    monkeypatch.setattr(np.lib.format, "open_memmap",
+                        lambda path, **kw: seen.append(Path(path)) or real_open(path, **kw))
+    mapped = train_pose_network(particles.subset(sub), cfg, tmp_path / "mapped.pt", images=images[sub], log=None)
+    assert seen == [scratch] and not scratch.exists()
+    assert [r["train_loss"] for r in mapped.history] == [r["train_loss"] for r in in_ram.history]
+    assert [r["val_loss"] for r in mapped.history] == [r["val_loss"] for r in in_ram.history]
+    with pytest.raises(ValueError):  # a failure after the scratch file was written still removes it
+        train_pose_network(particles.subset(sub), TrainConfig(**dict(QUATERNION, channels=16, batch_size=16,
+                                                                     epochs=2, weight_column="rlnNope")),
+                           tmp_path / "mapped.pt", images=images[sub], log=None)
+    assert not scratch.exists()
 
 
 def test_resume_refuses_other_particles_or_settings_before_writing_anything(training_set, tmp_path):
