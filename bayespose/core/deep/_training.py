@@ -51,16 +51,38 @@ def epoch_batches(n_train: int, batch_size: int) -> int:
     return max(1, -(-passes * n_train // batch_size))
 
 
+class DiskRows:
+    """(N, W, W) float32 rows in a raw file (C order, no header), read on demand: ``rows[index]`` reads just those
+    rows (one seek and read each), so a process holds one batch, not the data set; the OS's page cache may keep
+    what it likes. Used for training sets too large for RAM (:func:`~.train._work_images`)."""
+
+    def __init__(self, path, shape: tuple[int, int, int]):
+        self.path, self.shape = path, tuple(shape)
+        self._row_bytes = 4 * shape[1] * shape[2]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.asarray(index, dtype=np.int64).reshape(-1)  # particle indices (arrays, as the sources pass)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.float32)
+        with open(self.path, "rb") as f:
+            for k, r in enumerate(rows):
+                f.seek(int(r) * self._row_bytes)
+                out[k] = np.frombuffer(f.read(self._row_bytes), dtype=np.float32).reshape(self.shape[1:])
+        return out
+
+
 @dataclass
 class RealSource:
     """Batches of real particles: ``work_images`` (N, W, W) CPU (:func:`~.data.preprocess_images` with a work box;
-    a tensor, or a memory-mapped array for large sets),
+    a tensor, or :class:`DiskRows` for large sets),
     ``rotations`` (N, 3, 3), ``weights`` (N,) or None (per-particle loss weights, mean 1). Augmentation (when
     ``augment``): a uniform in-plane turn and a shift drawn from ``shift_pool`` (S, 2) px of the work box (the
     particles' picking offsets), or uniform within ``±shift_uniform`` px of the work box without a pool; the
     turn is interpolated at the work box (:func:`~.data.augment_inputs`)."""
 
-    work_images: torch.Tensor | np.ndarray
+    work_images: torch.Tensor | DiskRows
     rotations: np.ndarray
     weights: np.ndarray | None
     net_box: int

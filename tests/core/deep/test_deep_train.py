@@ -127,9 +127,11 @@ def test_resume_equals_uninterrupted_training(training_set, tmp_path):
                            tmp_path / "b.pt", images=images[sub], log=None, resume=True)
 
 
-def test_large_sets_train_from_a_memory_mapped_scratch_file_identically(training_set, tmp_path, monkeypatch):
-    """Work-box images beyond IN_MEMORY_WORK_BYTES go to a memory-mapped scratch file (training memory flat in N):
-    the same training, to the last bit of the losses, and the file is gone afterwards, also after a failure."""
+def test_large_sets_train_from_a_scratch_file_identically(training_set, tmp_path, monkeypatch):
+    """Work-box images beyond IN_MEMORY_WORK_BYTES go to a scratch file read row by row (training memory flat in N):
+    the same training, to the last bit of the losses; the file is gone afterwards, also after a failure, and a stale
+    one left by a killed run is replaced."""
+    import bayespose.core.deep._training as training_module
     import bayespose.core.deep.train as train_module
 
     particles, images, _ = training_set
@@ -137,13 +139,14 @@ def test_large_sets_train_from_a_memory_mapped_scratch_file_identically(training
     cfg = TrainConfig(**dict(QUATERNION, channels=16, batch_size=16, epochs=2))
     in_ram = train_pose_network(particles.subset(sub), cfg, tmp_path / "ram.pt", images=images[sub], log=None)
     monkeypatch.setattr(train_module, "IN_MEMORY_WORK_BYTES", 0)
-    scratch = tmp_path / ".mapped.inputs.0.npy"
-    seen = []
-    real_open = np.lib.format.open_memmap
-    monkeypatch.setattr(np.lib.format, "open_memmap",
-                        lambda path, **kw: seen.append(Path(path)) or real_open(path, **kw))
+    scratch = tmp_path / ".mapped.inputs.0.f32"
+    scratch.write_bytes(b"stale")
+    reads = []
+    real_getitem = training_module.DiskRows.__getitem__
+    monkeypatch.setattr(training_module.DiskRows, "__getitem__",
+                        lambda self, index: reads.append(Path(self.path)) or real_getitem(self, index))
     mapped = train_pose_network(particles.subset(sub), cfg, tmp_path / "mapped.pt", images=images[sub], log=None)
-    assert seen == [scratch] and not scratch.exists()
+    assert reads and set(reads) == {scratch} and not scratch.exists()
     assert [r["train_loss"] for r in mapped.history] == [r["train_loss"] for r in in_ram.history]
     assert [r["val_loss"] for r in mapped.history] == [r["val_loss"] for r in in_ram.history]
     with pytest.raises(ValueError):  # a failure after the scratch file was written still removes it
