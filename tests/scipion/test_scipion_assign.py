@@ -141,7 +141,7 @@ class TestAssignPosesChain(BaseTest):
         self.assertAlmostEqual(float(result.pmax[0]), float(data["pmax"][0]), places=3)
         self.assertTrue(assign.summary() and "30 particles" in assign.summary()[0], assign.summary())
         methods = "\n".join(assign.methods())  # also renders the citations (pyworkflow's _references)
-        self.assertIn("Balanov", methods)
+        self.assertIn("Xu2026", methods)
 
     def test_form_and_validate(self):
         import pyworkflow.protocol.params as params

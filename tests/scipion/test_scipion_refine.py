@@ -198,7 +198,7 @@ class TestRefineChain(BaseTest):
         self.assertTrue(summary and f"{N_PARTICLES} particles" in summary[0], summary)
         self.assertTrue(any("Å" in line and "0.143" in line for line in summary), summary)
         methods = "\n".join(prot.methods())  # also renders the citations (pyworkflow's _references)
-        self.assertIn("Balanov", methods)
+        self.assertIn("Xu2026", methods)
 
     def test_form_and_validate(self):
         import pyworkflow.protocol.params as params
