@@ -1,4 +1,4 @@
-"""Slow scientific check (``-m slow``, about 10 min on 2 cores): a whole refinement's final map keeps what its
+"""Slow scientific check (``-m slow``, about 2 min on 2 cores): a whole refinement's final map keeps what its
 own final poses hold.
 
 Known truth: 500 fragment particles (CTF, uniform poses, origins within ±2 px, SNR 0.03), refined with the default
