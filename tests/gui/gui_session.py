@@ -164,8 +164,8 @@ def open_forms(window, root, screenshots: bool) -> None:
             if not forms:
                 raise AssertionError(f"no form window for {name}")
             RESULTS["forms"].append(name)
-            if name == "ProtBayesposeSimulate":
-                shot("form", screenshots, root)
+            if name in ("ProtBayesposeSimulate", "ProtBayesposeTrainPoseNetwork"):
+                shot(f"form_{name}", screenshots, root)
             for form in forms:
                 form.destroy()
 
