@@ -31,6 +31,7 @@ the right) are correct labels and share the target mass equally.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -42,9 +43,9 @@ from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import shift_fourier
 from bayespose.core.imaging.particles import ParticleSet
 
-__all__ = ["preprocess_images", "read_network_inputs", "fourier_resize", "normalise_background", "circular_mask",
-           "augment_inputs",
-           "rotate_shift_images", "inplane_rotation_matrix", "grid_targets", "symmetry_quaternions"]
+__all__ = ["preprocess_images", "network_input_batches", "read_network_inputs", "fourier_resize",
+           "normalise_background", "circular_mask", "augment_inputs", "rotate_shift_images", "inplane_rotation_matrix", "grid_targets",
+           "symmetry_quaternions"]
 
 def fourier_resize(images: torch.Tensor, new_box: int) -> torch.Tensor:
     """Fourier crop (or zero-pad) real images (N, D, D) to (N, new_box, new_box), keeping the centre D // 2.
@@ -136,19 +137,26 @@ def preprocess_images(images: np.ndarray | torch.Tensor, particles: ParticleSet,
     return out
 
 
-def read_network_inputs(particles: ParticleSet, images: np.ndarray | None, net_box: int,
-                        ctf_correction: CtfCorrection = "phase_flip", batch_size: int = 1024) -> torch.Tensor:
-    """Network inputs (N, net_box, net_box) float32 of all ``particles``: their images (rows of ``images`` when in
-    memory, else read from the stacks ``batch_size`` at a time) through :func:`preprocess_images`. Memory: the
-    inputs (4 · net_box² bytes per particle, 4 KB at net box 32) plus one batch of images, never all the images
-    (26 GB for 100,000 particles of 256 px)."""
+def network_input_batches(particles: ParticleSet, images: np.ndarray | None, net_box: int,
+                          ctf_correction: CtfCorrection = "phase_flip", batch_size: int = 1024,
+                          work_box: int | None = None) -> Iterator[torch.Tensor]:
+    """The network inputs of ``particles`` batch by batch (B, n, n) float32, in order: their images (rows of
+    ``images`` when in memory, else read from the stacks ``batch_size`` at a time) through
+    :func:`preprocess_images` (``work_box``: at that box instead of ``net_box``). One batch of images is in memory
+    at a time, never all of them (26 GB for 100,000 particles of 256 px)."""
     from bayespose.core.io.mrc import read_images
 
-    parts = []
     for s in range(0, len(particles), batch_size):
         index = np.arange(s, min(s + batch_size, len(particles)))
         imgs = images[index] if images is not None else read_images(particles, index)
-        parts.append(preprocess_images(imgs, particles, index, net_box, ctf_correction))
+        yield preprocess_images(imgs, particles, index, net_box, ctf_correction, work_box=work_box)
+
+
+def read_network_inputs(particles: ParticleSet, images: np.ndarray | None, net_box: int,
+                        ctf_correction: CtfCorrection = "phase_flip", batch_size: int = 1024) -> torch.Tensor:
+    """Network inputs (N, net_box, net_box) float32 of all ``particles`` (:func:`network_input_batches`). Memory:
+    the inputs (4 · net_box² bytes per particle, 4 KB at net box 32) plus one batch of images."""
+    parts = list(network_input_batches(particles, images, net_box, ctf_correction, batch_size))
     return torch.cat(parts) if parts else torch.zeros((0, net_box, net_box))
 
 

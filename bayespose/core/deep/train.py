@@ -72,7 +72,7 @@ from bayespose.core.deep._training import (
     run_steps,
 )
 from bayespose.core.deep.calibration import fit_temperature
-from bayespose.core.deep.data import grid_targets, preprocess_images, symmetry_quaternions
+from bayespose.core.deep.data import grid_targets, network_input_batches, symmetry_quaternions
 from bayespose.core.deep.models import build_model
 from bayespose.core.deep.predict import forward_batches, predict_from_inputs
 from bayespose.core.deep.synthetic import SyntheticProjections
@@ -82,7 +82,6 @@ from bayespose.core.geometry.priors import GridPrior
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.atomic import atomic_file
-from bayespose.core.io.mrc import read_images
 from bayespose.core.runtime import choose_device, torch_threads
 
 __all__ = ["TrainConfig", "TrainResult", "PoseNetwork", "train_pose_network", "load_pose_network",
@@ -441,10 +440,7 @@ def _work_images(particles: ParticleSet, images: np.ndarray | None, config: Trai
     on_disk = scratch is not None and n * work * work * 4 > IN_MEMORY_WORK_BYTES
     parts = []
     with open(scratch, "wb") if on_disk else nullcontext() as out:
-        for s in range(0, n, batch):
-            index = np.arange(s, min(s + batch, n))
-            imgs = images[index] if images is not None else read_images(particles, index)
-            x = preprocess_images(imgs, particles, index, config.net_box, config.ctf_correction, work_box=work)
+        for x in network_input_batches(particles, images, config.net_box, config.ctf_correction, batch, work):
             if on_disk:
                 out.write(x.numpy().astype(np.float32).tobytes())
             else:
