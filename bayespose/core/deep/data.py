@@ -44,8 +44,8 @@ from bayespose.core.imaging.forward import shift_fourier
 from bayespose.core.imaging.particles import ParticleSet
 
 __all__ = ["preprocess_images", "network_input_batches", "read_network_inputs", "fourier_resize",
-           "normalise_background", "circular_mask", "augment_inputs", "rotate_shift_images", "inplane_rotation_matrix", "grid_targets",
-           "symmetry_quaternions"]
+           "normalise_background", "circular_mask", "augment_inputs", "rotate_shift_images",
+           "inplane_rotation_matrix", "grid_targets", "symmetry_quaternions"]
 
 def fourier_resize(images: torch.Tensor, new_box: int) -> torch.Tensor:
     """Fourier crop (or zero-pad) real images (N, D, D) to (N, new_box, new_box), keeping the centre D // 2.
