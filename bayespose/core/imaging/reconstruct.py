@@ -354,10 +354,7 @@ def _inverse_tau2(tau2, radius: torch.Tensor, box: int) -> torch.Tensor:
         raise ValueError(f"tau2 needs one value per shell 0 .. D // 2 ({box // 2 + 1} values), got {t.numel()}")
     if bool((t < 0).any()) or not bool(torch.isfinite(t).all()):
         raise ValueError("tau2 must be finite and >= 0")
-    s = radius.clamp(max=t.numel() - 1)
-    i0 = torch.floor(s).long().clamp(max=t.numel() - 2)
-    f = s - i0
-    val = t[i0] * (1 - f) + t[i0 + 1] * f
+    val = _interpolate_shells(t, radius)
     val = torch.where(radius > t.numel() - 1, torch.zeros_like(val), val)
     return torch.where(val > 0, 1.0 / val.clamp(min=torch.finfo(torch.float32).tiny), torch.full_like(val, math.inf))
 
@@ -430,7 +427,7 @@ def reconstruct(numerator: torch.Tensor, weight: torch.Tensor, box: int, tau2=No
         den = wgt[z] + inv
         if shell_w is not None:  # the shell's Wiener factor is left out here and applied after cropping
             w = _interpolate_shells(shell_w, radius)
-            factor = torch.where(torch.isfinite(inv), w / (w + inv).clamp(min=1e-30), torch.zeros_like(w))
+            factor = _shell_factor(w, inv)
             den = torch.where(factor > 0, den * factor, den)
         ok = (radius <= r_max) & (den > 0) & torch.isfinite(den)
         num[z] = torch.where(ok, num[z] / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num[z]))
@@ -488,8 +485,13 @@ def _shell_wiener(volume: torch.Tensor, mean_weight: torch.Tensor, tau2) -> torc
     r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
     inv = _inverse_tau2(tau2, r, d)
     w = _interpolate_shells(mean_weight.to(volume.device), r)
-    factor = torch.where(torch.isfinite(inv), w / (w + inv).clamp(min=1e-30), torch.zeros_like(w))
-    return torch.fft.irfftn(torch.fft.rfftn(volume) * factor, s=volume.shape)
+    return torch.fft.irfftn(torch.fft.rfftn(volume) * _shell_factor(w, inv), s=volume.shape)
+
+
+def _shell_factor(mean_weight: torch.Tensor, inv_tau2: torch.Tensor) -> torch.Tensor:
+    """A shell's Wiener factor ``mean_w / (mean_w + 1/tau²)`` at each voxel; 0 where ``1/tau²`` is infinite."""
+    return torch.where(torch.isfinite(inv_tau2), mean_weight / (mean_weight + inv_tau2).clamp(min=1e-30),
+                       torch.zeros_like(mean_weight))
 
 
 def mask_outside_sphere(volume: torch.Tensor, edge_px: float = 3.0) -> torch.Tensor:
