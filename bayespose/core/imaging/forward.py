@@ -27,12 +27,13 @@ Conventions (measured against ``relion_project`` in tests/relion/test_relion_con
 
 Implementation: the volume is zero-padded to an even size ``P >= pad_factor · D`` (centre kept at ``P // 2``),
 divided by RELION's radial sinc² gridding correction for trilinear interpolation, and Fourier transformed once
-(:func:`prepare_volume`). Slices are sampled with trilinear interpolation (``torch_image_interpolation``, the
-sampler that torch-fourier-slice uses) directly at the ``D``-grid frequencies of the image, so no padded 2D slice
-is made. torch-fourier-slice's own ``extract_central_slices_rfft_3d`` samples at the padded grid (4x more points for
-``pad_factor = 2``) and maps frequencies to array coordinates half a voxel off for odd padded sizes (its
-``project_3d_to_2d`` of a 33 px blob volume correlates 0.993 with the exact projection, this module 0.9999);
-tests/core/imaging/test_forward.py checks this module against its ``project_3d_to_2d`` for an even box.
+(:func:`prepare_volume`). Slices are sampled with trilinear interpolation (:func:`sample_trilinear`: the values of
+``torch_image_interpolation``'s sampler, which torch-fourier-slice uses, 1.75x faster) directly at the ``D``-grid
+frequencies of the image, so no padded 2D slice is made. torch-fourier-slice's own
+``extract_central_slices_rfft_3d`` samples at the padded grid (4x more points for ``pad_factor = 2``) and maps
+frequencies to array coordinates half a voxel off for odd padded sizes (its ``project_3d_to_2d`` of a 33 px blob
+volume correlates 0.993 with the exact projection, this module 0.9999); tests/core/imaging/test_forward.py checks
+this module against its ``project_3d_to_2d`` for an even box.
 
 Odd boxes: bayespose keeps RELION's documented centre ``D // 2``. ``relion_project`` (RELION assumes even boxes)
 writes odd-box projections centred at ``D // 2 + 1``, i.e. ours rolled by +1 px in x and y
@@ -47,7 +48,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch_fourier_shift import fourier_shift_dft_2d
-from torch_image_interpolation import sample_image_3d
 
 from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.particles import CTFParams
@@ -57,6 +57,7 @@ __all__ = [
     "prepare_volume",
     "project_fourier",
     "slice_coefficients",
+    "sample_trilinear",
     "shift_fourier",
     "apply_ctf",
     "to_real",
@@ -197,6 +198,34 @@ def _as_rotations(rotations, device) -> torch.Tensor:
     return rot
 
 
+def sample_trilinear(grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of ``grid`` (Z, Y, X), real or complex, at array coordinates ``coords`` (..., 3)
+    = (z, y, x); 0 outside ``[0, Z - 1] x [0, Y - 1] x [0, X - 1]``.
+
+    The same values as ``torch_image_interpolation.sample_image_3d(grid, coords, "trilinear")`` (grid_sample with
+    ``align_corners=True`` and zero padding; tests/core/imaging/test_forward.py) by eight flat-index gathers: 1.75x
+    faster on CPU (measured on 2 cores: 57 vs 99 ns per sample for 2000 slices of 1562 coefficients, P = 128), and
+    the central slices are most of the refinement levels' cost.
+    """
+    sz, sy, sx = grid.shape
+    flat = grid.reshape(-1)
+    upper = torch.tensor([sz - 2, sy - 2, sx - 2], device=coords.device)
+    inside = ((coords >= 0) & (coords <= upper + 1)).all(dim=-1)
+    i0 = torch.minimum(torch.floor(coords).to(torch.int64).clamp_(min=0), upper)  # a coordinate on the last
+    frac = coords - i0  # plane is taken as "plane - 1" with weight 1 on the last one
+    rest = 1.0 - frac
+    base = (i0[..., 0] * sy + i0[..., 1]) * sx + i0[..., 2]
+    out = None
+    for dz in (0, 1):
+        wz = frac[..., 0] if dz else rest[..., 0]
+        for dy in (0, 1):
+            wzy = wz * (frac[..., 1] if dy else rest[..., 1])
+            index = base + (dz * sy + dy) * sx
+            term = (flat[index] * rest[..., 2] + flat[index + 1] * frac[..., 2]) * wzy
+            out = term if out is None else out + term
+    return out if bool(inside.all()) else out * inside
+
+
 def slice_coefficients(prepared: PreparedVolume, rotations, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
     """Central-slice coefficients at chosen frequencies: complex64 (N, M) for RELION poses ``A`` (N, 3, 3).
 
@@ -215,7 +244,7 @@ def slice_coefficients(prepared: PreparedVolume, rotations, kx: torch.Tensor, ky
     conj = xyz[..., 0] < 0  # the rfft stores x >= 0 only: use F(-k) = conj(F(k))
     xyz = torch.where(conj[..., None], -xyz, xyz)
     coords = torch.stack([xyz[..., 2] + p // 2, xyz[..., 1] + p // 2, xyz[..., 0]], dim=-1)  # zyx array coords
-    samples = sample_image_3d(prepared.data, coords, interpolation="trilinear")  # (N, M) complex
+    samples = sample_trilinear(prepared.data, coords)  # (N, M) complex
     samples = torch.where(conj, samples.conj(), samples).to(torch.complex64)
     c = d // 2  # exp(-2 pi i k · c / D): content from the array origin to pixel D // 2
     angle = (-2.0 * math.pi * c / d) * (kx + ky)

@@ -10,10 +10,19 @@ import pytest
 import torch
 from scipy import ndimage
 from torch_fourier_slice import project_3d_to_2d
+from torch_image_interpolation import sample_image_3d
 
 from bayespose.core.geometry.rotations import euler_to_matrix
 from bayespose.core.imaging.ctf import ctf_2d
-from bayespose.core.imaging.forward import apply_ctf, prepare_volume, project, project_fourier, shift_fourier, to_real
+from bayespose.core.imaging.forward import (
+    apply_ctf,
+    prepare_volume,
+    project,
+    project_fourier,
+    sample_trilinear,
+    shift_fourier,
+    to_real,
+)
 from bayespose.core.imaging.particles import CTFParams
 from bayespose.core.imaging.simulate import add_white_noise, simulate_images
 
@@ -86,6 +95,23 @@ def test_matches_torch_fourier_slice_projector():
     for i in range(len(mats)):
         assert corr(ours[i], theirs[i]) > 0.999
         assert ours[i].sum() == pytest.approx(theirs[i].sum(), rel=0.05)  # same (unnormalised) scale
+
+
+def test_trilinear_sampler_equals_torch_image_interpolation():
+    """Our flat-index sampler against teamtomo's grid_sample-based one: complex and real grids, coordinates inside
+    the grid including its last planes (where ours takes "plane - 1" with weight 1) and outside it (0)."""
+    rng = np.random.default_rng(3)
+    shape = (9, 7, 5)
+    grid = torch.complex(torch.randn(shape), torch.randn(shape))
+    coords = torch.as_tensor(rng.uniform(0, 1, (40, 30, 3)) * (np.array(shape) - 1), dtype=torch.float32)
+    coords[0, :3] = torch.tensor([[8.0, 6.0, 4.0], [0.0, 0.0, 0.0], [8.0, 0.0, 4.0]])  # corners and last planes
+    coords[1, :3] = torch.tensor([[8.5, 3.0, 2.0], [-0.5, 3.0, 2.0], [4.0, 3.0, 4.01]])  # outside: 0
+    for values in (grid, grid.real.contiguous()):
+        ours = sample_trilinear(values, coords)
+        theirs = sample_image_3d(values, coords, interpolation="trilinear")
+        assert ours.shape == (40, 30)
+        torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sample_trilinear(grid, coords + 0.25), sample_trilinear(grid, coords))  # not constant
 
 
 def test_project_fourier_layout_and_cutoff():
