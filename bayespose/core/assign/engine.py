@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from bayespose.core import parallel
+from bayespose.core.assign._cells import cell_ids, children_with_ring
 from bayespose.core.assign._ragged import score_ragged
 from bayespose.core.assign._scoring import ScoringCall, _Batch, _Scorer, _StageScores
 from bayespose.core.assign._search_space import _SearchSpace, shift_lattice
 from bayespose.core.assign._statistics import _significant_cells, _stage_results
 from bayespose.core.assign.noise_model import NoiseModel, estimate_noise_model, geometric_radius, information_radius
 from bayespose.core.assign.search import PoseSearch
-from bayespose.core.geometry.grids import cell_rotations, split_cells
+from bayespose.core.geometry.grids import cell_rotations
 from bayespose.core.geometry.priors import RotationPrior, UniformPrior
 from bayespose.core.geometry.symmetry import symmetry_group
 from bayespose.core.imaging.forward import PreparedVolume, prepare_volume
@@ -67,8 +68,11 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
 
     Global search: the HEALPix grid of ``search.healpix_order`` scored with the frequency cut-off matched to its
     spacing; then, ``refine_levels`` times, the cells that hold ``refine_mass`` of each particle's posterior are
-    split into 8 children each (:func:`~bayespose.core.geometry.grids.split_cells`, RELION's oversampling) and
-    scored at the cut-off matched to the halved spacing. A particle whose significant cells exceed
+    split into 8 children each (:func:`~bayespose.core.geometry.grids.split_cells`, RELION's oversampling), those
+    with at least ``refine_ring_ratio`` of the most probable cell's posterior also get a ring of children of their
+    adjacent cells
+    (:func:`~bayespose.core.assign._cells.children_with_ring`: the truth may lie just across a cell border), and
+    they are scored at the cut-off matched to the halved spacing. A particle whose significant cells exceed
     ``refine_max_cells`` (a broad posterior, which the current grid already resolves) keeps its current result.
     Local search: the local grid around each input pose. ``prior``: the rotation prior (default uniform).
     ``images``: the particle images (N, D, D) if already in memory (else read from the files, batch by batch).
@@ -269,7 +273,8 @@ class _Run:
 
     def _refine(self, batch: _Batch, scores: _StageScores, cells: np.ndarray | None) -> None:
         """Coarse-to-fine: per level, each particle's cells holding ``refine_mass`` of its posterior split into 8
-        children (:func:`split_cells`) scored at the level's cut-off; a particle with more than
+        children, with a ring of children of the adjacent cells around the most probable ones
+        (:func:`children_with_ring`), scored at the level's cut-off; a particle with more than
         ``refine_max_cells`` significant cells keeps its current result and leaves the refinement. ``cells``
         (B, C): the first grid's cells per particle (None: the whole shared grid)."""
         search, grid = self.search, self.space.grid
@@ -289,22 +294,21 @@ class _Run:
             active, significant = active[ok], [c for c, keep_row in zip(significant, ok) if keep_row]
             width = max(len(c) for c in significant)
             chosen = np.stack([np.pad(c, (0, width - len(c)), mode="edge") for c in significant])  # (R, width)
-            valid = np.repeat(np.stack([np.arange(width) < len(c) for c in significant]), 8, axis=1)
+            valid = np.stack([np.arange(width) < len(c) for c in significant])
             rows_ok = np.nonzero(ok)[0]
             parent_dir = np.take_along_axis(cell_dir[rows_ok], chosen, axis=1)
             parent_psi = np.take_along_axis(cell_psi[rows_ok], chosen, axis=1)
-            child_dir, child_psi = split_cells(search.healpix_order + level - 1, parent_dir, parent_psi)
-            cell_dir = child_dir.reshape(len(active), -1)
-            cell_psi = child_psi.reshape(len(active), -1)
-            children = cell_rotations(search.healpix_order + level, cell_dir, cell_psi)  # (R, 8·width, 3, 3)
+            p_parent = np.take_along_axis(p_rot[ok], chosen, axis=1)
+            ringed = valid & (p_parent >= search.refine_ring_ratio * p_parent[:, :1])  # most probable first
+            cell_dir, cell_psi, valid = children_with_ring(search.healpix_order + level - 1, parent_dir, parent_psi,
+                                                           valid, ringed)
+            children = cell_rotations(search.healpix_order + level, cell_dir, cell_psi)  # (R, W', 3, 3)
             sub = batch.rows(active)
-            n_psi = 6 * 2 ** (search.healpix_order + level)  # level >= 1: psi = (i + 1/2) · 360 / n_psi
-            psi_i = np.mod(np.rint(cell_psi * n_psi / 360.0 - 0.5).astype(np.int64), n_psi)
             # lattice ids carry the level: the projection cache is keyed by radius only, and levels whose radii
             # coincide (e.g. all capped at Nyquist) must not share ids (cell i of level 1 is not cell i of level 2)
+            ids = cell_ids(search.healpix_order + level, cell_dir, cell_psi, coarse=False) + (level << 40)
             scores = score_ragged(self.scorer, sub, self.radii[level], children, np.where(valid, 0.0, -np.inf),
-                                  self.prior.log_density(children, sub.index),
-                                  lattice_ids=cell_dir * n_psi + psi_i + (level << 40), stage=level)
+                                  self.prior.log_density(children, sub.index), lattice_ids=ids, stage=level)
             self._store(sub.index, scores, children, self.space.spacing_deg / 2 ** level)
             self.n_refined[level - 1] += len(active)
             self.scored += int(valid.sum())

@@ -21,7 +21,10 @@ class PoseSearch:
     """How to search. Angles in degrees, shifts in px, resolution in Å.
 
     ``local_range_deg`` None: global HEALPix grid of ``healpix_order`` (72·8^r rotations, spacing ~60/2^r deg),
-    then ``refine_levels`` coarse-to-fine halvings of the grid in each particle's significant cells. Otherwise a
+    then ``refine_levels`` coarse-to-fine halvings of the grid in each particle's significant cells (the children of
+    the cells holding ``refine_mass`` of its posterior, plus a ring of children of the adjacent cells around its
+    cells with at least ``refine_ring_ratio`` of its most probable cell's posterior (a rule that treats equivalent
+    modes alike): :func:`~bayespose.core.assign._cells.children_with_ring`). Otherwise a
     local grid of ±``local_range_deg`` around each particle's centre pose (its input pose) with lattice step
     ``local_step_deg`` (default: range / 4), and shifts centred on the input origins. Several centres per particle
     (``assign_poses(..., centers=(N, C, 3, 3))``, e.g. a pose network's top-K rotations): the union of the C
@@ -41,9 +44,10 @@ class PoseSearch:
     MAX_LOCAL_RANGE_DEG: ClassVar[float] = 90.0
 
     healpix_order: HealpixOrder = 2
-    refine_levels: int = 2  # coarse-to-fine: halvings of the grid in the significant cells (0: coarse grid only)
+    refine_levels: int = 3  # coarse-to-fine: halvings of the grid in the significant cells (0: coarse grid only)
     refine_mass: float = 0.999  # posterior mass whose cells are refined
     refine_max_cells: int = 128  # particles with more significant cells keep the coarse result
+    refine_ring_ratio: float = 0.05  # cells with this fraction of the top cell's posterior get a ring (> 1: none)
     max_resolution_A: float | None = None  # cap on the scored resolution (None: Nyquist)
     smoothness_nats: float = 30.0  # each stage's cut-off: a pose half a grid step off loses at most this much
     shift_range_px: float = 3.0
@@ -77,6 +81,8 @@ class PoseSearch:
         if self.local_range_deg is not None and not 0 < self.local_range_deg <= self.MAX_LOCAL_RANGE_DEG:
             raise ValueError(f"local range must be in (0, {self.MAX_LOCAL_RANGE_DEG:g}] degrees, "
                              f"got {self.local_range_deg}")
+        if not self.refine_ring_ratio >= 0:
+            raise ValueError(f"refine ring ratio must be >= 0, got {self.refine_ring_ratio}")
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
         symmetry_group(self.symmetry)

@@ -3,7 +3,7 @@
 All particles are simulated here with known poses from the asymmetric 3J9G fragment map (64³ px, 4.4 Å/px) with
 CTF; SNR = mean clean-image variance over the box / per-pixel white-noise variance (bayespose's definition).
 Errors are geodesic angles in degrees between RELION pose matrices (symmetry-aware for the symmetric map). The
-default search is HEALPix order 2 (15°) + 2 coarse-to-fine levels, so the final grid step is 3.75°.
+default search is HEALPix order 2 (15°) + 3 coarse-to-fine levels, so the final grid step is 1.875°.
 
 What would fail if the engine were wrong: wrong poses at high SNR (convention, projection or scoring errors),
 poses that depend on the reference's intensity scale, a symmetric posterior averaged without folding (or folding
@@ -34,7 +34,7 @@ from bayespose.core.io.relion_star import read_star
 from bayespose.data import fragment_map_path
 from tests.helpers import need_relion
 
-FINAL_STEP_DEG = 15.0 / 4  # order 2 (15°) halved twice by the coarse-to-fine refinement
+FINAL_STEP_DEG = 15.0 / 8  # order 2 (15°) halved three times by the coarse-to-fine refinement
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +96,18 @@ def test_high_snr_fine_search_puts_every_particle_near_the_truth(fragment):
 
 
 def test_high_snr_default_search(fragment):
-    """The default search (order 2 + 2 levels, information-matched cut-off) at SNR 1: most particles within 2
-    final grid steps, median within about one step, MMSE ~ MAP. (Not every particle: the refinement splits only the
-    most probable 15° cells, and the true pose sometimes lies in a neighbouring one; measured for seeds 11-16: 83-97 %
-    within 2 steps, worst 9-14°. Order 3 + 1 level does better, see the test above and benchmarks/results/accuracy.)"""
+    """The default search (order 2 + 3 levels, information-matched cut-off) at SNR 1: every particle within 2 final
+    grid steps, median within 0.75 of a step, MMSE ~ MAP. The ring of finer cells around the most probable cells is
+    what makes "every" hold: splitting only the kept cells (``refine_ring_ratio`` > 1) leaves particles whose truth
+    lies just across a cell border up to 8° off (measured here: 6 of 30 beyond 2 steps, mean 2.7° vs 1.2°)."""
     volume, px = fragment
     truth = random_rotations(30, np.random.default_rng(12))
     particles, images = make_particles(volume, px, truth, snr=1.0, seed=12)
     result = assign_poses(particles, volume, search(), images=images)
     for name, e in errors(truth, result).items():
         print(f"{name}: mean {e.mean():.2f}, median {np.median(e):.2f}, max {e.max():.2f} deg")
-        assert np.median(e) < 1.25 * FINAL_STEP_DEG, name
-        assert (e < 2 * FINAL_STEP_DEG).mean() >= 0.75, name
+        assert np.median(e) < 0.75 * FINAL_STEP_DEG, name
+        assert e.max() < 2 * FINAL_STEP_DEG, name
     gap = geodesic_distance_deg(result.mmse_rotations, result.map_rotations)
     assert gap.mean() < 1.0
     # the posterior expected error is of the right size at high SNR (degrees, not radians; not a constant)
