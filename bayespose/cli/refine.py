@@ -53,8 +53,8 @@ def add_parser(sub) -> None:
                    help=f"coarse global grid scored exhaustively, HEALPix order 0-{PoseSearch.MAX_HEALPIX_ORDER} "
                         "(60°/2^R: 60, 30, 15, 7.5, 3.75°) [engine default]")
     p.add_argument("--max-healpix-order", type=int, choices=range(0, MAX_FINEST_ORDER + 1), metavar="R",
-                   help="finest HEALPix order; significant cells are refined coarse-to-fine as the resolution asks "
-                        "[engine default]")
+                   help="finest HEALPix order; significant cells are refined coarse-to-fine as far as the resolution "
+                        "or the poses' expected error ask (6 = 0.94°) [engine default]")
     p.add_argument("--prior-order", type=int, choices=range(0, 5), metavar="R",
                    help="HEALPix order of the estimated viewing-direction density (--prior estimate) [engine "
                         "default]")

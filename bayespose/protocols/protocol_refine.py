@@ -188,8 +188,9 @@ class ProtBayesposeRefine(ProtRefine3D):
         form.addParam("maxHealpixOrder", params.IntParam, default=_DEFAULTS.max_healpix_order,
                       label="Finest angular sampling (HEALPix order)",
                       help="The significant cells of the coarse grid are refined coarse-to-fine (each order halves "
-                           "the step) as far as the current resolution needs at the particle's edge, up to this "
-                           "order (3: 7.5°, 4: 3.75°, 5: 1.9°).")
+                           "the step) as far as the current resolution needs at the particle's edge, or finer while "
+                           "the step exceeds the particles' median expected pose error, up to this order "
+                           "(3: 7.5°, 4: 3.75°, 5: 1.9°, 6: 0.94°).")
         form.addParam("particleDiameter", params.FloatParam, default=0.0, label="Particle diameter (Å)",
                       help="Sets the angular sampling the resolution needs at the particle's edge and the soft "
                            "solvent mask of the references. 0 = the engine's default (from the box size).")

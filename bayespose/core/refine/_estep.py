@@ -77,11 +77,22 @@ class Sampling:
         return f"global order {self.order}+{self.levels} (step {self.step_deg:.2f}°)"
 
 
-def sampling_for(config: RefineConfig, resolution: float, diameter: float, local: bool) -> Sampling:
-    """Angular sampling for the current resolution (see :class:`RefineConfig`)."""
+def sampling_for(config: RefineConfig, resolution: float, diameter: float, local: bool,
+                 expected_error_deg: float | None = None) -> Sampling:
+    """Angular sampling for the current resolution and pose accuracy (see :class:`RefineConfig`).
+
+    The finest order is the coarser-to-finer maximum of what the resolution needs (:func:`_needed_order`) and what
+    the poses support: while the grid step exceeds ``expected_error_deg`` (the particles' median posterior
+    expected error of the previous iteration, which never falls below ``CELL_SPREAD`` = 0.46 steps), the grid and
+    not the data limits the poses, so the step is halved (RELION's auto-refine likewise keeps refining its
+    sampling while its angular accuracy allows, down to ~0.9° here). Between ``healpix_order + 1`` and
+    ``max_healpix_order``."""
     top = config.max_healpix_order
-    finest = min(max(_needed_order(resolution, diameter), config.healpix_order + 1), top)
-    finest = max(finest, config.healpix_order)
+    finest = max(_needed_order(resolution, diameter), config.healpix_order + 1)
+    if expected_error_deg is not None and math.isfinite(expected_error_deg):
+        while finest < top and _angular_step(finest) > expected_error_deg:
+            finest += 1
+    finest = max(min(finest, top), config.healpix_order)
     step = _angular_step(finest)
     if local:
         return Sampling(finest, 0, config.local_range_deg or 3.0 * step, step)

@@ -21,12 +21,13 @@ own reference V_h:
   (RELION's rule); the references of the next iteration are the Wiener half maps, solvent-flattened (a soft
   sphere of the particle diameter, or the user's mask) and averaged below ``join_halves_below_A``.
 
-Convergence: the resolution has not improved by 1 % for 2 iterations and the mean pose change is below the current
-angular step. **Final full-resolution pass** (``final_full_resolution``, default on; RELION's final iteration):
-after the last iteration each particle's data are inserted once more at ALL frequencies up to Nyquist (``D // 2``
-Fourier px) at the last E-step's joint weights, for both halves; the FSC of these unregularised half maps gives the
-final FSC, resolution and τ², then the Wiener half maps and the combined map. It is not an iteration (no history
-entry, no pose update). Units: Å, degrees, RELION ``A`` rotations, origins in Å (``rlnOriginX/YAngst``).
+Convergence: the resolution has not improved by 1 % for 2 iterations, the mean pose change is below the current
+angular step and the poses ask for no finer sampling (:func:`~._estep.sampling_for`). **Final full-resolution pass**
+(``final_full_resolution``, default on; RELION's final iteration): after the last iteration each particle's data are
+inserted once more at ALL frequencies up to Nyquist (``D // 2`` Fourier px) at the last E-step's joint weights, for
+both halves; the FSC of these unregularised half maps gives the final FSC, resolution and τ², then the Wiener half
+maps and the combined map. It is not an iteration (no history entry, no pose update). Units: Å, degrees, RELION
+``A`` rotations, origins in Å (``rlnOriginX/YAngst``).
 
 Files (``out_dir``): after each iteration the state (:meth:`EMState.save`: ``it###_half{1,2}.mrc``,
 ``it###_map.mrc``, ``it###_state.npz``, ``history.json``), after the final pass ``final_half{1,2}.mrc``,
@@ -251,7 +252,7 @@ def run_iteration(state: EMState, run: RefineRun) -> EMState:
     final pass)."""
     t0, config, it = time.perf_counter(), run.config, state.iteration + 1
     radius = min(run.box * run.px / state.resolution + config.extra_shells, run.nyquist)
-    sampling = sampling_for(config, state.resolution, run.diameter, state.local)
+    sampling = sampling_for(config, state.resolution, run.diameter, state.local, _accuracy(state))
     esteps, msteps = _half_passes(state, run, sampling, radius, f"iteration {it}", m_steps=True)
     results = ParticleResults.zeros(len(state.halves), STATISTICS) if state.results is None \
         else state.results.copy_results()
@@ -269,7 +270,9 @@ def run_iteration(state: EMState, run: RefineRun) -> EMState:
     change = _pose_change(results.poses(config.estimator)[0], previous, run.group)
     gain = maps.resolution < state.best_resolution * 0.99
     best, no_gain = (maps.resolution, 0) if gain else (state.best_resolution, state.no_gain + 1)
-    converged = no_gain >= 2 and change < sampling.step_deg
+    finer = sampling_for(config, maps.resolution, run.diameter, state.local,
+                         float(np.median(results.expected_error_deg))).finest_order > sampling.finest_order
+    converged = no_gain >= 2 and change < sampling.step_deg and not finer
     go_local = (config.local_search and not state.local and it >= 2
                 and sampling.finest_order >= config.max_healpix_order and change < sampling.step_deg)
     broad = sum(len(e.support.broad_rows) for e in esteps)
@@ -280,6 +283,14 @@ def run_iteration(state: EMState, run: RefineRun) -> EMState:
     _log_iteration(run, entry, sampling, go_local)
     return EMState(it, state.halves, maps, best, no_gain, noise, prior_density, results, state.local or go_local,
                    converged, [*state.history, entry], state.fingerprint, supports=[e.support for e in esteps])
+
+
+def _accuracy(state: EMState) -> float | None:
+    """The particles' median posterior expected error (degrees) after the state's iteration (None before the
+    first): what the angular sampling of the next E-step should resolve."""
+    if state.results is None:
+        return None
+    return float(np.median(state.results.expected_error_deg))
 
 
 def _half_rows(state: EMState) -> list[np.ndarray]:
@@ -360,7 +371,7 @@ def _recompute_supports(state: EMState, run: RefineRun) -> list:
     """The joint-weight supports of both halves from one more E-step against the saved references (a resumed,
     finished run: the last E-step's weights live in memory only)."""
     radius = min(run.box * run.px / state.resolution + run.config.extra_shells, run.nyquist)
-    sampling = sampling_for(run.config, state.resolution, run.diameter, state.local)
+    sampling = sampling_for(run.config, state.resolution, run.diameter, state.local, _accuracy(state))
     esteps, _ = _half_passes(state, run, sampling, radius, f"final after iteration {state.iteration}",
                              m_steps=False)
     return [e.support for e in esteps]
