@@ -25,7 +25,7 @@ from bayespose.core.assign._search_space import _SearchSpace, shift_lattice
 from bayespose.core.assign._statistics import _significant_cells, _stage_results
 from bayespose.core.assign.noise_model import NoiseModel, estimate_noise_model, geometric_radius, information_radius
 from bayespose.core.assign.search import PoseSearch
-from bayespose.core.geometry.grids import cell_rotations
+from bayespose.core.geometry.grids import SO3Grid, cell_rotations, healpix_grid
 from bayespose.core.geometry.priors import RotationPrior, UniformPrior
 from bayespose.core.geometry.symmetry import symmetry_group
 from bayespose.core.imaging.forward import PreparedVolume, prepare_volume
@@ -72,8 +72,10 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     with at least ``refine_ring_ratio`` of the most probable cell's posterior also get a ring of children of their
     adjacent cells
     (:func:`~bayespose.core.assign._cells.children_with_ring`: the truth may lie just across a cell border), and
-    they are scored at the cut-off matched to the halved spacing. A particle whose significant cells exceed
-    ``refine_max_cells`` (a broad posterior, which the current grid already resolves) keeps its current result.
+    they are scored at the cut-off matched to the halved spacing. A particle whose significant cells on the first
+    grid exceed ``refine_max_cells`` (a broad posterior, typical at low SNR, where the first grid is too coarse for
+    the first cut) is rescored on the whole grid of the next order (``broad_finer_grid``; one shared matrix product
+    like the first grid) and refined from there; beyond that, a broad posterior keeps its current result.
     Local search: the local grid around each input pose. ``prior``: the rotation prior (default uniform).
     ``images``: the particle images (N, D, D) if already in memory (else read from the files, batch by batch).
     ``noise``: a given noise model (else estimated from the particles, with ``seed``). ``keep_marginals``:
@@ -97,8 +99,9 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     process would; ``on_marginals`` sees this process's batches only; ``timings`` are this process's.
 
     ``timings``: ``setup_s``, ``scoring_s``, ``total_s``, ``scoring_gflops``, ``refined_particles`` (per level),
-    ``radii_px`` (each stage's cut-off, Fourier px) and ``scored_rotations_per_particle`` (rotations scored per
-    particle over all stages, each with the shift lattice: the measure of the search's work).
+    ``broad_particles`` (rescored on the next order's grid), ``radii_px`` (each stage's cut-off, Fourier px) and
+    ``scored_rotations_per_particle`` (rotations scored per particle over all stages, each with the shift lattice:
+    the measure of the search's work).
     """
     search = search or PoseSearch()
     search.validate()
@@ -150,6 +153,7 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
         scorer = run.scorer
         timings.update(scoring_s=scorer.seconds, total_s=time.perf_counter() - t0,
                        scoring_gflops=scorer.flops / max(scorer.seconds, 1e-9) / 1e9, refined_particles=run.n_refined,
+                       broad_particles=run.n_broad,
                        radii_px=radii, scored_rotations_per_particle=run.scored / n)
     return PoseAssignment(**vars(run.out), noise=noise, n_rotations=space.size, n_shifts=len(deltas),
                           n_frequencies=len(scorer.frequencies(radii[-1])), timings=timings,
@@ -231,7 +235,9 @@ class _Run:
     marginals: dict = field(default_factory=dict, init=False)
     batch_marginals: dict = field(default_factory=dict, init=False)  # the current batch's, for ``sink``
     n_refined: list[int] = field(init=False)  # particles refined, per level
+    n_broad: int = field(default=0, init=False)  # particles rescored on the whole grid of the next order
     scored: int = field(default=0, init=False)
+    _finer: SO3Grid | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.n_refined = [0] * (len(self.radii) - 1)
@@ -271,24 +277,31 @@ class _Run:
         self.scored += int(valid.sum())
         return scores, rotations, cells
 
-    def _refine(self, batch: _Batch, scores: _StageScores, cells: np.ndarray | None) -> None:
-        """Coarse-to-fine: per level, each particle's cells holding ``refine_mass`` of its posterior split into 8
-        children, with a ring of children of the adjacent cells around the most probable ones
-        (:func:`children_with_ring`), scored at the level's cut-off; a particle with more than
-        ``refine_max_cells`` significant cells keeps its current result and leaves the refinement. ``cells``
-        (B, C): the first grid's cells per particle (None: the whole shared grid)."""
-        search, grid = self.search, self.space.grid
-        index = batch.index
+    def _refine(self, batch: _Batch, scores: _StageScores, cells: np.ndarray | None, grid: SO3Grid | None = None,
+                start: int = 1) -> None:
+        """Coarse-to-fine from level ``start``: per level, each particle's cells holding ``refine_mass`` of its
+        posterior split into 8 children, with a ring of children of the adjacent cells around the most probable
+        ones (:func:`children_with_ring`), scored at the level's cut-off. ``scores``: those of the HEALPix grid
+        ``grid`` (default: the first grid, of order ``healpix_order + start - 1``); ``cells`` (B, C): each
+        particle's cells of it (None: the whole grid). A particle with more than ``refine_max_cells`` significant
+        cells is too broad to refine cell by cell: on the first grid of a global search it is rescored on the
+        whole grid of the next order (:meth:`_score_finer_grid`) and refined from there; otherwise it keeps its
+        current result (the posterior over the whole grid it was scored on)."""
+        search = self.search
+        grid = grid or self.space.grid
         if cells is not None:
             cell_dir, cell_psi = grid.direction_index[cells], grid.euler_deg[cells, 2]
         else:
-            cell_dir = np.broadcast_to(grid.direction_index, (len(index), self.space.size))
-            cell_psi = np.broadcast_to(grid.euler_deg[:, 2], (len(index), self.space.size))
-        active = np.arange(len(index))  # batch rows still being refined
-        for level in range(1, len(self.radii)):
+            cell_dir = np.broadcast_to(grid.direction_index, (len(batch.index), len(grid)))
+            cell_psi = np.broadcast_to(grid.euler_deg[:, 2], (len(batch.index), len(grid)))
+        active = np.arange(len(batch.index))  # batch rows still being refined
+        for level in range(start, len(self.radii)):
             p_rot = torch.exp(scores.log_rot - torch.logsumexp(scores.log_rot, 1, keepdim=True)).cpu().numpy()
             significant = _significant_cells(p_rot, search.refine_mass)
             ok = np.array([len(c) <= search.refine_max_cells for c in significant])
+            if level == 1 and not ok.all() and self._finer_grid is not None:
+                broad = batch.rows(active[~ok])
+                self._refine(broad, self._score_finer_grid(broad), None, self._finer_grid, start=2)
             if not ok.any():
                 break
             active, significant = active[ok], [c for c, keep_row in zip(significant, ok) if keep_row]
@@ -312,6 +325,31 @@ class _Run:
             self._store(sub.index, scores, children, self.space.spacing_deg / 2 ** level)
             self.n_refined[level - 1] += len(active)
             self.scored += int(valid.sum())
+
+    @property
+    def _finer_grid(self) -> SO3Grid | None:
+        """The whole HEALPix grid one order finer than the first one, for the broad posteriors of a global search
+        (None: not a shared global grid, seeded cells, ``broad_finer_grid`` off, or no second level to refine)."""
+        search = self.search
+        if not (search.broad_finer_grid and self.space.shared and self.seed_cells is None and len(self.radii) > 2
+                and search.healpix_order + 1 <= PoseSearch.MAX_HEALPIX_ORDER):
+            return None
+        if self._finer is None:
+            self._finer = healpix_grid(search.healpix_order + 1)
+        return self._finer
+
+    def _score_finer_grid(self, sub: _Batch) -> _StageScores:
+        """Broad particles ``sub`` on the whole grid of the next order at the level-1 cut-off: all its rotations,
+        projected once (cached) and shared by all particles, one matrix product per chunk like the first grid;
+        stores the result as their level-1 stage."""
+        grid = self._finer_grid
+        log_pi = self.prior.log_density(grid.rotations, sub.index)
+        scores = self.scorer.score(sub, self.radii[1], grid.rotations, np.log(grid.weights), log_pi,
+                                   cache_key="finer grid", stage=1)
+        self._store(sub.index, scores, grid.rotations, grid.spacing_deg)
+        self.n_broad += len(sub.index)
+        self.scored += len(grid) * len(sub.index)
+        return scores
 
     def _store(self, index: np.ndarray, scores: _StageScores, rotations: np.ndarray, spacing_deg: float) -> None:
         """Write one stage's estimators and statistics into rows ``index`` of ``out``; keep the asked marginals."""
