@@ -65,7 +65,6 @@ Shifts: the shift lattice of ``search`` around each particle's input origin. Sym
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -84,7 +83,7 @@ from bayespose.core.deep.vocabulary import (
     SearchMethod,
     fallback_threshold,
 )
-from bayespose.core.geometry.grids import healpix_grid
+from bayespose.core.geometry.grids import containing_cell, healpix_grid, neighbour_table
 from bayespose.core.geometry.priors import GridPrior, IGSO3Prior
 from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
@@ -95,8 +94,7 @@ from bayespose.core.results import ParticleResults
 from bayespose.core.runtime import choose_device
 
 __all__ = ["deep_prior_assign", "DeepPriorSearch", "default_local_range_deg", "cells_near", "seed_rotations",
-           "seed_cells", "neighbour_table",
-           "fit_zscores", "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit",
+           "seed_cells", "fit_zscores", "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit",
            "SEARCH_METHODS", "AUTO_FALLBACK_Z", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS"]
 
 QUATERNION_RANGE_DEG = 20.0
@@ -177,24 +175,6 @@ def seed_rotations(prediction: PosePrediction, seed_mass: float | None = DEFAULT
     return healpix_grid(int(prediction.grid_order)).rotations[cells], counts
 
 
-@functools.lru_cache(maxsize=8)
-def neighbour_table(order: int, range_deg: float) -> np.ndarray:
-    """For each cell of ``healpix_grid(order)`` the cells whose centre lies within ``range_deg`` degrees of its
-    centre, itself first: (K, W) int64 padded with -1 (unit quaternions ``q`` and ``-q`` in a k-d tree; the angle
-    ``t`` between two rotations is ``2 arccos |<q1, q2>|``)."""
-    from scipy.spatial import cKDTree
-    from scipy.spatial.transform import Rotation
-
-    q = Rotation.from_matrix(healpix_grid(order).rotations).as_quat()
-    k = len(q)
-    radius = math.sqrt(max(0.0, 2.0 - 2.0 * math.cos(math.radians(range_deg) / 2.0))) + 1e-9
-    lists = cKDTree(np.concatenate([q, -q])).query_ball_point(q, radius)
-    rows = [np.unique(np.asarray(row, dtype=np.int64) % k) for row in lists]
-    rows = [np.concatenate([[i], row[row != i]]) for i, row in enumerate(rows)]
-    width = max(len(r) for r in rows)
-    return np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows])
-
-
 def _unique_rows(cells: np.ndarray) -> np.ndarray:
     """Each row's distinct non-negative entries, compacted to the left and padded with -1 (N, C')."""
     srt = np.sort(cells, axis=1)
@@ -221,7 +201,7 @@ def seed_cells(prediction: PosePrediction, order: int, range_deg: float,
         mapped = cells
     else:
         rotations, counts = seed_rotations(prediction, seed_mass, max_seed_cells, top_k)
-        mapped = GridPrior(order, np.zeros((1, len(healpix_grid(order))))).cell_index(rotations)
+        mapped = containing_cell(order, rotations)
     table = neighbour_table(int(order), round(float(range_deg), 6))
     return _unique_rows(table[mapped].reshape(len(mapped), -1)), counts
 

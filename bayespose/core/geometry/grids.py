@@ -23,6 +23,8 @@ Two kinds of grids:
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import healpy
@@ -31,7 +33,8 @@ from scipy.spatial.transform import Rotation
 
 from bayespose.core.geometry.rotations import euler_to_matrix, matrix_to_euler
 
-__all__ = ["SO3Grid", "healpix_grid", "local_grid", "local_grids", "local_offsets", "haar_ball_volume"]
+__all__ = ["SO3Grid", "healpix_grid", "containing_cell", "neighbour_table", "local_grid", "local_grids",
+           "local_offsets", "haar_ball_volume"]
 
 
 @dataclass
@@ -147,6 +150,42 @@ def healpix_grid(order: int) -> SO3Grid:
         spacing_deg=360.0 / n_psi,
         haar_volume=1.0,
     )
+
+
+def containing_cell(order: int, rotations: np.ndarray) -> np.ndarray:
+    """Index in ``healpix_grid(order)`` of the cell containing each rotation (..., 3, 3): its viewing-direction
+    pixel and in-plane bin (the in-plane angle relative to the pixel centre's frame, rounded to the grid's psi)."""
+    rotations = np.asarray(rotations, dtype=np.float64)
+    flat = rotations.reshape(-1, 3, 3)
+    d = flat[:, 2, :]
+    nside = 2 ** int(order)
+    pix = healpy.vec2pix(nside, d[:, 0], d[:, 1], d[:, 2], nest=True)
+    # A @ A_cell(psi=0)^T is (nearly) RELION's psi rotation [[cos, sin], [-sin, cos]] about z; exact for rotations
+    # with the cell's own viewing direction
+    theta, phi = healpy.pix2ang(nside, pix, nest=True)
+    frame = euler_to_matrix(np.stack([np.degrees(phi), np.degrees(theta), np.zeros(len(pix))], axis=1))
+    rel = np.einsum("nij,nkj->nik", flat, frame)
+    psi = np.degrees(np.arctan2(rel[:, 0, 1], rel[:, 0, 0]))
+    n_psi = 6 * nside
+    psi_bin = np.mod(np.rint(psi * n_psi / 360.0).astype(np.int64), n_psi)
+    return (pix * n_psi + psi_bin).reshape(rotations.shape[:-2])
+
+
+@functools.lru_cache(maxsize=8)
+def neighbour_table(order: int, range_deg: float) -> np.ndarray:
+    """For each cell of ``healpix_grid(order)`` the cells whose centre lies within ``range_deg`` degrees of its
+    centre, itself first: (K, W) int64 padded with -1 (unit quaternions ``q`` and ``-q`` in a k-d tree; the angle
+    ``t`` between two rotations is ``2 arccos |<q1, q2>|``). Cached: treat the result as read-only."""
+    from scipy.spatial import cKDTree
+
+    q = Rotation.from_matrix(healpix_grid(order).rotations).as_quat()
+    k = len(q)
+    radius = math.sqrt(max(0.0, 2.0 - 2.0 * math.cos(math.radians(range_deg) / 2.0))) + 1e-9
+    lists = cKDTree(np.concatenate([q, -q])).query_ball_point(q, radius)
+    rows = [np.unique(np.asarray(row, dtype=np.int64) % k) for row in lists]
+    rows = [np.concatenate([[i], row[row != i]]) for i, row in enumerate(rows)]
+    width = max(len(r) for r in rows)
+    return np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows])
 
 
 def cell_rotations(order: int, direction_index: np.ndarray, psi_deg: np.ndarray) -> np.ndarray:

@@ -184,23 +184,9 @@ class GridPrior(RotationPrior):
 
     def cell_index(self, rotations: np.ndarray) -> np.ndarray:
         """Index in ``healpix_grid(order)`` of the cell containing each rotation (..., 3, 3)."""
-        import healpy
+        from bayespose.core.geometry.grids import containing_cell
 
-        from bayespose.core.geometry.rotations import euler_to_matrix
-
-        rotations = np.asarray(rotations, dtype=np.float64)
-        flat = rotations.reshape(-1, 3, 3)
-        d = flat[:, 2, :]
-        pix = healpy.vec2pix(2 ** self.order, d[:, 0], d[:, 1], d[:, 2], nest=True)
-        # in-plane angle relative to the cell centre's frame: A @ A_cell(psi=0)^T is (nearly) RELION's psi
-        # rotation [[cos, sin], [-sin, cos]] about z; exact for rotations with the cell's own viewing direction
-        theta, phi = healpy.pix2ang(2 ** self.order, pix, nest=True)
-        frame = euler_to_matrix(np.stack([np.degrees(phi), np.degrees(theta), np.zeros(len(pix))], axis=1))
-        rel = np.einsum("nij,nkj->nik", flat, frame)
-        psi = np.degrees(np.arctan2(rel[:, 0, 1], rel[:, 0, 0]))
-        n_psi = self.grid.n_psi
-        psi_bin = np.mod(np.rint(psi * n_psi / 360.0).astype(np.int64), n_psi)
-        return (pix * n_psi + psi_bin).reshape(rotations.shape[:-2])
+        return containing_cell(self.order, rotations)
 
     def log_density(self, rotations, particle_index=None):
         if particle_index is None:
