@@ -146,6 +146,13 @@ def report(out: Path, results: dict) -> None:
         cells += [f"{rel[k]['wall_s']:.0f} ({rel[k]['other_cores']:.1f})" if k in rel else "–"
                   for k in ("auto", "oneiter")]
         lines.append(f"| {snr} | " + " | ".join(cells) + " |")
+    lines += ["", "MLE − MMSE error, paired per particle (mean ± SE, degrees; positive: the MMSE is better):", ""]
+    for snr, row in results["snrs"].items():
+        cells = []
+        for name in SEARCHES:
+            d = np.asarray(row["assign"][name]["errors"]["mle"]) - np.asarray(row["assign"][name]["errors"]["mmse"])
+            cells.append(f"{name}: {d.mean():+.2f} ± {d.std(ddof=1) / math.sqrt(len(d)):.2f}")
+        lines.append(f"- SNR {snr}: " + "; ".join(cells))
     lines += ["", "Calibration of the expected error (mean expected / mean actual, MMSE):", ""]
     for snr, row in results["snrs"].items():
         for name in SEARCHES:
