@@ -70,12 +70,12 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     spacing; then, ``refine_levels`` times, the cells that hold ``refine_mass`` of each particle's posterior are
     split into 8 children each (:func:`~bayespose.core.geometry.grids.split_cells`, RELION's oversampling), those
     with at least ``refine_ring_ratio`` of the most probable cell's posterior also get a ring of children of their
-    adjacent cells
-    (:func:`~bayespose.core.assign._cells.children_with_ring`: the truth may lie just across a cell border), and
-    they are scored at the cut-off matched to the halved spacing. A particle whose significant cells on the first
-    grid exceed ``refine_max_cells`` (a broad posterior, typical at low SNR, where the first grid is too coarse for
-    the first cut) is rescored on the whole grid of the next order (``broad_finer_grid``; one shared matrix product
-    like the first grid) and refined from there; beyond that, a broad posterior keeps its current result.
+    adjacent cells (:func:`~bayespose.core.assign._cells.children_with_ring`: the truth may lie just across a cell
+    border), and they are scored at the cut-off matched to the halved spacing. A particle whose significant cells on
+    the first grid exceed ``refine_max_cells`` (a broad posterior, typical at low SNR, where the first grid is too
+    coarse for the first cut) is rescored on the whole grid of the next order (``broad_finer_grid``; one shared
+    matrix product like the first grid) and refined from there; beyond that, a broad posterior keeps its current
+    result.
     Local search: the local grid around each input pose. ``prior``: the rotation prior (default uniform).
     ``images``: the particle images (N, D, D) if already in memory (else read from the files, batch by batch).
     ``noise``: a given noise model (else estimated from the particles, with ``seed``). ``keep_marginals``:

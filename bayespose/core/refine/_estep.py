@@ -119,7 +119,11 @@ def e_step(particles: ParticleSet, images: np.ndarray | None, reference: np.ndar
     posteriors per viewing-direction pixel of that HEALPix order (the prior's M-step)."""
     box, px = particles.box, particles.pixel_size
     local = sampling.local_range_deg is not None  # a local grid has no coarse HEALPix order of its own
+    # broad_finer_grid off: a posterior that stays broad must end on the coarse grid, whose untruncated soft
+    # weights the M-step inserts through the shared-grid path (a broad posterior on the finer grid would be cut to
+    # max_candidates rotations)
     search = PoseSearch(healpix_order=0 if local else sampling.order, refine_levels=sampling.levels,
+                        broad_finer_grid=False,
                         max_resolution_A=box * px / radius, shift_range_px=config.shift_range_px,
                         shift_step_px=config.shift_step_px, symmetry=config.symmetry,
                         local_range_deg=sampling.local_range_deg,
