@@ -81,7 +81,7 @@ def sampling_for(config: RefineConfig, resolution: float, diameter: float, local
                  expected_error_deg: float | None = None) -> Sampling:
     """Angular sampling for the current resolution and pose accuracy (see :class:`RefineConfig`).
 
-    The finest order is the coarser-to-finer maximum of what the resolution needs (:func:`_needed_order`) and what
+    The finest order is the finer of what the resolution needs (:func:`_needed_order`) and what
     the poses support: while the grid step exceeds ``expected_error_deg`` (the particles' median posterior
     expected error of the previous iteration, which never falls below ``CELL_SPREAD`` = 0.46 steps), the grid and
     not the data limits the poses, so the step is halved (RELION's auto-refine likewise keeps refining its

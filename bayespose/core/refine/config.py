@@ -37,17 +37,17 @@ class RefineConfig:
     """EM settings. Angles in degrees, shifts in px, resolutions in Å.
 
     Angular sampling: every iteration scores the global HEALPix grid of ``healpix_order`` (72 · 8^order rotations,
-    step 60 / 2^order degrees) and refines the significant cells (and their neighbours) coarse-to-fine up to the
-    order the current resolution needs (``resolution / (diameter / 2)`` radians at the particle's edge) or, finer,
-    until the step no longer exceeds the particles' median posterior expected error of the previous iteration (the
-    poses' accuracy, not the grid, then limits them); at least one level and at most ``max_healpix_order``. With
-    ``local_search`` the search turns local (±``local_range_deg``, default 3 steps, around each particle's current
-    pose, step of the current order) once the global search has converged: the finest order is reached and the mean
-    pose change is below its step. Off by default, measured: at box 64 a local ±11.25° grid (123 rotations per
-    particle) cost 1.6x the CPU time of the global order 2 + 2 levels search (5.2 s vs 3.2 s for 150 particles, SNR
-    0.3), because per-particle rotations share no projections while the global grid and its refinement lattice are
-    projected once for all particles; and a global search can still correct a wrong pose. Local searches pay off for
-    large boxes and fine samplings (order >= 5).
+    step 60 / 2^order degrees) and refines the significant cells (with a ring of finer cells around the most
+    probable) coarse-to-fine up to the order the current resolution needs (``resolution / (diameter / 2)`` radians
+    at the particle's edge) or, finer, until the step no longer exceeds the particles' median posterior expected
+    error of the previous iteration (the poses' accuracy, not the grid, then limits them); at least one level and at
+    most ``max_healpix_order``. With ``local_search`` the search turns local (±``local_range_deg``, default 3 steps,
+    around each particle's current pose, step of the current order) once the global search has converged: the finest
+    order is reached and the mean pose change is below its step. Off by default, measured: at box 64 a local ±11.25°
+    grid (123 rotations per particle) cost 1.6x the CPU time of the global order 2 + 2 levels search (5.2 s vs 3.2 s
+    for 150 particles, SNR 0.3), because per-particle rotations share no projections while the global grid and its
+    refinement lattice are projected once for all particles; and a global search can still correct a wrong pose.
+    Local searches pay off for large boxes and fine samplings (order >= 5).
 
     Half sets (``half_split``): ``"input"`` takes the particles' own (``rlnRandomSubset``) when every particle
     has 1 or 2, else splits at random; ``"random"`` always splits at random (seeded by ``seed``).
