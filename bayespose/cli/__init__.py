@@ -88,6 +88,23 @@ def _processes(args):
             parallel.shutdown()
 
 
+def run() -> None:
+    """Console entry point (``bayespose``, ``python -m bayespose.cli``): :func:`main`, then exit with its code.
+
+    A torchrun worker leaves with ``os._exit`` once its output is flushed: at interpreter exit a C++ destructor of the
+    distributed backend now and then aborted a worker whose work and files were all done ("terminate called without
+    an active exception", SIGABRT, in about 1 of 3 two-process ``predict`` runs, so torchrun reported a failure).
+    """
+    from bayespose.core.parallel import launched_by_torchrun
+
+    code = main()
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     prog = "bayespose"
 

@@ -1,7 +1,5 @@
 """``python -m bayespose.cli``."""
 
-import sys
+from bayespose.cli import run
 
-from bayespose.cli import main
-
-sys.exit(main())
+run()
