@@ -98,14 +98,10 @@ def relion_errors(vs, work: Path, truth, snr: float) -> dict:
 
 
 def _fmt(err) -> str:
-    s = _stats(err)
+    from vs_relion import summary
+
+    s = summary(err)
     return f"{s['mean']:.2f} ± {s['se']:.2f} / {s['median']:.2f} ({100 * s['frac_over30']:.0f} % > 30°)"
-
-
-def _stats(err) -> dict:
-    e = np.asarray(err, dtype=np.float64)
-    return {"mean": float(e.mean()), "median": float(np.median(e)), "se": float(e.std(ddof=1) / math.sqrt(len(e))),
-            "frac_over30": float((e > 30).mean())}
 
 
 def calibration_bins(expected, actual, bins: int = 8) -> list[dict]:
