@@ -38,7 +38,11 @@ def add_parser(sub) -> None:
                    help="initial map (MRC) with the particles' box and pixel size (within 1 %%); it is low-passed to"
                         " --lowpass first")
     p.add_argument("--mask", type=existing_file,
-                   help="optional soft mask (MRC, map box, values 0..1) applied to the reference maps")
+                   help="optional soft mask (MRC, map box, values 0..1) applied to the reference maps and the FSC; "
+                        "without it, the solvent sphere of --diameter and each half map's own envelope")
+    p.add_argument("--no-envelope-mask", action="store_true",
+                   help="without --mask, mask the references by the solvent sphere only, not also by each half "
+                        "map's envelope (its 15 Å density above 0.2 of the maximum, extended 6-14 Å)")
     p.add_argument("--sym", default="C1", help="point group in RELION's notation (C1, Cn, Dn, T, O, I, I1-I4) [C1]")
     p.add_argument("--iters", type=positive_int, metavar="N", help="maximum number of EM iterations [engine default]")
     p.add_argument("--prior", choices=PRIOR_MODES, default="uniform",
@@ -136,7 +140,7 @@ def run(args) -> int:
              "particle_diameter_A": args.diameter, "threads": args.threads}
     config = RefineConfig(symmetry=args.sym.strip().upper(), mode=args.mode, prior_mode=args.prior,
                           half_split=args.half_sets, device=None if args.device == "auto" else args.device,
-                          seed=args.seed,
+                          seed=args.seed, envelope_mask=not args.no_envelope_mask,
                           **{k: v for k, v in given.items() if v is not None})  # unset: the engine's defaults
     if config.healpix_order > config.max_healpix_order:
         raise UsageError(f"the coarse HEALPix order {config.healpix_order} is finer than the finest "

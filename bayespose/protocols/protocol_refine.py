@@ -146,7 +146,8 @@ class ProtBayesposeRefine(ProtRefine3D):
         form.addParam("inputMask", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
                       label="Reference mask (optional)",
                       help="A soft mask (values 0-1, the map's box) applied to the reference half maps before each "
-                           "E-step (e.g. to remove solvent noise). Leave empty for no mask.")
+                           "E-step (e.g. to remove solvent noise); it also masks the FSC. Leave empty for the "
+                           "automatic solvent mask (see 'Envelope mask').")
         form.addParam("ignoreCtf", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label="Ignore the CTF?",
                       help="No (default): the particles must have CTF parameters, used by the likelihood and the "
@@ -194,6 +195,14 @@ class ProtBayesposeRefine(ProtRefine3D):
         form.addParam("particleDiameter", params.FloatParam, default=0.0, label="Particle diameter (Å)",
                       help="Sets the angular sampling the resolution needs at the particle's edge and the soft "
                            "solvent mask of the references. 0 = the engine's default (from the box size).")
+        form.addParam("envelopeMask", params.BooleanParam, default=_DEFAULTS.envelope_mask,
+                      label="Envelope mask", expertLevel=params.LEVEL_ADVANCED,
+                      help="Without a reference mask (ignored with one), each half map is masked by the soft "
+                           "sphere of the particle diameter and, when Yes, by its own envelope (the half map at "
+                           "15 Å, above 0.2 of its maximum, extended 6 Å with a soft edge to 14 Å; a dynamic mask "
+                           "as cryoSPARC's): the solvent's noise stays out of the references, so the poses improve "
+                           "at low SNR (measured mean error 5.8° -> 3.9° at SNR 0.03). The FSC and the output maps "
+                           "keep the sphere.")
         form.addParam("shiftRange", params.FloatParam, default=_DEFAULTS.shift_range_px,
                       label="Shift search range (px)",
                       help="Candidate origins lie within this radius (pixels) of the box centre.")
@@ -305,7 +314,7 @@ class ProtBayesposeRefine(ProtRefine3D):
                             prior_pseudocount=self.priorPseudocount.get(), prior_order=self.priorOrder.get(),
                             initial_lowpass_A=self.initialLowPass.get(),
                             particle_diameter_A=diameter if diameter and diameter > 0 else None,
-                            device=self.device(), threads=n_threads(self),
+                            envelope_mask=self.envelopeMask.get(), device=self.device(), threads=n_threads(self),
                             seed=self.seed.get())
 
     def results(self) -> RefineOutputs:
@@ -408,13 +417,16 @@ class ProtBayesposeRefine(ProtRefine3D):
         config = self.refineConfig()
         prior = ("with the viewing-direction distribution estimated in each M-step and used as the rotation prior"
                  if config.prior_mode == "estimate" else "with a uniform rotation prior")
+        masking = ("the references masked by the given mask" if self.inputMask.get() is not None else
+                   "the references masked by a soft sphere" + (" and each half map's own envelope"
+                                                               if config.envelope_mask else ""))
         return [f"{self.getObjectTag('outputVolume')} was refined from {out.summary['n_particles']} particles of "
                 f"{self.getObjectTag('inputParticles')} starting from {self.getObjectTag('inputVolume')} "
                 f"(low-pass filtered to {config.initial_lowpass_A:g} Å) by expectation-maximisation in bayespose "
                 f"[Xu2026] ({config.mode} assignment, {prior}; HEALPix order {config.healpix_order} to "
-                f"{config.max_healpix_order}, symmetry {config.symmetry}, {len(out.history)} iterations), with "
-                f"independent half sets as in RELION [Scheres2012a]. The gold-standard FSC reached 0.143 at "
-                f"{out.resolution_A:.2f} Å."]
+                f"{config.max_healpix_order}, symmetry {config.symmetry}, {len(out.history)} iterations; "
+                f"{masking}), with independent half sets as in RELION [Scheres2012a]. The gold-standard FSC "
+                f"reached 0.143 at {out.resolution_A:.2f} Å."]
 
 
 __all__ = ["ProtBayesposeRefine", "output_attributes", "FIGURES"]

@@ -71,6 +71,7 @@ def test_refine_writes_all_outputs(data, refined):
     assert history[0]["pose_change_deg"] is None and work_history == history
     assert summary["n_particles"] == 60 and summary["iterations"] == len(history) == 2
     assert summary["config"]["prior_mode"] == "estimate" and summary["config"]["healpix_order"] == 1
+    assert summary["config"]["envelope_mask"] is True  # the default solvent mask: sphere and envelope
     # the reported resolution is where the written FSC crosses 0.143 (independent csv parse), within one shell
     with open(refined / "fsc.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -182,8 +183,9 @@ def test_resume_refuses_other_settings(data, refined, tmp_path, capsys):
     shutil.copytree(refined, run)
     base = ["refine", "--particles", str(data["star"]), "--map", str(data["map"]), *RUN_ARGS, "--resume", "--out",
             str(run)]
-    line = _fails(capsys, [*base, "--sym", "C2", "--mode", "hard"])
+    line = _fails(capsys, [*base, "--sym", "C2", "--mode", "hard", "--no-envelope-mask"])
     assert "symmetry (C1, now C2)" in line and "mode (soft, now hard)" in line, line
+    assert "envelope_mask (True, now False)" in line, line
     table = starfile.read(data["star"], always_dict=True)
     fewer = data["star"].parent / "fewer.star"
     starfile.write({"optics": table["optics"], "particles": table["particles"].iloc[:50]}, fewer)

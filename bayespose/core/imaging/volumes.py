@@ -1,12 +1,13 @@
 """Map operations on (D, D, D) arrays indexed [z, y, x]: the asymmetric fragment of the demo map used for
-pose-accuracy experiments, a soft spherical mask, solvent flattening (RELION's ``--flatten_solvent``) and the central
-sections of a map."""
+pose-accuracy experiments, a soft spherical mask, a map's own envelope mask, solvent flattening (RELION's
+``--flatten_solvent``) and the central sections of a map."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
-__all__ = ["asymmetric_fragment", "soft_sphere_mask", "flatten_solvent"]
+__all__ = ["asymmetric_fragment", "soft_sphere_mask", "envelope_mask", "flatten_solvent"]
 
 
 def asymmetric_fragment(volume: np.ndarray, half_angle_deg: float = 60.0, edge_deg: float = 15.0) -> np.ndarray:
@@ -37,6 +38,27 @@ def soft_sphere_mask(box: int, radius_px: float, edge_px: float = 3.0) -> np.nda
     r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
     t = np.clip((r - radius_px) / max(edge_px, 1e-6), 0.0, 1.0)
     return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+
+
+def envelope_mask(volume: np.ndarray, pixel_size: float, lowpass_A: float = 15.0, threshold: float = 0.2,
+                  near_A: float = 6.0, far_A: float = 14.0, inside: np.ndarray | None = None) -> np.ndarray:
+    """(D, D, D) float32 soft mask of a map's own envelope (a dynamic solvent mask, as cryoSPARC's refinements
+    make each iteration; the recipe of ``relion_mask_create --lowpass --ini_threshold --extend_inimask
+    --width_soft_edge``): the map low-passed to ``lowpass_A`` Å, the voxels above ``threshold`` times its maximum
+    (within the hard core of ``inside``), 1 up to ``near_A`` Å from them, a raised-cosine edge to 0 at ``far_A`` Å,
+    then multiplied by ``inside`` (e.g. the solvent sphere; None: the whole box). A map with no positive density
+    gives ``inside`` (or ones). ``pixel_size`` in Å/px; volume indexed [z, y, x]."""
+    from bayespose.core.imaging.reconstruct import lowpass  # torch: only when masking
+
+    if not 0 <= near_A < far_A:
+        raise ValueError(f"need 0 <= near_A < far_A, got {near_A} and {far_A}")
+    outer = np.ones(volume.shape, np.float32) if inside is None else np.asarray(inside, np.float32)
+    smooth = lowpass(volume, lowpass_A, pixel_size).numpy() * (outer > 0.999)
+    if not smooth.max() > 0:
+        return outer
+    distance_A = ndimage.distance_transform_edt(smooth <= threshold * smooth.max()) * pixel_size
+    edge = np.clip((distance_A - near_A) / (far_A - near_A), 0.0, 1.0)
+    return ((0.5 + 0.5 * np.cos(np.pi * edge)) * outer).astype(np.float32)
 
 
 def flatten_solvent(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from bayespose.core.imaging.reconstruct import fsc, lowpass, resolution_at, tau2_from_fsc
-from bayespose.core.imaging.volumes import flatten_solvent
+from bayespose.core.imaging.volumes import envelope_mask, flatten_solvent
+
+# the envelope of a half map is taken at this resolution or the map's own, whichever is coarser (Å): the particle's
+# outline, not its detail (RELION's tutorial masks are made from a 15 Å low-pass)
+ENVELOPE_LOWPASS_A = 15.0
 
 
 @dataclass
@@ -66,8 +70,15 @@ def join_halves(maps: list, resolution_A: float | None, pixel_size: float) -> li
 
 
 def references_from(half_maps: list, mask: np.ndarray | None, join_below_A: float | None, pixel_size: float,
-                    join: bool = True) -> list:
+                    join: bool = True, envelope_at_A: float | None = None) -> list:
     """The E-step references of the two half sets: each half map solvent-flattened with ``mask`` (None: as it
-    is), then, with ``join``, averaged below ``join_below_A`` (:func:`join_halves`)."""
-    refs = [flatten_solvent(m, mask) if mask is not None else m for m in half_maps]
+    is), or, with ``envelope_at_A`` (the maps' resolution, Å), with its own :func:`envelope_mask` (low-passed to
+    that resolution or :data:`ENVELOPE_LOWPASS_A`, whichever is coarser) inside ``mask``: each half's mask comes
+    from that half alone, so the halves stay independent; then, with ``join``, averaged below ``join_below_A``
+    (:func:`join_halves`)."""
+    if envelope_at_A is not None:
+        lowpass_A = max(envelope_at_A, ENVELOPE_LOWPASS_A)
+        refs = [flatten_solvent(m, envelope_mask(m, pixel_size, lowpass_A, inside=mask)) for m in half_maps]
+    else:
+        refs = [flatten_solvent(m, mask) if mask is not None else m for m in half_maps]
     return join_halves(refs, join_below_A, pixel_size) if join else refs

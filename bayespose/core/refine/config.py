@@ -49,6 +49,14 @@ class RefineConfig:
     refinement lattice are projected once for all particles; and a global search can still correct a wrong pose.
     Local searches pay off for large boxes and fine samplings (order >= 5).
 
+    Solvent mask of the references (no user mask): the soft sphere of the particle diameter and, with
+    ``envelope_mask``, each half map's own envelope (:func:`bayespose.core.imaging.volumes.envelope_mask`: the map
+    at 15 Å or its resolution, above 0.2 of its maximum, extended 6 Å, soft to 14 Å; a dynamic mask as cryoSPARC's
+    refinements make). The envelope keeps the solvent's noise out of the references; the FSC, resolution and output
+    maps keep the sphere. Measured on 500 relion_project particles at SNR 0.03 (3J9G fragment, 64 px): one E-step
+    against the final half maps of a sphere-only refinement, mean pose error 5.95° with the sphere, 4.09° with the
+    envelope.
+
     Half sets (``half_split``): ``"input"`` takes the particles' own (``rlnRandomSubset``) when every particle
     has 1 or 2, else splits at random; ``"random"`` always splits at random (seeded by ``seed``).
     """
@@ -74,6 +82,7 @@ class RefineConfig:
     final_full_resolution: bool = True
     local_range_deg: float | None = None  # local search half-width (default: 3 angular steps)
     solvent_flatten: bool = True  # soft spherical mask of the particle diameter on the references (no user mask)
+    envelope_mask: bool = True  # inside the sphere, each reference masked by its own envelope (see above)
     join_halves_below_A: float | None = 40.0  # average the half maps below this resolution (None: never)
     initial_scale: float | None = None  # reference scale of the first iteration (None: method of moments)
     half_split: HalfSplit = "input"  # gold-standard half sets (see above)

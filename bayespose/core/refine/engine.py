@@ -18,8 +18,9 @@ own reference V_h:
   both halves, the :class:`bayespose.core.geometry.priors.DirectionDensityPrior` of the next E-step (one prior
   for both halves: a 192-pixel histogram carries no high-resolution information).
 * **Maps** (:mod:`._maps`) — FSC between the unregularised half maps gives the resolution (0.143) and τ²
-  (RELION's rule); the references of the next iteration are the Wiener half maps, solvent-flattened (a soft
-  sphere of the particle diameter, or the user's mask) and averaged below ``join_halves_below_A``.
+  (RELION's rule); the references of the next iteration are the Wiener half maps, solvent-flattened (the user's
+  mask, or a soft sphere of the particle diameter times each half map's own envelope, ``envelope_mask``) and
+  averaged below ``join_halves_below_A``.
 
 Convergence: the resolution has not improved by 1 % for 2 iterations, the mean pose change is below the current
 angular step and the poses ask for no finer sampling (:func:`~._estep.sampling_for`). **Final full-resolution pass**
@@ -112,6 +113,7 @@ class RefineRun:
     device: torch.device
     mask: np.ndarray | None  # the user's mask: references and FSC
     reference_mask: np.ndarray | None  # the user's mask, or the soft solvent sphere, or None
+    envelope: bool  # references masked by their own envelope inside the sphere (no user mask, see RefineConfig)
     diameter: float  # Å
     group: np.ndarray  # symmetry matrices
     halves: np.ndarray  # (N,) int: each particle's half set, 1 or 2
@@ -202,7 +204,9 @@ def _setup(particles: ParticleSet, initial_map: np.ndarray, config: RefineConfig
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-    run = RefineRun(particles, images, config, device, mask, reference_mask, diameter, symmetry_group(config.symmetry),
+    envelope = mask is None and config.solvent_flatten and config.envelope_mask
+    run = RefineRun(particles, images, config, device, mask, reference_mask, envelope, diameter,
+                    symmetry_group(config.symmetry),
                halves, half_source, out_dir, log, progress)
     return run, initial_map
 
@@ -229,7 +233,8 @@ def _initial_state(run: RefineRun, initial_map: np.ndarray, fingerprint: dict) -
     config, px = run.config, run.px
     start_map = lowpass(initial_map, config.initial_lowpass_A, px).cpu().numpy()
     if config.initial_scale is None:
-        reference = references_from([start_map], run.reference_mask, None, px, join=False)[0]
+        reference = references_from([start_map], run.reference_mask, None, px, join=False,
+                                    envelope_at_A=config.initial_lowpass_A if run.envelope else None)[0]
         radius = min(run.box * px / config.initial_lowpass_A, run.nyquist)
         try:
             noise = parallel.main_first(lambda: estimate_noise_model(
@@ -314,7 +319,7 @@ def _half_passes(state: EMState, run: RefineRun, sampling: Sampling, radius: flo
     estimate = config.prior_mode == "estimate"
     prior = DirectionDensityPrior(config.prior_order, state.prior_density) if estimate else None
     references = references_from(state.maps.half_maps, run.reference_mask, config.join_halves_below_A, run.px,
-                                 join=state.iteration > 0)
+                                 join=state.iteration > 0, envelope_at_A=state.resolution if run.envelope else None)
     esteps, msteps = [], []
     for h, rows in enumerate(_half_rows(state)):
         half = run.particles.subset(rows)
