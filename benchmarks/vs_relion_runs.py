@@ -57,28 +57,30 @@ def assign_runs(vs, work: Path, truth, snr: float, threads: int) -> dict:
 
 
 def refine_run(vs, work: Path, truth, snr: float, threads: int) -> dict:
-    """Our refinement from the 30 Å start at ``snr``; FSC vs truth of our map, of relion_reconstruct from our final
-    poses and of RELION auto-refine's map."""
+    """Our refinement from the 30 Å start at ``snr`` (default settings; and, under ``"sphere_only"``, with the
+    references masked by the solvent sphere alone, as RELION's ``--flatten_solvent`` without a mask); FSC vs truth
+    of our maps, of relion_reconstruct from our final poses and of RELION auto-refine's map."""
     particles, images, _ = vs.noisy_set(work, truth, work / "truth" / "particles.star", snr)
     true_map, px = read_map(fragment_map_path())
 
-    def run():
+    def run(tag: str, envelope: bool):
         start, _ = read_map(vs.start_map(work))
-        folder = work / "ours" / f"refine_snr{snr:g}"
+        config = RefineConfig(threads=threads, particle_diameter_A=vs.DIAMETER_A, envelope_mask=envelope)
         with Contention() as load:
             t0 = time.perf_counter()
-            result = refine(particles, start, RefineConfig(threads=threads, particle_diameter_A=vs.DIAMETER_A),
-                            out_dir=folder, images=images, log=print)
+            result = refine(particles, start, config, out_dir=work / "ours" / f"refine_snr{snr:g}{tag}",
+                            images=images, log=print)
             wall = time.perf_counter() - t0
         ours = result.particles
-        rebuilt = vs.relion_reconstruct(work, particles, ours.rotations, ours.origins_A, f"ours_snr{snr:g}")
+        rebuilt = vs.relion_reconstruct(work, particles, ours.rotations, ours.origins_A, f"ours_snr{snr:g}{tag}")
         return {"errors": vs.errors_deg(ours.rotations, truth.rotations).tolist(), "wall_s": wall,
                 "other_cores": load.other_cores, "resolution_A": result.resolution_A,
                 "steps_deg": [h.angular_step_deg for h in result.history],
                 "fsc_ours": vs.fsc_vs_truth(result.map, true_map, px),
                 "fsc_relion_reconstruct_ours": vs.fsc_vs_truth(rebuilt, true_map, px)}
 
-    out = _cached(work / "ours" / f"refine_snr{snr:g}.json", run)
+    out = _cached(work / "ours" / f"refine_snr{snr:g}.json", lambda: run("", True))
+    out["sphere_only"] = _cached(work / "ours" / f"refine_snr{snr:g}_sphere.json", lambda: run("_sphere", False))
     relion_map = work / f"relion_auto_snr{snr:g}" / "run" / "run_class001.mrc"
     if relion_map.exists():
         out["fsc_relion"] = vs.fsc_vs_truth(read_map(relion_map)[0], true_map, px)
@@ -160,13 +162,21 @@ def report(out: Path, results: dict) -> None:
         lines += ["", f"## refine from 30 Å, SNR {snr}", "",
                   f"Poses: ours {_fmt(ref['errors'])}; RELION auto-refine {_fmt(auto['errors']) if auto else '–'}. "
                   f"Our wall time {ref['wall_s']:.0f} s (other cores {ref['other_cores']:.1f}); angular steps "
-                  f"{', '.join(f'{s:g}' for s in ref['steps_deg'])}°.", "",
-                  "| map vs truth | FSC 0.5 | FSC 0.143 |", "|---|---|---|"]
-        for label, key in (("ours (map.mrc)", "fsc_ours"), ("relion_reconstruct from our poses",
-                                                            "fsc_relion_reconstruct_ours"),
-                           ("RELION auto-refine (run_class001.mrc)", "fsc_relion")):
-            if key in ref:
-                lines.append(f"| {label} | {ref[key]['fsc05_A']:.1f} Å | {ref[key]['fsc0143_A']:.1f} Å |")
+                  f"{', '.join(f'{s:g}' for s in ref['steps_deg'])}°.", ""]
+        sphere = ref.get("sphere_only")
+        if sphere:
+            lines += [f"Ours with the references masked by the solvent sphere alone (`--no-envelope-mask`; RELION "
+                      f"ran with its sphere, `--flatten_solvent` without `--solvent_mask`): {_fmt(sphere['errors'])}, "
+                      f"{sphere['wall_s']:.0f} s (other cores {sphere['other_cores']:.1f}).", ""]
+        lines += ["| map vs truth | FSC 0.5 | FSC 0.143 |", "|---|---|---|"]
+        rows = [("ours (map.mrc)", ref, "fsc_ours"), ("relion_reconstruct from our poses", ref,
+                                                       "fsc_relion_reconstruct_ours"),
+                ("ours, sphere only", sphere or {}, "fsc_ours"),
+                ("relion_reconstruct from our sphere-only poses", sphere or {}, "fsc_relion_reconstruct_ours"),
+                ("RELION auto-refine (run_class001.mrc)", ref, "fsc_relion")]
+        for label, run, key in rows:
+            if key in run:
+                lines.append(f"| {label} | {run[key]['fsc05_A']:.1f} Å | {run[key]['fsc0143_A']:.1f} Å |")
     lines += ["", "![FSC vs truth](fig1_fsc.png)", "", "![calibration](fig2_calibration.png)", ""]
     (out / "README.md").write_text("\n".join(lines))
     _figures(out, results)
@@ -187,6 +197,9 @@ def _figures(out: Path, results: dict) -> None:
                                ("RELION auto-refine map", "fsc_relion")):
                 if key in ref:
                     ax.plot(ref[key]["freq"], ref[key]["curve"], label=label)
+            if "sphere_only" in ref:
+                ax.plot(ref["sphere_only"]["fsc_ours"]["freq"], ref["sphere_only"]["fsc_ours"]["curve"], ls=":",
+                        color="C0", label="bayespose map, sphere only")
             ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
             ax.set(xlabel="spatial frequency (1/Å)", ylabel="FSC vs truth", title=f"refine from 30 Å, SNR {snr}")
             ax.legend()
