@@ -39,6 +39,10 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=positive_int, default=8, metavar="K",
                    help="number of most probable grid poses kept per particle (searched around by "
                         "--refine-map with --seed-mass none) [8]")
+    p.add_argument("--inplane-turns", type=positive_int, metavar="T",
+                   help="grid network: also predict each image turned in-plane by 360/T degree steps and average the "
+                        "turned-back distributions (T must divide the grid's in-plane angles; 1 = one pass) "
+                        "[8, or fewer where 8 does not divide them]")
     p.add_argument("--refine-map", type=existing_file, metavar="MAP",
                    help="reference map (MRC, the particles' box and pixel size): refine with the deep prior MMSE")
     p.add_argument("--local-range", type=positive_float, metavar="DEG",
@@ -144,6 +148,11 @@ def run(args) -> int:
                   particles=particles)
     network = _load_network(args.model, device)
     _check_network_matches(network, particles, args.model)
+    if args.inplane_turns is not None and network.config.model == "so3grid":
+        from bayespose.core.deep.predict import inplane_turns
+
+        with usage_errors():
+            inplane_turns(network.grid_order, args.inplane_turns)
     volume = None
     if args.refine_map is not None:
         volume, map_px = read_map(args.refine_map)
@@ -220,7 +229,8 @@ def _predict_in_blocks(args, network, particles, volume, device) -> dict:
     report = progress_printer(label)
     for index in parallel.my_batches(n, _block_size(network)):
         block = particles.subset(index)
-        prediction = predict_poses(network, block, top_k=args.top_k, batch_size=args.batch_size, device=device)
+        prediction = predict_poses(network, block, top_k=args.top_k, batch_size=args.batch_size, device=device,
+                                   turns=args.inplane_turns)
         output = prediction.to_particle_set(block)
         if volume is not None:
             result = deep_prior_assign(block, prediction, volume, search, config, noise=noise)

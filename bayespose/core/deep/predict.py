@@ -5,6 +5,14 @@ of the logits divided by the network's temperature (fitted on held-out particles
 :mod:`.calibration`; 1 for an uncalibrated network) on ``healpix_grid(grid_order)`` (cell k = direction * n_psi +
 psi index, :mod:`bayespose.core.geometry.grids`).
 
+* **In-plane test-time augmentation** (``turns``, default :data:`DEFAULT_INPLANE_TURNS` where it divides the
+  grid's in-plane angles): the network also sees the image turned by ``j * 360 / turns`` degrees, each predicted
+  distribution is turned back (an exact shift of the grid's psi index: RELION's psi turns the image the other way,
+  so ``Rz(a) A`` has psi - a) and the distributions are averaged (a mixture: each is calibrated, so is their mean).
+  The network is equivariant to in-plane turns only approximately (its CNN encoder is not), so the turns are an
+  ensemble. Measured on 1000 relion_project particles (fragment map, box 64, SNR 0.1; network trained on 4000
+  particles + map): mean / median error 14.8° / 8.2° with one pass, 11.9° / 7.1° with 8 turns; > 30° among the
+  more confident half 1.0 % -> 0.4 %.
 * **Mode**: the most probable cell, refined below the grid spacing by the probability-weighted mean (projected on
   SO(3), 000 eq. 15-19) of the cells within 1.5 grid spacings of it, folded to its symmetry mates.
 * **Confidence**: the probability mass of those cells (all cells within 1.5 spacings of the mode, counting every
@@ -35,9 +43,11 @@ from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.results import ANGLE_LABELS, ParticleResults
 from bayespose.core.runtime import choose_device
 
-__all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs", "distribution_on_grid"]
+__all__ = ["PosePrediction", "predict_poses", "grid_modes", "network_inputs", "distribution_on_grid",
+           "inplane_turns", "turn_back_log_probs"]
 
 MODE_RADIUS_SPACINGS = 1.5  # neighbourhood of the best cell used for the refined mode and the confidence
+DEFAULT_INPLANE_TURNS = 8  # test-time in-plane turns of the grid model (fewer where 8 does not divide n_psi)
 
 
 @dataclass
@@ -165,16 +175,60 @@ def _top_cells(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.numpy(), np.exp(values.double().numpy())
 
 
+def inplane_turns(order: int, turns: int | None = None) -> int:
+    """The number of test-time in-plane turns for the grid of HEALPix ``order`` (``6 · 2^order`` psi angles):
+    ``turns`` if it divides them (else ``ValueError``), or by default the largest of :data:`DEFAULT_INPLANE_TURNS`,
+    4, 2, 1 that does (each turn must be a whole number of psi steps)."""
+    n_psi = 6 * 2 ** int(order)
+    if turns is None:
+        return next(t for t in (DEFAULT_INPLANE_TURNS, 4, 2, 1) if n_psi % t == 0)
+    if turns < 1 or n_psi % turns:
+        raise ValueError(f"in-plane turns must divide the grid's {n_psi} in-plane angles, got {turns}")
+    return int(turns)
+
+
+def turn_back_log_probs(log_probs: np.ndarray, order: int, angle_deg: float) -> np.ndarray:
+    """Log probabilities (N, K) on ``healpix_grid(order)`` predicted for images turned in-plane by ``angle_deg`` (a
+    multiple of the psi step), as those of the unturned images: the turned image's pose is ``Rz(a) A``, whose psi
+    is that of ``A`` minus a (RELION's psi turns the image clockwise), so cell (direction, j) of the original is
+    cell (direction, j - a / step) of the turned one."""
+    n_psi = 6 * 2 ** int(order)
+    shift = angle_deg / (360.0 / n_psi)
+    if abs(shift - round(shift)) > 1e-6:
+        raise ValueError(f"the turn {angle_deg}° is not a multiple of the grid's psi step {360.0 / n_psi}°")
+    n = len(log_probs)
+    return np.roll(np.asarray(log_probs).reshape(n, -1, n_psi), int(round(shift)), axis=2).reshape(n, -1)
+
+
+def _grid_log_probs(network, model: torch.nn.Module, inputs: torch.Tensor, turns: int, batch_size: int,
+                    device: torch.device, progress: Callable[[int, int], None] | None) -> np.ndarray:
+    """Calibrated log probabilities (N, K) of the grid model, averaged (as probabilities) over ``turns``
+    in-plane turns of the inputs (module doc)."""
+    temperature = float(getattr(network, "temperature", 1.0))
+    out = None
+    for j in range(turns):
+        angle = j * 360.0 / turns
+        x = inputs if j == 0 else rotate_shift_images(inputs, np.full(len(inputs), angle))
+        logits = forward_batches(model, x, batch_size, device,
+                                 (lambda done, total, j=j: progress(j * total + done, turns * total))
+                                 if progress else None)
+        log_probs = turn_back_log_probs(torch.log_softmax(logits.double() / temperature, dim=1).numpy(),
+                                        network.grid_order, angle)
+        out = log_probs if out is None else np.logaddexp(out, log_probs)
+    return out - np.log(turns)
+
+
 def predict_from_inputs(network, inputs: torch.Tensor, top_k: int = 8, batch_size: int = 256, device=None,
-                        progress: Callable[[int, int], None] | None = None) -> PosePrediction:
+                        progress: Callable[[int, int], None] | None = None, turns: int | None = None
+                        ) -> PosePrediction:
     """:func:`predict_poses` on already preprocessed inputs (N, net_box, net_box)."""
     dev = choose_device(device if device is not None else network.config.device)
     model = network.model.to(dev)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if network.config.model == "so3grid":
-        logits = forward_batches(model, inputs, batch_size, dev, progress)
-        log_probs = torch.log_softmax(logits.double() / float(getattr(network, "temperature", 1.0)), dim=1).numpy()
+        turns = inplane_turns(network.grid_order, turns)
+        log_probs = _grid_log_probs(network, model, inputs, turns, batch_size, dev, progress)
         grid = healpix_grid(network.grid_order)
         modes, conf = grid_modes(log_probs, network.grid_order, network.symmetry)
         idx, probs = _top_cells(log_probs, top_k)
@@ -201,18 +255,19 @@ def predict_from_inputs(network, inputs: torch.Tensor, top_k: int = 8, batch_siz
 
 def predict_poses(network, particles: ParticleSet, images: np.ndarray | None = None, top_k: int = 8,
                   batch_size: int = 256, device=None,
-                  progress: Callable[[int, int], None] | None = None) -> PosePrediction:
+                  progress: Callable[[int, int], None] | None = None, turns: int | None = None) -> PosePrediction:
     """Predict the pose distribution of every particle with a trained ``network`` (:func:`load_pose_network`).
 
     ``images`` (N, D, D): the particles' images if in memory (else read from their files). ``top_k``: number of
-    most probable cells (so3grid) or test-time in-plane turns (quaternion) returned. ``device``: None = the
+    most probable cells (so3grid) or test-time in-plane turns (quaternion) returned. ``turns``: the grid model's
+    test-time in-plane turns (:func:`inplane_turns`; None: the default, 1: a single pass). ``device``: None = the
     network's configured device (cuda when available). ``progress(done, total)`` after each batch. The particles
     are centred by their origins when they have them (:mod:`.data`); the prediction is the rotation only.
     """
     if len(particles) == 0:
         raise ValueError("no particles to predict")
     inputs = network_inputs(network, particles, images)
-    return predict_from_inputs(network, inputs, top_k, batch_size, device, progress)
+    return predict_from_inputs(network, inputs, top_k, batch_size, device, progress, turns)
 
 
 def distribution_on_grid(log_probabilities: np.ndarray | None, grid_rotations: np.ndarray | None,

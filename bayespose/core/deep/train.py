@@ -276,7 +276,9 @@ def _evaluate(model, task: _Task, network_like, inputs: torch.Tensor, rotations:
             out = model(inputs[s:s + batch_size].to(device))
             target = task.targets(rotations[s:s + batch_size]).to(device)
             total += float(task.loss(out, target)) * len(out)
-    pred = predict_from_inputs(network_like, inputs, top_k=1, batch_size=max(batch_size, 256), device=device)
+    # one pass (no test-time turns): the validation error of the network as trained, comparable with the loss
+    pred = predict_from_inputs(network_like, inputs, top_k=1, batch_size=max(batch_size, 256), device=device,
+                               turns=1)
     errors = symmetric_geodesic_distance_deg(pred.rotations, rotations, symmetry_group(task.config.symmetry))
     return total / max(len(inputs), 1), errors
 

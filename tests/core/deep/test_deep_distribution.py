@@ -1,11 +1,24 @@
 """One particle's predicted distribution for the viewers (:func:`bayespose.core.deep.predict.distribution_on_grid`),
-and the refined modes and confidences of a grid distribution (:func:`bayespose.core.deep.predict.grid_modes`)."""
+the refined modes and confidences of a grid distribution (:func:`bayespose.core.deep.predict.grid_modes`), and the
+in-plane test-time turns of the grid model (:func:`~bayespose.core.deep.predict.turn_back_log_probs`)."""
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-from bayespose.core.deep.predict import distribution_on_grid, grid_modes
-from bayespose.core.geometry.grids import healpix_grid
+from bayespose.core.deep import TrainConfig
+from bayespose.core.deep.data import inplane_rotation_matrix, rotate_shift_images
+from bayespose.core.deep.models import build_model
+from bayespose.core.deep.predict import (
+    distribution_on_grid,
+    grid_modes,
+    inplane_turns,
+    predict_from_inputs,
+    turn_back_log_probs,
+)
+from bayespose.core.geometry.grids import containing_cell, healpix_grid
 from bayespose.core.geometry.rotations import geodesic_distance_deg, project_to_so3, random_rotations
 from bayespose.core.geometry.symmetry import symmetry_group
 
@@ -59,3 +72,46 @@ def test_grid_modes_equal_the_dense_definition(symmetry):
     assert geodesic_distance_deg(modes, ref_modes).max() < 1e-3
     np.testing.assert_allclose(conf, ref_conf, atol=1e-9)
     assert conf[5:].min() > 0.3 and conf[:5].max() < 0.1  # peaked vs flat (24 mates of O: 0.08)
+
+
+@pytest.mark.parametrize("angle", [15.0, 90.0, 135.0, 270.0])
+def test_turn_back_puts_each_cell_at_the_pose_of_the_unturned_image(angle):
+    """A turned image's pose is ``Rz(a) A`` (:func:`~bayespose.core.deep.data.inplane_rotation_matrix`, checked by
+    projection in test_deep_data.py): a distribution concentrated on the cell holding ``Rz(a) A``, turned back,
+    is concentrated on the cell of ``A`` (order 2: 24 psi angles, step 15°)."""
+    order = 2
+    grid = healpix_grid(order)
+    cells = np.random.default_rng(4).choice(len(grid.rotations), 50, replace=False)
+    turned = containing_cell(order, inplane_rotation_matrix(angle) @ grid.rotations[cells])
+    log_probs = np.full((len(cells), len(grid.rotations)), -50.0)
+    log_probs[np.arange(len(cells)), turned] = 0.0
+    np.testing.assert_array_equal(np.argmax(turn_back_log_probs(log_probs, order, angle), axis=1), cells)
+    with pytest.raises(ValueError, match="psi step"):
+        turn_back_log_probs(log_probs, order, 10.0)
+
+
+def test_inplane_turns_divide_the_grids_psi_angles():
+    assert [inplane_turns(order) for order in (0, 1, 2, 3)] == [2, 4, 8, 8]  # 6, 12, 24, 48 psi angles
+    assert inplane_turns(3, 1) == 1 and inplane_turns(3, 16) == 16
+    with pytest.raises(ValueError, match="divide"):
+        inplane_turns(3, 5)
+
+
+def test_averaged_prediction_is_equivariant_to_its_turns():
+    """With T turns the prediction is an average over the group of T in-plane turns, so for an image turned by
+    one of them (90°: an exact pixel rotation) it equals the prediction of the unturned image, turned — for any
+    network, here an untrained one (a missing average or a turn-back that is not a psi shift breaks it; its
+    direction is checked above); one pass is not equivariant."""
+    torch.manual_seed(0)
+    config = TrainConfig(net_box=16, grid_order=1, device="cpu")
+    network = SimpleNamespace(model=build_model("so3grid", 16, 1).eval(), config=config, grid_order=1,
+                              symmetry="C1", temperature=1.0)
+    c = torch.arange(16.0) - 8  # content inside a disc about pixel D // 2: turns by 90° are exact permutations
+    images = torch.randn(6, 16, 16) * ((c[:, None] ** 2 + c[None, :] ** 2) <= 36)
+    turned = rotate_shift_images(images, np.full(6, 90.0))
+    assert torch.allclose(rotate_shift_images(turned, np.full(6, 270.0)), images, atol=1e-5)
+    for turns, equivariant in ((4, True), (1, False)):
+        plain = predict_from_inputs(network, images, turns=turns, device="cpu").log_probabilities
+        rotated = predict_from_inputs(network, turned, turns=turns, device="cpu").log_probabilities
+        close = np.allclose(turn_back_log_probs(rotated, 1, 90.0), plain, atol=1e-4)
+        assert close == equivariant, turns
