@@ -378,6 +378,14 @@ def _relion_train_config(rcfg: RelionConfig):
     return TrainConfig(pretrain_steps=steps, threads=rcfg.threads, device="cpu", seed=0)
 
 
+def _relion_data(rcfg: RelionConfig, snr: float) -> dict:
+    """The report's description of the box-64 data and the training settings."""
+    import _deep_relion as dr
+
+    return {"box": dr.BASE_BOX, "snr_measured": snr, "n_pool": rcfg.n_pool, "n_test": rcfg.n_test,
+            "config": asdict(rcfg), "train_config": asdict(_relion_train_config(rcfg))}
+
+
 def section_relion_sizes(rcfg: RelionConfig, work: Path, results: dict, save) -> None:
     """Networks trained on 400 / 4000 / 20000 particles alone, with map pre-training, and on the map alone, on
     the relion_project particles; evaluated on the test particles (never seen, no origins)."""
@@ -388,9 +396,7 @@ def section_relion_sizes(rcfg: RelionConfig, work: Path, results: dict, save) ->
     test_idx = np.arange(rcfg.n_pool, rcfg.n_pool + rcfg.n_test)
     test, truth = dr.picked(particles.subset(test_idx)), particles.rotations[test_idx]
     entry = results.setdefault("relion", {}).setdefault("sizes", {})
-    results["relion"]["data"] = {"box": dr.BASE_BOX, "snr_measured": snr, "n_pool": rcfg.n_pool,
-                                 "n_test": rcfg.n_test, "config": asdict(rcfg),
-                                 "train_config": asdict(_relion_train_config(rcfg))}
+    results["relion"]["data"] = _relion_data(rcfg, snr)
     runs = [(kind, n) for n in rcfg.sizes for kind in rcfg.kinds] + [("map", rcfg.map_only_particles)]
     for kind, n in runs:
         name = f"{kind}_{n}"
@@ -423,7 +429,8 @@ def section_relion_prior(rcfg: RelionConfig, work: Path, results: dict, save) ->
         (dr.BASE_BOX, rcfg.n_fine, {"healpix_order": 3, "refine_levels": 1})]
     for box, n, grid in cases:
         if box == dr.BASE_BOX:
-            particles, images, _ = dr.relion_box_data(work, box, rcfg.n_pool + rcfg.n_test, rcfg.seed)
+            particles, images, snr = dr.relion_box_data(work, box, rcfg.n_pool + rcfg.n_test, rcfg.seed)
+            results["relion"].setdefault("data", _relion_data(rcfg, snr))
         else:  # other poses than the training pool's
             particles, images, _ = dr.relion_box_data(work, box, n, rcfg.seed + box)
         idx = np.arange(len(particles) - rcfg.n_test, len(particles) - rcfg.n_test + n) if box == 64 else np.arange(n)

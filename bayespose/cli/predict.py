@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
                         "--refine-map with --seed-mass none) [8]")
     p.add_argument("--inplane-turns", type=positive_int, metavar="T",
                    help="grid network: also predict each image turned in-plane by 360/T degree steps and average the "
-                        "turned-back distributions (T must divide the grid's in-plane angles; 1 = one pass) "
+                        "turned-back log probabilities (T must divide the grid's in-plane angles; 1 = one pass) "
                         "[8, or fewer where 8 does not divide them]")
     p.add_argument("--refine-map", type=existing_file, metavar="MAP",
                    help="reference map (MRC, the particles' box and pixel size): refine with the deep prior MMSE")
