@@ -595,6 +595,20 @@ def _relion_lines(results: dict) -> list[str]:
                          f"({d['cpu_s']:.1f}) | {100 * d['fallback_fraction']:.1f} % | {r['wall_ratio']:.2f} | "
                          f"{r['cpu_ratio']:.2f} | {r['mean_error_ratio']:.3f} | {g['other_cores']:.1f} / "
                          f"{d['other_cores']:.1f} |")
+        lines += ["", "The network alone in those runs (its predicted modes; `predict` without `--refine-map`):", "",
+                  "| case | MAnE | wMAnE | median | < 10° | > 30° | > 30° in the most confident 50 % |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in prior.items():
+            n = r["deep_prior"]["network"]
+            lines.append(f"| {name} | {n['mane_deg']:.1f} | {n['wmane_deg']:.1f} | {n['median_deg']:.1f} | "
+                         f"{n['frac_below_10']:.2f} | {n['frac_over_30']:.3f} | {n['frac_over_30_confident_half']:.3f} |")
+        name, first = next(iter(prior.items()))
+        if "reliability" in first["deep_prior"]["network"]:
+            lines += ["", f"Reliability of the network's confidence ({name}): predicted probability mass within X° "
+                      "of the mode (mean over the particles) against the observed fraction within X°.", "",
+                      "| X | predicted | observed |", "|---|---|---|"]
+            lines += [f"| {row['radius_deg']:g}° | {row['predicted']:.3f} | {row['observed']:.3f} |"
+                      for row in first["deep_prior"]["network"]["reliability"]]
         lines.append("")
     return lines
 
