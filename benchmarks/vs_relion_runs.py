@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import starfile
 from _machine import Contention
 
 from bayespose.core.assign import PoseSearch, assign_poses
@@ -88,13 +89,20 @@ def refine_run(vs, work: Path, truth, snr: float, threads: int) -> dict:
 
 
 def relion_errors(vs, work: Path, truth, snr: float) -> dict:
-    """RELION's cached runs at ``snr`` (auto-refine, one iteration): errors and the run summaries."""
+    """RELION's cached runs at ``snr`` (auto-refine, one iteration): errors and the run summaries; an auto-refine
+    still running (no summary yet) is read at its latest iteration (``"running_iteration"``, no wall time)."""
     out = {}
     for kind in ("auto", "oneiter"):
-        summary = work / f"relion_{kind}_snr{snr:g}" / "summary.json"
-        if summary.exists():
+        folder = work / f"relion_{kind}_snr{snr:g}"
+        if (folder / "summary.json").exists():
             rot, _ = vs.relion_poses(work, snr, kind)
-            out[kind] = {**json.loads(summary.read_text()),
+            out[kind] = {**json.loads((folder / "summary.json").read_text()),
+                         "errors": vs.errors_deg(rot, truth.rotations).tolist()}
+        elif kind == "auto" and sorted((folder / "run").glob("run_it*_data.star")):
+            latest = sorted((folder / "run").glob("run_it*_data.star"))[-1]
+            particles = vs.read_star(work / "relion_data" / f"noisy_snr{snr:g}.star")
+            rot, _ = vs._relion_poses(starfile.read(latest, always_dict=True)["particles"], particles)
+            out[kind] = {"running_iteration": int(latest.name[6:9]), "wall_s": None, "other_cores": None,
                          "errors": vs.errors_deg(rot, truth.rotations).tolist()}
     return out
 
@@ -133,15 +141,19 @@ def report(out: Path, results: dict) -> None:
         auto = rel.get("auto", {}).get("errors")
         one = rel.get("oneiter", {}).get("errors")
         ratios = [f"{np.mean(run['errors']['mmse']) / np.mean(auto):.2f}" if auto else "–" for run in (d, l4)]
+        running = rel.get("auto", {}).get("running_iteration")
+        note = f" (still running: iteration {running})" if running else ""
         lines.append(f"| {snr} | {_fmt(d['errors']['mmse'])} | {_fmt(d['errors']['mle'])} | "
                      f"{_fmt(l4['errors']['mmse'])} | {_fmt(l4['errors']['mle'])} | "
-                     f"{_fmt(auto) if auto else '–'} | {_fmt(one) if one else '–'} | {ratios[0]} | {ratios[1]} |")
+                     f"{_fmt(auto) + note if auto else '–'} | {_fmt(one) if one else '–'} | {ratios[0]} | "
+                     f"{ratios[1]} |")
     lines += ["", "Wall time (s; 2 threads; other cores busy meanwhile in brackets):", "",
               "| SNR | assign default | assign 4 levels | RELION auto-refine | RELION 1 iteration |", "|---|---|---|---|---|"]
     for snr, row in results["snrs"].items():
         ours, rel = row["assign"], row["relion"]
         cells = [f"{ours[k]['wall_s']:.0f} ({ours[k]['other_cores']:.1f})" for k in SEARCHES]
-        cells += [f"{rel[k]['wall_s']:.0f} ({rel[k]['other_cores']:.1f})" if k in rel else "–"
+        cells += [("–" if k not in rel else f"running (iteration {rel[k]['running_iteration']})"
+                   if rel[k].get("wall_s") is None else f"{rel[k]['wall_s']:.0f} ({rel[k]['other_cores']:.1f})")
                   for k in ("auto", "oneiter")]
         lines.append(f"| {snr} | " + " | ".join(cells) + " |")
     lines += ["", "MLE − MMSE error, paired per particle (mean ± SE, degrees; positive: the MMSE is better):", ""]
