@@ -11,7 +11,7 @@ psi index, :mod:`bayespose.core.geometry.grids`).
   so ``Rz(a) A`` has psi - a) and their log probabilities are averaged and renormalised (a geometric mean: the
   softmax of the mean logits). The network is equivariant to in-plane turns only approximately (its CNN encoder is
   not), so the turns are an ensemble. Measured on relion_project particles (fragment map, box 64, SNR 0.1; network
-  trained on 4000 particles + map): mean / median error 14.8° / 8.2° with one pass, 11.9° / 7.1° with 8 turns on
+  trained on 4000 particles + map): mean / median error 14.8° / 8.2° with one pass, 11.9° / 7.3° with 8 turns on
   1000 particles, > 30° among the more confident half 1.0 % -> 0.4 %; on 500 of them the geometric mean kept the
   one-pass calibration (predicted / observed mass within 10° 0.62 / 0.71, within 20° 0.93 / 0.93) where the mean of
   the probabilities was underconfident (0.53 / 0.72, 0.87 / 0.95) and less accurate (11.75° vs 11.55° mean).
