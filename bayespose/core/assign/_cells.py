@@ -20,24 +20,26 @@ from __future__ import annotations
 import healpy
 import numpy as np
 
+from bayespose.core.geometry.grids import psi_count
+
 __all__ = ["psi_index", "cell_ids", "children_with_ring"]
 
 
 def _psi_step(order: int) -> float:
-    return 360.0 / (6 * 2 ** order)
+    return 360.0 / psi_count(order)
 
 
 def psi_index(order: int, psi_deg: np.ndarray, coarse: bool) -> np.ndarray:
     """Index ``i`` of in-plane centres ``psi_deg`` of order-``order`` cells (``coarse``: the level-0 grid, centres
     ``i Δ``; else ``(i + 1/2) Δ``), in ``[0, 6 · 2**order)``."""
-    n_psi = 6 * 2 ** order
+    n_psi = psi_count(order)
     offset = 0.0 if coarse else 0.5
     return np.mod(np.rint(np.asarray(psi_deg) / _psi_step(order) - offset).astype(np.int64), n_psi)
 
 
 def cell_ids(order: int, direction: np.ndarray, psi_deg: np.ndarray, coarse: bool) -> np.ndarray:
     """A unique int64 id per cell of the order: ``direction · n_psi + psi index``."""
-    return np.asarray(direction, dtype=np.int64) * (6 * 2 ** order) + psi_index(order, psi_deg, coarse)
+    return np.asarray(direction, dtype=np.int64) * psi_count(order) + psi_index(order, psi_deg, coarse)
 
 
 def children_with_ring(order: int, direction: np.ndarray, psi_deg: np.ndarray, valid: np.ndarray,

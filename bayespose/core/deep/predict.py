@@ -38,7 +38,7 @@ import torch
 
 from bayespose.core.deep.data import inplane_rotation_matrix, read_network_inputs, rotate_shift_images
 from bayespose.core.deep.vocabulary import NETWORK_PIXEL_RTOL
-from bayespose.core.geometry.grids import containing_cell, healpix_grid, neighbour_table
+from bayespose.core.geometry.grids import containing_cell, healpix_grid, neighbour_table, psi_count
 from bayespose.core.geometry.rotations import matrix_to_euler, project_to_so3, quaternion_to_matrix
 from bayespose.core.geometry.symmetry import nearest_symmetry_mate, symmetry_group
 from bayespose.core.imaging.particles import ParticleSet
@@ -181,7 +181,7 @@ def inplane_turns(order: int, turns: int | None = None) -> int:
     """The number of test-time in-plane turns for the grid of HEALPix ``order`` (``6 · 2^order`` psi angles):
     ``turns`` if it divides them (else ``ValueError``), or by default the largest of :data:`DEFAULT_INPLANE_TURNS`,
     4, 2, 1 that does (each turn must be a whole number of psi steps)."""
-    n_psi = 6 * 2 ** int(order)
+    n_psi = psi_count(order)
     if turns is None:
         return next(t for t in (DEFAULT_INPLANE_TURNS, 4, 2, 1) if n_psi % t == 0)
     if turns < 1 or n_psi % turns:
@@ -194,7 +194,7 @@ def turn_back_log_probs(log_probs: np.ndarray, order: int, angle_deg: float) -> 
     multiple of the psi step), as those of the unturned images: the turned image's pose is ``Rz(a) A``, whose psi
     is that of ``A`` minus a (RELION's psi turns the image clockwise), so cell (direction, j) of the original is
     cell (direction, j - a / step) of the turned one."""
-    n_psi = 6 * 2 ** int(order)
+    n_psi = psi_count(order)
     shift = angle_deg / (360.0 / n_psi)
     if abs(shift - round(shift)) > 1e-6:
         raise ValueError(f"the turn {angle_deg}° is not a multiple of the grid's psi step {360.0 / n_psi}°")

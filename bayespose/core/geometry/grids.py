@@ -33,7 +33,7 @@ from scipy.spatial.transform import Rotation
 
 from bayespose.core.geometry.rotations import euler_to_matrix, matrix_to_euler
 
-__all__ = ["SO3Grid", "healpix_grid", "containing_cell", "neighbour_table", "local_grid", "local_grids",
+__all__ = ["SO3Grid", "healpix_grid", "psi_count", "containing_cell", "neighbour_table", "local_grid", "local_grids",
            "local_offsets", "haar_ball_volume"]
 
 
@@ -103,6 +103,12 @@ class SO3Grid:
         )
 
 
+def psi_count(order: int) -> int:
+    """Number of in-plane angles per viewing direction of ``healpix_grid(order)``: ``6 · 2^order`` (step
+    ``360 / psi_count`` degrees)."""
+    return 6 * 2 ** int(order)
+
+
 def healpix_grid(order: int) -> SO3Grid:
     """RELION's global orientation grid of ``healpix_order`` ``order``: HEALPix directions x equispaced psi.
 
@@ -129,7 +135,7 @@ def healpix_grid(order: int) -> SO3Grid:
     order = int(order)
     nside = 2**order
     n_dir = 12 * nside * nside
-    n_psi = 6 * nside
+    n_psi = psi_count(order)
     theta, phi = healpy.pix2ang(nside, np.arange(n_dir), nest=True)
     rot = np.degrees(phi)
     rot = np.where(rot > 180.0, rot - 360.0, rot)
@@ -166,7 +172,7 @@ def containing_cell(order: int, rotations: np.ndarray) -> np.ndarray:
     frame = euler_to_matrix(np.stack([np.degrees(phi), np.degrees(theta), np.zeros(len(pix))], axis=1))
     rel = np.einsum("nij,nkj->nik", flat, frame)
     psi = np.degrees(np.arctan2(rel[:, 0, 1], rel[:, 0, 0]))
-    n_psi = 6 * nside
+    n_psi = psi_count(order)
     psi_bin = np.mod(np.rint(psi * n_psi / 360.0).astype(np.int64), n_psi)
     return (pix * n_psi + psi_bin).reshape(rotations.shape[:-2])
 
