@@ -98,8 +98,8 @@ def relion_errors(vs, work: Path, truth, snr: float) -> dict:
             rot, _ = vs.relion_poses(work, snr, kind)
             out[kind] = {**json.loads((folder / "summary.json").read_text()),
                          "errors": vs.errors_deg(rot, truth.rotations).tolist()}
-        elif kind == "auto" and sorted((folder / "run").glob("run_it*_data.star")):
-            latest = sorted((folder / "run").glob("run_it*_data.star"))[-1]
+        elif kind == "auto" and (iterations := sorted((folder / "run").glob("run_it*_data.star"))):
+            latest = iterations[-1]
             particles = vs.read_star(work / "relion_data" / f"noisy_snr{snr:g}.star")
             rot, _ = vs._relion_poses(starfile.read(latest, always_dict=True)["particles"], particles)
             out[kind] = {"running_iteration": int(latest.name[6:9]), "wall_s": None, "other_cores": None,
