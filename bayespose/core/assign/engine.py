@@ -99,9 +99,9 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     process would; ``on_marginals`` sees this process's batches only; ``timings`` are this process's.
 
     ``timings``: ``setup_s``, ``scoring_s``, ``total_s``, ``scoring_gflops``, ``refined_particles`` (per level),
-    ``broad_particles`` (rescored on the next order's grid), ``radii_px`` (each stage's cut-off, Fourier px) and
-    ``scored_rotations_per_particle`` (rotations scored per particle over all stages, each with the shift lattice:
-    the measure of the search's work).
+    ``broad_particles`` (rescored on a finer order's whole grid; ``broad_per_level``: per level), ``radii_px``
+    (each stage's cut-off, Fourier px) and ``scored_rotations_per_particle`` (rotations scored per particle over
+    all stages, each with the shift lattice: the measure of the search's work).
     """
     search = search or PoseSearch()
     search.validate()
@@ -153,7 +153,7 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
         scorer = run.scorer
         timings.update(scoring_s=scorer.seconds, total_s=time.perf_counter() - t0,
                        scoring_gflops=scorer.flops / max(scorer.seconds, 1e-9) / 1e9, refined_particles=run.n_refined,
-                       broad_particles=run.n_broad,
+                       broad_particles=sum(run.n_broad), broad_per_level=run.n_broad,
                        radii_px=radii, scored_rotations_per_particle=run.scored / n)
     return PoseAssignment(**vars(run.out), noise=noise, n_rotations=space.size, n_shifts=len(deltas),
                           n_frequencies=len(scorer.frequencies(radii[-1])), timings=timings,
@@ -235,12 +235,13 @@ class _Run:
     marginals: dict = field(default_factory=dict, init=False)
     batch_marginals: dict = field(default_factory=dict, init=False)  # the current batch's, for ``sink``
     n_refined: list[int] = field(init=False)  # particles refined, per level
-    n_broad: int = field(default=0, init=False)  # particles rescored on the whole grid of the next order
+    n_broad: list[int] = field(init=False)  # particles rescored on the whole grid of the next order, per level
     scored: int = field(default=0, init=False)
-    _finer: SO3Grid | None = field(default=None, init=False)
+    _finer: dict[int, SO3Grid] = field(default_factory=dict, init=False)  # HEALPix order -> whole grid
 
     def __post_init__(self):
         self.n_refined = [0] * (len(self.radii) - 1)
+        self.n_broad = [0] * (len(self.radii) - 1)
 
     def assign(self, batch: _Batch) -> None:
         """Score ``batch`` on the first grid (all of it, or its seeded cells), then refine it coarse-to-fine."""
@@ -284,9 +285,10 @@ class _Run:
         ones (:func:`children_with_ring`), scored at the level's cut-off. ``scores``: those of the HEALPix grid
         ``grid`` (default: the first grid, of order ``healpix_order + start - 1``); ``cells`` (B, C): each
         particle's cells of it (None: the whole grid). A particle with more than ``refine_max_cells`` significant
-        cells is too broad to refine cell by cell: on the first grid of a global search it is rescored on the
-        whole grid of the next order (:meth:`_score_finer_grid`) and refined from there; otherwise it keeps its
-        current result (the posterior over the whole grid it was scored on)."""
+        cells is too broad to refine cell by cell: on a whole shared grid of a global search (the first one, or a
+        finer one it was rescored on) it is rescored on the whole grid of the next order (:meth:`_score_finer_grid`)
+        and refined from there (recursively); otherwise it keeps its current result (the posterior over the whole
+        grid it was scored on)."""
         search = self.search
         grid = grid or self.space.grid
         if cells is not None:
@@ -299,9 +301,10 @@ class _Run:
             p_rot = torch.exp(scores.log_rot - torch.logsumexp(scores.log_rot, 1, keepdim=True)).cpu().numpy()
             significant = _significant_cells(p_rot, search.refine_mass)
             ok = np.array([len(c) <= search.refine_max_cells for c in significant])
-            if level == 1 and not ok.all() and self._finer_grid is not None:
+            if level == start and not ok.all() and self._finer_grid(level) is not None:
                 broad = batch.rows(active[~ok])
-                self._refine(broad, self._score_finer_grid(broad), None, self._finer_grid, start=2)
+                self._refine(broad, self._score_finer_grid(broad, level), None, self._finer_grid(level),
+                             start=level + 1)
             if not ok.any():
                 break
             active, significant = active[ok], [c for c, keep_row in zip(significant, ok) if keep_row]
@@ -326,28 +329,30 @@ class _Run:
             self.n_refined[level - 1] += len(active)
             self.scored += int(valid.sum())
 
-    @property
-    def _finer_grid(self) -> SO3Grid | None:
-        """The whole HEALPix grid one order finer than the first one, for the broad posteriors of a global search
-        (None: not a shared global grid, seeded cells, ``broad_finer_grid`` off, or no second level to refine)."""
+    def _finer_grid(self, level: int) -> SO3Grid | None:
+        """The whole HEALPix grid of order ``healpix_order + level`` (one finer than the grid whose posteriors were
+        found broad), for the broad posteriors of a global search (None: not a shared global grid, seeded cells,
+        ``broad_finer_grid`` off, no further level to refine from it, or finer than
+        :attr:`PoseSearch.MAX_HEALPIX_ORDER`)."""
         search = self.search
-        if not (search.broad_finer_grid and self.space.shared and self.seed_cells is None and len(self.radii) > 2
-                and search.healpix_order + 1 <= PoseSearch.MAX_HEALPIX_ORDER):
+        order = search.healpix_order + level
+        if not (search.broad_finer_grid and self.space.shared and self.seed_cells is None
+                and level + 1 < len(self.radii) and order <= PoseSearch.MAX_HEALPIX_ORDER):
             return None
-        if self._finer is None:
-            self._finer = healpix_grid(search.healpix_order + 1)
-        return self._finer
+        if order not in self._finer:
+            self._finer[order] = healpix_grid(order)
+        return self._finer[order]
 
-    def _score_finer_grid(self, sub: _Batch) -> _StageScores:
-        """Broad particles ``sub`` on the whole grid of the next order at the level-1 cut-off: all its rotations,
-        projected once (cached) and shared by all particles, one matrix product per chunk like the first grid;
-        stores the result as their level-1 stage."""
-        grid = self._finer_grid
+    def _score_finer_grid(self, sub: _Batch, level: int) -> _StageScores:
+        """Broad particles ``sub`` on the whole grid of order ``healpix_order + level`` at that level's cut-off:
+        all its rotations, projected once (cached) and shared by all particles, one matrix product per chunk like
+        the first grid; stores the result as their stage ``level``."""
+        grid = self._finer_grid(level)
         log_pi = self.prior.log_density(grid.rotations, sub.index)
-        scores = self.scorer.score(sub, self.radii[1], grid.rotations, np.log(grid.weights), log_pi,
-                                   cache_key="finer grid", stage=1)
+        scores = self.scorer.score(sub, self.radii[level], grid.rotations, np.log(grid.weights), log_pi,
+                                   cache_key=("finer grid", level), stage=level)
         self._store(sub.index, scores, grid.rotations, grid.spacing_deg)
-        self.n_broad += len(sub.index)
+        self.n_broad[level - 1] += len(sub.index)
         self.scored += len(grid) * len(sub.index)
         return scores
 

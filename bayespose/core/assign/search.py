@@ -47,7 +47,7 @@ class PoseSearch:
     refine_levels: int = 3  # coarse-to-fine: halvings of the grid in the significant cells (0: coarse grid only)
     refine_mass: float = 0.999  # posterior mass whose cells are refined
     refine_max_cells: int = 128  # particles with more significant cells keep the coarse result
-    broad_finer_grid: bool = True  # posteriors broader than refine_max_cells: rescored on the next order's grid
+    broad_finer_grid: bool = True  # posteriors broader than refine_max_cells: rescored on the next orders' grids
     refine_ring_ratio: float = 0.05  # cells with this fraction of the top cell's posterior get a ring (> 1: none)
     max_resolution_A: float | None = None  # cap on the scored resolution (None: Nyquist)
     smoothness_nats: float = 30.0  # each stage's cut-off: a pose half a grid step off loses at most this much
