@@ -63,7 +63,7 @@ from bayespose.core.deep import (
 )
 from bayespose.core.deep.data import inplane_rotation_matrix, rotate_shift_images
 from bayespose.core.deep.predict import network_inputs, predict_from_inputs
-from bayespose.core.deep.prior_refine import AUTO_FALLBACK_Z, final_spacing_deg, fit_zscores
+from bayespose.core.deep.prior_refine import AUTO_FALLBACK_DEFICIT, AUTO_FALLBACK_Z, final_spacing_deg, fit_zscores
 from bayespose.core.geometry.rotations import geodesic_distance_deg
 from bayespose.core.imaging.ctf import ctf_2d
 from bayespose.core.imaging.reconstruct import FourierAccumulator, fsc, resolution_at
@@ -180,7 +180,9 @@ def _subset_prediction(pred, sel):
 GLOBAL = "global MMSE (order 2 + 2 levels)"
 TOP8 = "deep-prior MMSE, top-8 cells, no check"
 ADAPTIVE = "deep-prior MMSE, adaptive seeds (99 % mass, <= 128 cells), no check"
-DEFAULT = f"deep-prior MMSE default: adaptive seeds + fit check (z < {AUTO_FALLBACK_Z:g}) + global fallback"
+DEFAULT_ROW = "deep-prior MMSE default"  # the default run's row starts so (its rule, below, changed over time)
+DEFAULT = (f"{DEFAULT_ROW}: adaptive seeds + fit check (z < {AUTO_FALLBACK_Z:g}, deficit > "
+           f"{AUTO_FALLBACK_DEFICIT:g}) + global fallback")
 Z_THRESHOLDS = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, 0.0)
 CONF_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -315,7 +317,7 @@ def plot_tradeoff(results: dict, out: Path) -> None:
         for (name, rows), style in zip(dp["tradeoff"].items(), ("o-", "o--", "s-", "s--")):
             x = [100 * r["rotations"] / g["rotations"] for r in rows]
             ax.plot(x, [r["mane_deg"] for r in rows], style, ms=3, label=name)
-        d = dp[DEFAULT]
+        d = next(row for name, row in dp.items() if name.startswith(DEFAULT_ROW))
         ax.plot(100 * d["rotations"] / g["rotations"], d["mane_deg"], "k*", ms=12, label="default (measured run)")
         ax.axhline(g["mane_deg"], color="gray", lw=1, ls=":", label=f"global search ({g['mane_deg']:.1f}°)")
         ax.set_xscale("log")

@@ -16,7 +16,13 @@ from bayespose.cli._common import (
     progress_printer,
     usage_errors,
 )
-from bayespose.core.deep.vocabulary import AUTO_FALLBACK_Z, DEFAULT_SEED_MASS, NETWORK_PIXEL_RTOL, fallback_threshold
+from bayespose.core.deep.vocabulary import (
+    AUTO_FALLBACK_DEFICIT,
+    AUTO_FALLBACK_Z,
+    DEFAULT_SEED_MASS,
+    NETWORK_PIXEL_RTOL,
+    fallback_threshold,
+)
 
 
 def add_parser(sub) -> None:
@@ -61,6 +67,11 @@ def add_parser(sub) -> None:
                    help="with --refine-map: particles whose best deep-prior pose does not fit the data (fit "
                         f"z-score below Z; auto = the engine's measured default, {AUTO_FALLBACK_Z:g}) are re-assigned "
                         "by the global search; 'none' keeps every deep-prior result [auto]")
+    p.add_argument("--fallback-deficit", type=_fraction_below_two, default=AUTO_FALLBACK_DEFICIT, metavar="F",
+                   help="with --refine-map and --fallback: re-assign only particles whose best pose also leaves "
+                        "more than this fraction of its expected signal energy unexplained (at high SNR a small "
+                        "model mismatch alone makes the z-score significant); 0 = the z-score alone "
+                        f"[{AUTO_FALLBACK_DEFICIT:g}]")
     p.add_argument("--batch-size", type=positive_int, default=256, help="particles per network batch [256]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cuda when available (auto), cpu or cuda [auto]")
@@ -79,6 +90,17 @@ def _seed_mass(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'none', got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'none', got {value}")
+    return value
+
+
+def _fraction_below_two(text: str) -> float:
+    """--fallback-deficit: a fraction of the signal energy in [0, 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 2:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 2), got {text!r}")
     return value
 
 
@@ -220,7 +242,8 @@ def _predict_in_blocks(args, network, particles, volume, device) -> dict:
         with usage_errors():
             search.validate()
             config = DeepPriorSearch(seed_mass=args.seed_mass, local_range_deg=args.local_range,
-                                     fallback_z=fallback_threshold(args.fallback))
+                                     fallback_z=fallback_threshold(args.fallback),
+                                     fallback_deficit=args.fallback_deficit)
         noise = parallel.main_first(lambda: _noise_model(particles, volume, search))  # one model for all blocks
     rows = {"rotations": np.zeros((n, 3, 3)), "origins_A": np.zeros((n, 2)), "network_rotations": np.zeros((n, 3, 3)),
             "confidence": np.zeros(n), "expected_error_deg": np.zeros(n)}

@@ -24,6 +24,7 @@ from pyworkflow.constants import BETA
 
 from bayespose.convert import SCIPION_ID, particles_from_scipion
 from bayespose.core.deep.vocabulary import (
+    AUTO_FALLBACK_DEFICIT,
     AUTO_FALLBACK_Z,
     DEFAULT_MAX_SEED_CELLS,
     DEFAULT_SEED_MASS,
@@ -156,6 +157,16 @@ class ProtBayesposePredictPoses(EMProtocol):
                            f"{AUTO_FALLBACK_Z:g} (the default) was measured on simulated data to reach the global "
                            "search's accuracy with about a quarter of its scored rotations; higher = more particles "
                            "fall back (safer, slower).")
+        form.addParam("fallbackDeficit", params.FloatParam, default=AUTO_FALLBACK_DEFICIT,
+                      condition="doRefine and doFallback", expertLevel=params.LEVEL_ADVANCED,
+                      label="Fallback deficit (fraction of the signal)",
+                      help="A particle below the z threshold is re-assigned only if its best pose also leaves more "
+                           "than this fraction of its expected signal energy unexplained. At high SNR a small "
+                           "mismatch between the map and the data (scale, interpolation) alone makes the z-score "
+                           "significant for right poses, while a wrong pose (e.g. a 180° flip) leaves about half "
+                           "of the signal or more unexplained; measured on relion_project particles, right poses "
+                           f"stayed below 0.46 and wrong ones above 0.69. {AUTO_FALLBACK_DEFICIT:g} (default); "
+                           "0 = the z-score alone.")
 
         form.addParallelSection(threads=2, mpi=0)
 
@@ -206,7 +217,8 @@ class ProtBayesposePredictPoses(EMProtocol):
         local, seed_mass = self.localRange.get(), self.seedMass.get()
         config = DeepPriorSearch(seed_mass=seed_mass if seed_mass and seed_mass > 0 else None,
                                  local_range_deg=local if local and local > 0 else None,
-                                 fallback_z=self.fallbackZ.get() if self.doFallback.get() else None)
+                                 fallback_z=self.fallbackZ.get() if self.doFallback.get() else None,
+                                 fallback_deficit=self.fallbackDeficit.get())
         result = deep_prior_assign(particles, prediction, volume, search, config,
                                    progress=progress_logger(self, "refining")("refining"))
         save_assignment(self._getExtraPath(RESULT_NPZ), result, "mmse", search.symmetry,
@@ -324,6 +336,9 @@ class ProtBayesposePredictPoses(EMProtocol):
             errors.append("The shift search range must be >= 0 pixels.")
         if not 0 <= (self.seedMass.get() or 0) <= 1:
             errors.append("The searched fraction of the predicted probability must be in [0, 1] (0 = top-K).")
+        if self.doFallback.get() and not 0 <= (self.fallbackDeficit.get() or 0) < 2:
+            errors.append("The fallback deficit is a fraction of the signal energy in [0, 2) (0 = the z-score "
+                          "alone).")
         return errors
 
     def _warnings(self):

@@ -162,14 +162,15 @@ def test_predict_with_refine_map_gives_mmse_poses(data, trained, tmp_path):
 
 
 @pytest.mark.parametrize("options, expected", [
-    ([], dict(seed_mass=0.99, fallback_z=-1.5, local_range_deg=None)),
+    ([], dict(seed_mass=0.99, fallback_z=-1.5, fallback_deficit=0.25, local_range_deg=None)),
     (["--seed-mass", "none", "--fallback", "none"], dict(seed_mass=None, fallback_z=None)),
-    (["--seed-mass", "0.5", "--fallback", "-2.5", "--local-range", "12"],
-     dict(seed_mass=0.5, fallback_z=-2.5, local_range_deg=12.0)),
+    (["--seed-mass", "0.5", "--fallback", "-2.5", "--fallback-deficit", "0", "--local-range", "12"],
+     dict(seed_mass=0.5, fallback_z=-2.5, fallback_deficit=0.0, local_range_deg=12.0)),
 ])
 def test_predict_options_become_the_deep_prior_settings(data, trained, tmp_path, monkeypatch, options, expected):
-    """--seed-mass F|none, --fallback auto|none|Z and --local-range reach deep_prior_assign as DeepPriorSearch
-    fields (None = the fixed top-K seeds / no fit check); nothing is written when the refinement stops."""
+    """--seed-mass F|none, --fallback auto|none|Z, --fallback-deficit F and --local-range reach deep_prior_assign as
+    DeepPriorSearch fields (None = the fixed top-K seeds / no fit check); nothing is written when the refinement
+    stops."""
     import bayespose.core.deep as deep
 
     model, _ = trained
@@ -242,6 +243,9 @@ def test_bad_inputs_exit_with_one_line(data, trained, tmp_path, capsys):
                           str(out)], capsys, code=2)
     _run_expecting_error(["predict", "--model", str(trained), "--particles", str(test_star), "--top-k", "0",
                           "--out", str(out)], capsys, code=2)
+    msg = _run_expecting_error(["predict", "--model", str(trained), "--particles", str(test_star),
+                                "--fallback-deficit", "2.5", "--out", str(out)], capsys, code=2)
+    assert "fallback-deficit" in msg and "[0, 2)" in msg
 
     # a file that is not a checkpoint
     msg = _run_expecting_error(["predict", "--model", str(test_star), "--particles", str(test_star), "--out",

@@ -38,11 +38,17 @@ distribution narrows the search to a few regions of SO(3), and the MMSE engine (
    with E). At the true pose ``LLR = E + 2 Re<N, αCP>/σ²`` so ``(LLR - E) / sqrt(2E) ~ N(0, 1)``; at a wrong pose
    R' (true R) ``LLR - E ≈ -Σ α²C²|P_R - P_R'|²/σ² + (E_R - E_R')``, so z falls by the squared distance between
    the two projections in noise units, a quantity that the noise of the data does not mask (the ``|N|²`` term
-   cancels). Particles with ``z < threshold`` are re-assigned by the global search of :func:`assign_poses`
-   (HEALPix order and refinement of ``search``, uniform prior, the same noise model, shifts around the input
-   origins) and get its result. ``fallback_z`` is that threshold (default ``AUTO_FALLBACK_Z``; higher = more
-   particles fall back); None turns the check off. The z-score assumes the noise model
-   and reference scale are right: a scale off by a fraction ε shifts it by about ``-ε sqrt(2E)``.
+   cancels). The z-score assumes the noise model, reference scale and projector are right: a scale off by a
+   fraction ε shifts it by about ``-ε sqrt(2E)``, so at high SNR (large E) a right pose under a small model
+   mismatch looks significantly wrong. Hence a second condition, on the **fit deficit**
+   ``d = -(LLR - E + L) / E`` (the fraction of the expected signal energy the pose leaves unexplained; ``2ε`` for
+   a scale error ε, about ``2 (1 - ρ)`` for a wrong pose whose projection correlates ρ with the true one): a
+   particle is re-assigned by the global search of :func:`assign_poses` (HEALPix order and refinement of
+   ``search``, uniform prior, the same noise model, shifts around the input origins), and gets its result, when
+   ``z < fallback_z`` **and** ``d > fallback_deficit``. ``fallback_z`` (default ``AUTO_FALLBACK_Z``; higher =
+   more particles fall back; None turns the check off) decides at low SNR, where ``sqrt(2/E)`` is large and
+   a significant z means a large deficit anyway; ``fallback_deficit`` (default ``AUTO_FALLBACK_DEFICIT``; 0 = the
+   z-score alone) at high SNR.
 
 Measured (benchmarks/deep_poses.py section 4, benchmarks/results/deep/README.md: 300 test particles of the 3J9G
 fragment, 64 px, CTF, so3grid network trained on 1500 others; global search = order 2 + 2 levels): the network
@@ -51,7 +57,12 @@ z-score does. Adaptive seeds alone cut the mean error from 17.4° to 4.5° (SNR 
 at 5-7 % of the global search's scored rotations; with the check at ``AUTO_FALLBACK_Z`` = -1.5 the default
 matches the global search's mean and median error (SNR 0.1: 3.7° / 2.9°, SNR 0.03: 4.4° / 3.1°) with about a
 quarter of its scored rotations (24-28 %) and a third of its scoring FLOPs. Stricter thresholds save work at
-high SNR but lose accuracy at SNR 0.03 (-2.5: mean 6.1°). On a CPU at 64 px without shifts the wall time is not
+high SNR but lose accuracy at SNR 0.03 (-2.5: mean 6.1°). The deficit condition, measured on relion_project
+particles (network trained on 4000 particles + map, 1000 test particles at SNR 0.1, box 64; 200 at box 128):
+right poses had d <= 0.46 (box 128: 0.37), the 3 (1) wrong ones d >= 0.79 (0.69); the z-score alone sent 16 %
+(25 %) of the particles to the global search, with d > 0.25 too 3.5 % (6 %), all wrong ones included; with the
+same network on those particles at SNR 0.03 (99 of 300 wrong) it changed the fallbacks from 40.3 % to 39.0 % at
+the same mean error (3.94° / 3.95°). On a CPU at 64 px without shifts the wall time is not
 lower than the global search's: the seeded per-particle scoring path of the engine costs more per rotation than
 the global search's shared matrix products (see the README).
 
@@ -76,6 +87,7 @@ import torch
 from bayespose.core.assign import NoiseModel, PoseAssignment, PoseSearch, assign_poses
 from bayespose.core.deep.predict import PosePrediction
 from bayespose.core.deep.vocabulary import (
+    AUTO_FALLBACK_DEFICIT,
     AUTO_FALLBACK_Z,
     DEFAULT_MAX_SEED_CELLS,
     DEFAULT_SEED_MASS,
@@ -95,7 +107,7 @@ from bayespose.core.runtime import choose_device
 
 __all__ = ["deep_prior_assign", "DeepPriorSearch", "default_local_range_deg", "cells_near", "seed_rotations",
            "seed_cells", "fit_zscores", "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit",
-           "SEARCH_METHODS", "AUTO_FALLBACK_Z", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS"]
+           "SEARCH_METHODS", "AUTO_FALLBACK_Z", "AUTO_FALLBACK_DEFICIT", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS"]
 
 QUATERNION_RANGE_DEG = 20.0
 
@@ -212,13 +224,20 @@ class PoseFit:
     expected signal energy ``Σ α² C² |P|² / σ²`` (nats), ``grid_loss`` the expected log-likelihood lost by a pose
     ``tolerance_deg`` away (nats; 0 without tolerance), ``z = (llr - energy + grid_loss) / sqrt(2 energy)``
     (~N(0, 1) at the true pose when ``grid_loss`` is 0; module doc), ``radius_px`` the Fourier radius of the
-    sums."""
+    sums; :attr:`deficit` the fraction of the signal energy left unexplained."""
 
     llr: np.ndarray
     energy: np.ndarray
     z: np.ndarray
     radius_px: float
     grid_loss: np.ndarray | None = None
+
+    @property
+    def deficit(self) -> np.ndarray:
+        """The fit deficit ``-(llr - energy + grid_loss) / energy`` (N,): the fraction of the expected signal energy
+        the pose leaves unexplained (~0 at the true pose, up to ~2 at an unrelated one; module doc)."""
+        loss = 0.0 if self.grid_loss is None else self.grid_loss
+        return -(self.llr - self.energy + loss) / np.maximum(self.energy, 1e-12)
 
 
 def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarray, origins_A: np.ndarray | None,
@@ -310,9 +329,11 @@ class DeepPriorSearch:
     ``seed_mass=None``: the prediction's fixed top-K rotations, the first ``top_k`` of them when given (use it
     with ``"balls"``: every seed adds a whole per-particle lattice). Quaternion predictions always use the top-K.
     ``local_range_deg``: radius (degrees, in (0, 90]) of the searched regions around the seeds (None:
-    :func:`default_local_range_deg`). ``fallback_z``: particles whose fit z-score is below it are re-assigned
-    by the global search (default ``AUTO_FALLBACK_Z``, measured; higher = more fall back); None: no check (every
-    particle keeps its deep-prior result). :func:`fallback_threshold` reads a user's ``auto | none | Z``.
+    :func:`default_local_range_deg`). ``fallback_z``: particles whose fit z-score is below it and whose fit
+    deficit is above ``fallback_deficit`` are re-assigned by the global search (defaults ``AUTO_FALLBACK_Z`` and
+    ``AUTO_FALLBACK_DEFICIT``, measured; higher z / lower deficit = more fall back; deficit 0: the z-score alone);
+    ``fallback_z`` None: no check (every particle keeps its deep-prior result). :func:`fallback_threshold` reads a
+    user's ``auto | none | Z``.
     """
 
     method: SearchMethod = "cells"
@@ -321,6 +342,7 @@ class DeepPriorSearch:
     top_k: int | None = None
     local_range_deg: float | None = None
     fallback_z: float | None = AUTO_FALLBACK_Z
+    fallback_deficit: float = AUTO_FALLBACK_DEFICIT
 
     def __post_init__(self) -> None:
         if self.method not in SEARCH_METHODS:
@@ -337,6 +359,9 @@ class DeepPriorSearch:
             raise ValueError(f"local range must be in (0, 90] degrees or None, got {self.local_range_deg!r}")
         if self.fallback_z is not None and not (_is_number(self.fallback_z) and math.isfinite(self.fallback_z)):
             raise ValueError(f"fallback_z must be a finite z threshold or None (no check), got {self.fallback_z!r}")
+        if not (_is_number(self.fallback_deficit) and 0 <= self.fallback_deficit < 2):
+            raise ValueError(f"fallback_deficit must be a fraction of the signal energy in [0, 2), "
+                             f"got {self.fallback_deficit!r}")
 
 
 def _is_number(value) -> bool:
@@ -468,7 +493,8 @@ def _verify_and_fall_back(result: DeepPriorAssignment, target: ParticleSet, volu
                           search: PoseSearch, config: DeepPriorSearch, deep_search: PoseSearch, symmetry: str,
                           images: np.ndarray | None, progress: Callable[[int, int], None] | None) -> None:
     """Stage 3 (module doc): the fit z-scores of the deep-prior poses, and the global search (results written
-    into ``result``'s rows, timings added) for the particles below ``config.fallback_z``."""
+    into ``result``'s rows, timings added) for the particles below ``config.fallback_z`` whose fit deficit is
+    above ``config.fallback_deficit``."""
     timings, n = result.timings, len(target)
     t0 = time.perf_counter()
     # the best-fitting searched pose (the MLE of the searched set, prior left out): does the region hold the data?
@@ -477,7 +503,7 @@ def _verify_and_fall_back(result: DeepPriorAssignment, target: ParticleSet, volu
                       tolerance_deg=final_spacing_deg(deep_search, config.method) / 2.0)
     result.deep_fit_z = fit.z
     timings["fit_s"] = time.perf_counter() - t0
-    rows = np.flatnonzero(fit.z < config.fallback_z)
+    rows = np.flatnonzero((fit.z < config.fallback_z) & (fit.deficit > config.fallback_deficit))
     if not len(rows):
         return
     t0 = time.perf_counter()

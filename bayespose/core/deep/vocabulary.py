@@ -6,8 +6,9 @@ Defined once here (no torch: the CLI builds its argument choices from this modul
   pose) and :data:`CtfCorrection` (``"phase_flip"``: images multiplied by the sign of their CTF; ``"none"``), as
   ``Literal`` types and as the tuples :data:`MODEL_TYPES` / :data:`CTF_CORRECTIONS` of their values;
 * :data:`SearchMethod` / :data:`SEARCH_METHODS` of deep-prior MMSE (``"cells"``, ``"balls"``,
-  :mod:`.prior_refine`) and its measured defaults :data:`DEFAULT_SEED_MASS`, :data:`DEFAULT_MAX_SEED_CELLS` and
-  :data:`AUTO_FALLBACK_Z`, and :func:`fallback_threshold` that reads a user's ``auto | none | Z``;
+  :mod:`.prior_refine`) and its measured defaults :data:`DEFAULT_SEED_MASS`, :data:`DEFAULT_MAX_SEED_CELLS`,
+  :data:`AUTO_FALLBACK_Z` and :data:`AUTO_FALLBACK_DEFICIT`, and :func:`fallback_threshold` that reads a user's
+  ``auto | none | Z``;
 * :data:`NETWORK_PIXEL_RTOL`: the relative pixel-size tolerance between a network's training particles and the
   particles it predicts;
 * the training defaults (:data:`TRAINING_DEFAULTS`: learning rate, epochs, output grid order, pre-training steps
@@ -20,8 +21,8 @@ import math
 from typing import Literal, get_args
 
 __all__ = ["ModelType", "MODEL_TYPES", "CtfCorrection", "CTF_CORRECTIONS", "SearchMethod", "SEARCH_METHODS",
-           "NETWORK_PIXEL_RTOL", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS", "AUTO_FALLBACK_Z", "fallback_threshold",
-           "DEFAULT_PRETRAIN_STEPS", "TRAINING_DEFAULTS"]
+           "NETWORK_PIXEL_RTOL", "DEFAULT_SEED_MASS", "DEFAULT_MAX_SEED_CELLS", "AUTO_FALLBACK_Z",
+           "AUTO_FALLBACK_DEFICIT", "fallback_threshold", "DEFAULT_PRETRAIN_STEPS", "TRAINING_DEFAULTS"]
 
 ModelType = Literal["so3grid", "quaternion"]
 MODEL_TYPES: tuple[ModelType, ...] = get_args(ModelType)
@@ -44,7 +45,12 @@ TRAINING_DEFAULTS = {"learning_rate": 2e-3, "epochs": 30, "grid_order": 3, "fine
 # "Deep-prior MMSE: seeds and fallback")
 DEFAULT_SEED_MASS = 0.99  # the seeds: the most probable network cells holding 99 % of the predicted probability
 DEFAULT_MAX_SEED_CELLS = 128  # ... but at most this many cells per particle
-AUTO_FALLBACK_Z = -1.5  # particles whose fit z-score is below this go to the global search
+AUTO_FALLBACK_Z = -1.5  # particles whose fit z-score is below this go to the global search ...
+# ... if their best pose also leaves this fraction of its expected signal energy unexplained (the fit deficit):
+# measured on relion_project particles (SNR 0.1, box 64: right poses <= 0.46, wrong ones >= 0.79; box 128: 0.37 /
+# 0.69), the z-score alone sent 16-25 % of right poses to the global search there (model mismatch grows with the
+# signal energy); at SNR 0.03 the z-score decides alone (see prior_refine's module doc)
+AUTO_FALLBACK_DEFICIT = 0.25
 
 
 def fallback_threshold(fallback: str | float | None) -> float | None:

@@ -2,12 +2,15 @@
 (bayespose.core.deep.prior_refine). Synthetic network predictions (peaked distributions on the HEALPix order-2
 grid) around the true poses or around deliberately wrong ones, on simulated particles with known poses."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from bayespose.core.assign import PoseSearch, assign_poses, estimate_noise_model
 from bayespose.core.deep import PosePrediction
 from bayespose.core.deep.prior_refine import (
+    AUTO_FALLBACK_DEFICIT,
     AUTO_FALLBACK_Z,
     DeepPriorAssignment,
     DeepPriorSearch,
@@ -85,6 +88,38 @@ def test_fit_z_is_standard_normal_at_the_true_pose_and_very_low_at_a_flipped_one
     two = fit_zscores(particles, volume, particles.rotations, None, noise, 32.0, images, tolerance_deg=2.0)
     assert (one.grid_loss > 0).all() and 3.0 < np.median(two.grid_loss / one.grid_loss) < 5.0
     np.testing.assert_allclose(two.z - true.z, two.grid_loss / np.sqrt(2 * true.energy), rtol=1e-6)
+
+
+def test_fit_deficit_tells_a_model_mismatch_from_a_wrong_pose(tmp_path):
+    """At high SNR a right pose under a 4 % reference-scale error has a significant z-score (z ≈ -ε·sqrt(2E)) but
+    leaves only ~2ε of the signal unexplained, a flipped view about half or more: the default rule (z and deficit)
+    keeps the right poses and re-assigns the flipped ones; the z-score alone (deficit 0) re-assigns both."""
+    particles = simulate_dataset(fragment_map_path(), SimulationSpec(n_particles=8, snr=3.0, seed=4), tmp_path)
+    images = read_images(particles)
+    volume, _ = read_map(fragment_map_path())
+    true_noise = estimate_noise_model(particles, prepare_volume(volume), particles.box / 2, images)
+    noise = replace(true_noise, scale=true_noise.scale * 1.04)
+    radius = particles.box / 2
+    right = fit_zscores(particles, volume, particles.rotations, None, noise, radius, images)
+    flipped = fit_zscores(particles, volume, FLIP @ particles.rotations, None, noise, radius, images)
+    assert (right.z < AUTO_FALLBACK_Z).all(), right.z  # the setup: the z-score alone would call them wrong
+    np.testing.assert_allclose(right.deficit, -right.z * np.sqrt(2 * right.energy) / right.energy)
+    assert (right.deficit < 0.15).all() and (flipped.deficit > 0.4).all(), (right.deficit, flipped.deficit)
+    assert (right.deficit < AUTO_FALLBACK_DEFICIT).all() and (flipped.deficit > AUTO_FALLBACK_DEFICIT).all()
+
+    wrong = np.arange(len(particles)) % 2 == 1
+    pred = _prediction(np.where(wrong[:, None, None], FLIP @ particles.rotations, particles.rotations))
+    search = PoseSearch(shift_range_px=0.0, threads=1)
+    plain = deep_prior_assign(particles, pred, volume, search, DeepPriorSearch(fallback_z=None), images=images,
+                              noise=noise)
+    found = geodesic_distance_deg(plain.mle_rotations, particles.rotations) < 3.0  # the search found the pose
+    assert (found & ~wrong).sum() >= 3  # the setup: most right predictions lead to their pose
+    both = deep_prior_assign(particles, pred, volume, search, images=images, noise=noise)
+    z_only = deep_prior_assign(particles, pred, volume, search, DeepPriorSearch(fallback_deficit=0.0),
+                               images=images, noise=noise)
+    assert both.deep_fallback[wrong].all() and not both.deep_fallback[found].any(), both.deep_fit_z
+    assert z_only.deep_fallback.all(), z_only.deep_fit_z
+    assert geodesic_distance_deg(both.mmse_rotations, particles.rotations).max() < 10.0
 
 
 def test_wrong_prediction_falls_back_to_the_global_result_and_right_ones_do_not(particle_set):
