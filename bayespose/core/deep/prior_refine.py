@@ -151,16 +151,12 @@ def _top_cells(prediction: PosePrediction, seed_mass: float | None, max_seed_cel
         raise ValueError(f"seed_mass must be in (0, 1] (a fraction of the predicted probability), got {seed_mass}")
     if max_seed_cells < 1:
         raise ValueError(f"max_seed_cells must be >= 1, got {max_seed_cells}")
-    log_p = np.asarray(prediction.log_probabilities, dtype=np.float64)
+    # in torch: numpy's partition and exp of N x 36864 far-negative log probabilities took 8 s for 1000 particles
+    log_p = torch.as_tensor(np.asarray(prediction.log_probabilities))
     cap = min(int(max_seed_cells), log_p.shape[1])
-    top = np.argpartition(-log_p, cap - 1, axis=1)[:, :cap] if cap < log_p.shape[1] else np.tile(
-        np.arange(log_p.shape[1]), (len(log_p), 1))
-    top_logp = np.take_along_axis(log_p, top, axis=1)
-    order = np.argsort(-top_logp, axis=1)
-    top = np.take_along_axis(top, order, axis=1)
-    peak = log_p.max(1, keepdims=True)
-    log_norm = peak + np.log(np.exp(log_p - peak).sum(1, keepdims=True))
-    p = np.exp(np.take_along_axis(top_logp, order, axis=1) - log_norm)
+    top_logp, top = torch.topk(log_p, cap, dim=1)  # most probable first
+    p = torch.exp(top_logp - torch.logsumexp(log_p, dim=1, keepdim=True)).double().numpy()
+    top = top.numpy()
     counts = np.minimum((np.cumsum(p, axis=1) < seed_mass).sum(1) + 1, cap)
     return np.where(np.arange(cap)[None] < counts[:, None], top, top[:, :1]), counts
 
