@@ -133,3 +133,17 @@ def test_plot_poses_and_demo(tmp_path, demo_map_path):
     assert main(["plot-poses", "--particles", str(tmp_path / "demo" / "simulated" / "particles.star"),
                  "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_in_a_log_file_is_one_line_per_tenth(capsys):
+    """stderr that is not a terminal (a cluster job's log; pytest's capture is one): plain lines, one per tenth of the
+    work and one at the end, no carriage-return redraws (one per call would bloat the log)."""
+    from bayespose.cli._common import progress_printer
+
+    report = progress_printer("epoch 1")
+    for done in range(251):
+        report(done, 250)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and len(lines) == 11, lines
+    assert lines[0].startswith("epoch 1 [") and lines[-1].split("] ")[1].startswith("250/250")
