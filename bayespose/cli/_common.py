@@ -70,7 +70,7 @@ def progress_printer(label: str):
         bar = f"{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({rate:.0f}/s)"
         if not terminal:
             tenth = 10 * done // max(total, 1)
-            if tenth > last_tenth["printed"] or done >= total:
+            if tenth > last_tenth["printed"]:  # the end (tenth 10) included
                 last_tenth["printed"] = tenth
                 sys.stderr.write(bar + "\n")
                 sys.stderr.flush()
