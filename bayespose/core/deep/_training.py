@@ -6,6 +6,8 @@ Schedule (:class:`Schedule`; "stable validation curves"):
 * **pre-training** on synthetic projections of the map: ``pretrain_steps`` Adam steps in chunks of
   :data:`PRETRAIN_CHUNK_STEPS` (one history row, validation and saved state each), linear warm-up over the first
   :data:`WARMUP_FRACTION` of the steps, then cosine decay to :data:`FINAL_LR_FRACTION` of the learning rate;
+  the synthetic noise amplitude rises linearly from the config's ``pretrain_noise_start`` of the particles' to
+  theirs over the first :data:`NOISE_RAMP_FRACTION` of the steps;
 * **fine-tuning** on the particles (or plain training without a map): epochs of at least
   :data:`MIN_EPOCH_SAMPLES` samples (small sets are passed several times per epoch, so that validation and
   early stopping see comparable amounts of training), learning rate ``learning_rate`` (``finetune_lr_factor`` of
@@ -38,6 +40,7 @@ WARMUP_STEPS = 50
 FINAL_LR_FRACTION = 0.05
 PLATEAU_EPOCHS = 2
 PLATEAU_FACTOR = 0.5
+NOISE_RAMP_FRACTION = 0.6
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -123,19 +126,28 @@ class SyntheticSource:
     projections: object
     generator: torch.Generator
 
-    def batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, None]:
-        x, rot = self.projections.sample(size, rng, self.generator)
+    def batch(self, size: int, rng: np.random.Generator, noise_scale: float = 1.0
+              ) -> tuple[torch.Tensor, np.ndarray, None]:
+        x, rot = self.projections.sample(size, rng, self.generator, noise_scale)
         return x, rot, None
 
 
 @dataclass
 class Schedule:
     """Learning rate of each step (module doc): ``base`` (the config's rate), ``pretrain_steps``, ``finetune``
-    (rate factor of fine-tuning: ``finetune_lr_factor`` after pre-training, 1 without)."""
+    (rate factor of fine-tuning: ``finetune_lr_factor`` after pre-training, 1 without); and the noise amplitude
+    of the synthetic projections per pre-training step, from ``noise_start`` of the particles' to theirs."""
 
     base: float
     pretrain_steps: int
     finetune: float
+    noise_start: float = 1.0
+
+    def pretrain_noise(self, step: int) -> float:
+        """Noise amplitude factor of pre-training step ``step`` (0-based): linear from ``noise_start`` to 1 over the
+        first :data:`NOISE_RAMP_FRACTION` of the steps, then 1 (the particles' noise)."""
+        ramp = NOISE_RAMP_FRACTION * max(self.pretrain_steps, 1)
+        return self.noise_start + (1.0 - self.noise_start) * min(1.0, step / ramp)
 
     def pretrain(self, step: int) -> float:
         """Rate of pre-training step ``step`` (0-based)."""

@@ -152,17 +152,23 @@ def _healpix_xyz_e3nn(order: int) -> np.ndarray:
 
 
 class CNNEncoder(nn.Module):
-    """Small CNN: (B, 1, D, D) -> (B, channels, D/4, D/4). Conv-BatchNorm-ReLU blocks, two stride-2 steps."""
+    """Small CNN: (B, 1, D, D) -> (B, channels, D/4, D/4). Conv-BatchNorm-ReLU blocks, two stride-2 steps, then
+    ``final_blocks`` blocks at D/4 (1 in networks trained before that option; layer ``k`` keeps its
+    ``state_dict`` name ``net.k`` either way)."""
 
-    def __init__(self, channels: int = 64):
+    def __init__(self, channels: int = 64, final_blocks: int = 1):
         super().__init__()
+        if final_blocks < 1:
+            raise ValueError(f"final_blocks must be >= 1, got {final_blocks}")
         c = channels
 
         def block(i, o, stride):
             return [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
 
-        self.net = nn.Sequential(*block(1, c // 4, 1), *block(c // 4, c // 2, 2), *block(c // 2, c // 2, 1),
-                                 *block(c // 2, c, 2), *block(c, c, 1))
+        layers = [*block(1, c // 4, 1), *block(c // 4, c // 2, 2), *block(c // 2, c // 2, 1), *block(c // 2, c, 2)]
+        for _ in range(final_blocks):
+            layers += block(c, c, 1)
+        self.net = nn.Sequential(*layers)
         self.channels = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,11 +263,12 @@ class SO3GridNet(nn.Module):
     """
 
     def __init__(self, net_box: int, grid_order: int = 2, lmax: int = 6, channels: int = 64,
-                 s2_channels: int = 32, so3_channels: int = 8, activation_resolution: int = 0):
+                 s2_channels: int = 32, so3_channels: int = 8, activation_resolution: int = 0,
+                 final_blocks: int = 1):
         super().__init__()
         if net_box % 4:
             raise ValueError(f"net_box must be a multiple of 4 for the so3grid model, got {net_box}")
-        self.encoder = CNNEncoder(channels)
+        self.encoder = CNNEncoder(channels, final_blocks)
         self.projector = HemisphereProjector(channels, s2_channels, net_box // 4, lmax)
         self.s2conv = S2Conv(s2_channels, so3_channels, lmax)
         res = activation_resolution or (lmax + 1)

@@ -137,11 +137,13 @@ class SyntheticProjections:
         return rotations, ctf_index, shifts
 
     def render(self, rotations: np.ndarray, ctf_index: np.ndarray, shifts_px: np.ndarray,
-               generator: torch.Generator | None = None, noise: bool = True) -> torch.Tensor:
+               generator: torch.Generator | None = None, noise: bool = True, noise_scale: float = 1.0
+               ) -> torch.Tensor:
         """Unnormalised net-box images (B, n, n) float32 on the device: the particle of pose ``rotations`` (B, 3, 3),
         CTF ``ctfs[ctf_index]`` and content moved by ``shifts_px`` (B, 2) px, plus noise (drawn with
-        ``generator`` on the device), phase-flipped when configured, Fourier-cropped to ``net_box`` (values in
-        the particle's pixel units, as :func:`~bayespose.core.deep.data.fourier_resize` keeps them)."""
+        ``generator`` on the device; its amplitude times ``noise_scale``, 1 = the particles'), phase-flipped
+        when configured, Fourier-cropped to ``net_box`` (values in the particle's pixel units, as
+        :func:`~bayespose.core.deep.data.fourier_resize` keeps them)."""
         n, d, dev = self.net_box, self.box, self.device
         b = len(rotations)
         coeff = slice_coefficients(self.prepared, rotations, self._kx, self._ky) * self._recentre  # (B, M)
@@ -157,17 +159,19 @@ class SyntheticProjections:
             full = full * ctf
         if noise:
             white = torch.randn((b, n, n), generator=generator, device=dev)
-            full = full + torch.fft.rfft2(white) * self.noise_amplitude
+            full = full + torch.fft.rfft2(white) * (self.noise_amplitude * noise_scale)
         if ctf is not None and self.ctf_correction == "phase_flip":
             full = full * torch.sign(ctf)
         return torch.fft.irfft2(full, s=(n, n)) * (n / d) ** 2
 
     def sample(self, count: int, rng: np.random.Generator,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, np.ndarray]:
+               generator: torch.Generator | None = None, noise_scale: float = 1.0
+               ) -> tuple[torch.Tensor, np.ndarray]:
         """``count`` network inputs (count, n, n) float32 on the device (background-normalised and masked like
-        :func:`~bayespose.core.deep.data.preprocess_images`) and their RELION rotations (count, 3, 3)."""
+        :func:`~bayespose.core.deep.data.preprocess_images`) and their RELION rotations (count, 3, 3);
+        ``noise_scale`` multiplies the noise amplitude (:meth:`render`)."""
         rotations, ctf_index, shifts = self.draw(count, rng)
-        images = self.render(rotations, ctf_index, shifts, generator)
+        images = self.render(rotations, ctf_index, shifts, generator, noise_scale=noise_scale)
         return normalise_background(images) * self._mask, rotations
 
 

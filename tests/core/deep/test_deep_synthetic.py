@@ -75,3 +75,25 @@ def test_shifts_and_ctfs_come_from_the_particles(noisy_set):
                                                   fallback_shift_px=0.5)
     _, _, shifts = centred.draw(500, np.random.default_rng(2))
     assert centred.shifts_px is None and np.abs(shifts).max() <= 0.5 and np.abs(shifts).max() > 0.4
+
+
+
+def test_noise_scale_scales_only_the_noise_and_the_schedule_ramps_it_to_the_particles(noisy_set):
+    """The pre-training noise curriculum: render(noise_scale=s) = signal + s x the same noise draw; the schedule
+    starts at noise_start and reaches 1 (the particles' noise) at NOISE_RAMP_FRACTION of the steps."""
+    from bayespose.core.deep._training import NOISE_RAMP_FRACTION, Schedule
+
+    particles, images, volume = noisy_set
+    src = SyntheticProjections.from_particles(volume, particles, 32, images=images)
+    rotations, ctf_index, shifts = src.draw(4, np.random.default_rng(5))
+    signal = src.render(rotations, ctf_index, shifts, noise=False)
+    full, half = (src.render(rotations, ctf_index, shifts, torch.Generator().manual_seed(7), noise_scale=s) - signal
+                  for s in (1.0, 0.5))
+    assert float(full.std()) > 0.1 * float(signal.std())
+    torch.testing.assert_close(half, 0.5 * full, atol=1e-4 * float(full.abs().max()), rtol=0)
+    schedule = Schedule(1e-3, 1000, 0.3, noise_start=0.5)
+    ramp_end = round(NOISE_RAMP_FRACTION * 1000)
+    assert schedule.pretrain_noise(0) == 0.5
+    assert schedule.pretrain_noise(ramp_end // 2) == pytest.approx(0.75)
+    assert schedule.pretrain_noise(ramp_end) == schedule.pretrain_noise(999) == 1.0
+    assert Schedule(1e-3, 1000, 0.3).pretrain_noise(0) == 1.0  # default: the particles' noise throughout

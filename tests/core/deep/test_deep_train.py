@@ -111,6 +111,35 @@ def test_checkpoint_round_trip(so3grid_run, training_set):
     assert "bpDeepConfidence" in out.extra and "bpDeepTopProbability" in out.extra
 
 
+
+def test_a_checkpoint_from_before_the_encoder_and_noise_settings_loads_as_trained(so3grid_run, training_set, tmp_path):
+    """Checkpoints written before ``encoder_final_blocks`` / ``pretrain_noise_start`` existed (one final encoder
+    block, no noise curriculum; neither key saved) load with those values and predict what they predicted."""
+    import torch
+
+    particles, images, _ = training_set
+    result, _ = so3grid_run
+    ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+    assert ckpt["model_options"]["final_blocks"] == 2 and ckpt["config"]["encoder_final_blocks"] == 2
+    old_model = TrainConfig(**dict(SO3GRID, encoder_final_blocks=1))
+    from bayespose.core.deep.models import build_model
+    model = build_model("so3grid", 32, 1, **old_model.model_options())
+    torch.manual_seed(3)
+    state = {k: (torch.randn_like(v) * 0.1 if v.is_floating_point() and "running_var" not in k else v)
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    options = {k: v for k, v in old_model.model_options().items() if k != "final_blocks"}
+    config = {k: v for k, v in vars(old_model).items() if k not in ("encoder_final_blocks", "pretrain_noise_start")}
+    old = dict(ckpt, state_dict=state, model_options=options, config=config)
+    torch.save(old, tmp_path / "old.pt")
+    net = load_pose_network(tmp_path / "old.pt", device="cpu")
+    assert (net.config.encoder_final_blocks, net.config.pretrain_noise_start) == (1, 1.0)
+    model.eval()
+    x = torch.randn(3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.model(x), model(x))
+
+
 def test_resume_equals_uninterrupted_training(training_set, tmp_path):
     particles, images, _ = training_set
     sub = np.arange(96)
