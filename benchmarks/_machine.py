@@ -1,4 +1,5 @@
-"""CPU accounting shared by the benchmarks: how busy the (possibly shared) machine was while a block ran."""
+"""Shared by the benchmarks: CPU accounting (how busy the possibly shared machine was while a block ran) and the
+code version a figure was measured with."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import resource
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def system_busy_s() -> float:
@@ -40,3 +43,17 @@ class Contention:
     def __exit__(self, *exc):
         wall = max(time.perf_counter() - self.t0, 1e-9)
         self.other_cores = max(0.0, (system_busy_s() - self.busy0) - (own_cpu_s(self.children) - self.own0)) / wall
+
+
+def engine_version() -> str:
+    """git commit of the working tree and whether bayespose/ differs from it (read-only git calls)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "bayespose"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head + (" + uncommitted changes in bayespose/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -56,6 +56,7 @@ from bayespose.data import fragment_map_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy_relion as rel  # noqa: E402
+from _machine import engine_version  # noqa: E402
 
 ESTIMATORS = ("mmse", "map", "mle")
 ENGINE_VERSION = "unknown"  # set in main()
@@ -685,20 +686,6 @@ def summary_lines(runs: list[Run], oracle: dict, cfg: Config) -> list[str]:
                          f"{r.concentration:.2f})")
         lines.append(f"- Symmetry, SNR {snr:g} (map/search): " + "; ".join(parts) + ".")
     return lines
-
-
-def engine_version() -> str:
-    """git commit of the working tree and whether bayespose/ differs from it (read-only git calls)."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "bayespose"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return head + (" + uncommitted changes in bayespose/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_report(out: Path, cfg: Config, runs: list[Run], oracle: dict, invariance: dict, seconds: dict,

@@ -367,6 +367,7 @@ class RelionConfig:
     n_fine: int = 300
     prior_network: str = "map+particles_4000"
     seed: int = 12
+    only_runs: tuple = ()  # relion_sizes: train just these networks (e.g. "map+particles_4000"); () = all
 
 
 QUICK_RELION = RelionConfig(n_pool=1200, n_test=200, sizes=(400, 1000), map_only_particles=1000, pretrain_steps=500,
@@ -392,6 +393,7 @@ def section_relion_sizes(rcfg: RelionConfig, work: Path, results: dict, save) ->
     """Networks trained on 400 / 4000 / 20000 particles alone, with map pre-training, and on the map alone, on
     the relion_project particles; evaluated on the test particles (never seen, no origins)."""
     import _deep_relion as dr
+    from _machine import engine_version
 
     particles, images, snr = dr.relion_box_data(work, dr.BASE_BOX, rcfg.n_pool + rcfg.n_test, rcfg.seed)
     volume, _ = read_map(fragment_map_path())
@@ -400,6 +402,11 @@ def section_relion_sizes(rcfg: RelionConfig, work: Path, results: dict, save) ->
     entry = results.setdefault("relion", {}).setdefault("sizes", {})
     results["relion"]["data"] = _relion_data(rcfg, snr)
     runs = [(kind, n) for n in rcfg.sizes for kind in rcfg.kinds] + [("map", rcfg.map_only_particles)]
+    if rcfg.only_runs:
+        unknown = set(rcfg.only_runs) - {f"{kind}_{n}" for kind, n in runs}
+        if unknown:
+            raise SystemExit(f"--relion-runs: unknown networks {sorted(unknown)}")
+        runs = [(kind, n) for kind, n in runs if f"{kind}_{n}" in rcfg.only_runs]
     for kind, n in runs:
         name = f"{kind}_{n}"
         train_idx = np.arange(n)
@@ -412,6 +419,7 @@ def section_relion_sizes(rcfg: RelionConfig, work: Path, results: dict, save) ->
         print(f"  [relion sizes] {name}: test MAnE {t['mane_deg']:.1f} median {t['median_deg']:.1f} > 30° "
               f"{t['frac_over_30']:.3f} (confident half {t['frac_over_30_confident_half']:.3f}); train "
               f"{row['train_wall_s'] / 60:.1f} min wall, other processes {row['other_cores']:.1f} cores", flush=True)
+        row["engine_version"] = engine_version()
         entry[name] = row
         save()
 
@@ -559,7 +567,7 @@ def _relion_lines(results: dict) -> list[str]:
         lines += ["### Network alone", "",
                   "| training | MAnE | wMAnE | median | < 10° | > 30° | > 30° in the most confident 50 % | "
                   "train min (wall) | train CPU min | other processes (cores) | particles/s pre-train / "
-                  "fine-tune | epochs (best) | temperature |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "fine-tune | epochs (best) | temperature | code |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in sizes.items():
             t, rate = r["test"], r.get("samples_per_s", {})
             lines.append(f"| {name.replace('_', ' on ')} | {t['mane_deg']:.1f} | {t['wmane_deg']:.1f} | "
@@ -567,7 +575,8 @@ def _relion_lines(results: dict) -> list[str]:
                          f"{t['frac_over_30_confident_half']:.3f} | {r['train_wall_s'] / 60:.1f} | "
                          f"{r['train_cpu_s'] / 60:.1f} | {r['other_cores']:.1f} | "
                          f"{_f(rate.get('pretrain'), '.0f')} / {_f(rate.get('finetune'), '.0f')} | "
-                         f"{r['epochs']} ({r['best_epoch']}) | {r['temperature']:.2f} |")
+                         f"{r['epochs']} ({r['best_epoch']}) | {r['temperature']:.2f} | "
+                         f"{r.get('engine_version', 'before 2026-12-07')} |")
         lines.append("")
         calib = next((r for n, r in sizes.items() if n.startswith("map+particles")
                       and "reliability" in r["test"]), None)
@@ -719,11 +728,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None, help="folder for simulated stacks and checkpoints")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of the relion_* sections [2]")
+    parser.add_argument("--relion-runs", default="", help="relion_sizes: comma list of the networks to (re)train, "
+                        "e.g. map+particles_4000,map_4000 (the others keep their rows in results.json); all when "
+                        "empty")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
     rcfg = QUICK_RELION if args.quick else RelionConfig()
     if args.threads:
         rcfg = replace(rcfg, threads=args.threads)
+    if args.relion_runs:
+        rcfg = replace(rcfg, only_runs=tuple(args.relion_runs.split(",")))
     root = Path(__file__).resolve().parent / "results" / "deep"
     out = args.out or (root / "quick" if args.quick else root)
     out.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ from bayespose.core.deep._training import (
 )
 from bayespose.core.deep.calibration import fit_temperature
 from bayespose.core.deep.data import grid_targets, network_input_batches, symmetry_quaternions
-from bayespose.core.deep.models import build_model
+from bayespose.core.deep.models import build_model, compact_alpha_samples
 from bayespose.core.deep.predict import forward_batches, predict_from_inputs
 from bayespose.core.deep.synthetic import SyntheticProjections
 from bayespose.core.deep.vocabulary import CTF_CORRECTIONS, MODEL_TYPES, TRAINING_DEFAULTS, CtfCorrection, ModelType
@@ -104,7 +104,9 @@ class TrainConfig:
     reached after 144k synthetic samples the validation loss that 32 channels reached after 300k, at 0.93x the
     samples per second on 2 CPU cores; 96 learned no faster per sample at 0.65x the speed; lmax 6 none at 0.4x).
     ``encoder_final_blocks``: conv blocks at the encoder's last resolution (2: validation loss 3.03 instead of 3.10
-    after 176k samples at the same speed).
+    after 176k samples at the same speed). ``activation_alpha``: samples of the Euler angles alpha and gamma on the
+    SO(3) activation's grid (None: :func:`~.models.compact_alpha_samples`, 12 at lmax 4, the activation 3x cheaper
+    than e3nn's 20; 0: e3nn's grid, what networks trained before this setting use).
     ``batch_size``: particles per step (None: from the number of training particles, :func:`._training.
     auto_batch_size`). ``epochs``: most fine-tuning epochs (each at least 2048 samples). ``shift_augment_px``:
     random shifts of the augmentation, uniform within ± this many px of the network box (None: drawn from the
@@ -137,7 +139,8 @@ class TrainConfig:
     channels: int = 64
     s2_channels: int = 32
     so3_channels: int = 4
-    encoder_final_blocks: int = 2
+    encoder_final_blocks: int = 3
+    activation_alpha: int | None = None
     shift_augment_px: float | None = None
     weight_decay: float = 1e-5
     pretrain_steps: int = 0
@@ -168,6 +171,9 @@ class TrainConfig:
             raise ValueError("shift_augment_px must be >= 0 (or None: the particles' origins)")
         if self.encoder_final_blocks < 1:
             raise ValueError(f"encoder_final_blocks must be >= 1, got {self.encoder_final_blocks}")
+        if self.activation_alpha not in (None, 0) and self.activation_alpha <= 2 * self.lmax:
+            raise ValueError(f"activation_alpha must be > 2 lmax = {2 * self.lmax} (or 0 / None), got "
+                             f"{self.activation_alpha}")
         if self.pretrain_steps < 0:
             raise ValueError(f"pretrain_steps must be >= 0, got {self.pretrain_steps}")
         if not 0.0 < self.pretrain_noise_start <= 1.0:
@@ -176,8 +182,10 @@ class TrainConfig:
 
     def model_options(self) -> dict:
         if self.model == "so3grid":
+            alpha = compact_alpha_samples(self.lmax) if self.activation_alpha is None else self.activation_alpha
             return dict(lmax=self.lmax, channels=self.channels, s2_channels=self.s2_channels,
-                        so3_channels=self.so3_channels, final_blocks=self.encoder_final_blocks)
+                        so3_channels=self.so3_channels, final_blocks=self.encoder_final_blocks,
+                        activation_alpha=alpha)
         return dict(channels=self.channels)
 
     @classmethod
@@ -189,7 +197,7 @@ class TrainConfig:
 
 
 # what a config saved before these settings existed did (so that such a checkpoint or state is read as trained)
-_BEFORE_THE_SETTING = {"encoder_final_blocks": 1, "pretrain_noise_start": 1.0}
+_BEFORE_THE_SETTING = {"encoder_final_blocks": 1, "pretrain_noise_start": 1.0, "activation_alpha": 0}
 
 
 @dataclass

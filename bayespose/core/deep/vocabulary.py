@@ -38,7 +38,7 @@ SEARCH_METHODS: tuple[SearchMethod, ...] = get_args(SearchMethod)
 NETWORK_PIXEL_RTOL = 1e-3
 
 # training defaults (TrainConfig reads them; the CLI shows them without importing torch)
-DEFAULT_PRETRAIN_STEPS = 6000  # steps on synthetic projections when a map is given (``bayespose train --map``)
+DEFAULT_PRETRAIN_STEPS = 9000  # steps on synthetic projections when a map is given (``bayespose train --map``)
 TRAINING_DEFAULTS = {"learning_rate": 2e-3, "epochs": 30, "grid_order": 3, "finetune_lr_factor": 0.3}
 
 # deep-prior MMSE defaults, chosen on benchmarks/deep_poses.py section 4 (benchmarks/results/deep/README.md,

@@ -8,10 +8,12 @@ from e3nn import o3
 
 from bayespose.core.deep.data import inplane_rotation_matrix, symmetry_quaternions
 from bayespose.core.deep.models import (
+    GridReadout,
     QuaternionNet,
     SO3Activation,
     SO3GridNet,
     beta_quadrature_weights,
+    compact_alpha_samples,
     flat_wigner_of,
     relion_to_e3nn,
     wigner_D_fast,
@@ -37,10 +39,11 @@ def test_fast_wigner_equals_e3nn():
         np.testing.assert_allclose((m[0] @ m[1]).numpy(), m[2].numpy(), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def small_net():
+@pytest.fixture(scope="module", params=[0, 12], ids=["e3nn_activation_grid", "compact_activation_grid"])
+def small_net(request):
     torch.manual_seed(0)
-    return SO3GridNet(32, grid_order=1, lmax=4, channels=16, s2_channels=8, so3_channels=4).eval()
+    return SO3GridNet(32, grid_order=1, lmax=4, channels=16, s2_channels=8, so3_channels=4,
+                      activation_alpha=request.param).eval()
 
 
 def test_so3grid_output_is_a_distribution_on_the_grid(small_net):
@@ -54,6 +57,18 @@ def test_so3grid_output_is_a_distribution_on_the_grid(small_net):
         # the same band-limited function evaluated at the grid rotations directly
         at = small_net.logits_at(x, healpix_grid(1).rotations)
         np.testing.assert_allclose(at.numpy(), logits.numpy(), atol=1e-3 * float(logits.abs().max()))
+
+
+@pytest.mark.parametrize("order, lmax, factorised", [(0, 4, False), (1, 4, True), (1, 6, False), (3, 4, True)])
+def test_grid_readout_equals_the_dense_wigner_matrix(order, lmax, factorised):
+    """The Fourier-over-psi read-out gives the values ``flat_wigner(g_k) · G`` at every grid rotation (the dense
+    matrix where the grid has too few psi angles for lmax: n_psi = 6 at order 0, 12 at order 1)."""
+    readout = GridReadout(order, lmax)
+    assert hasattr(readout, "readout") == factorised
+    dense = flat_wigner_of(relion_to_e3nn(healpix_grid(order).rotations), lmax)
+    h = torch.randn(5, dense.shape[1], generator=torch.Generator().manual_seed(order))
+    expected = h @ dense.T
+    np.testing.assert_allclose(readout(h).numpy(), expected.numpy(), atol=2e-5 * float(expected.abs().max()))
 
 
 def _head(net, fmap, activation):
@@ -127,12 +142,15 @@ def test_beta_quadrature_integrates_polynomials_exactly(res_beta):
         beta_quadrature_weights(5)
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("lmax", [1, 3, 6])
-def test_so3_activation_quadrature_makes_wigner_matrices_orthonormal(lmax):
-    """On the activation's grid, the weighted sums of products of the Wigner matrices sqrt(2l+1) D^l_mn are their
-    Haar integrals (Schur orthogonality): the identity. So the activation with the identity function returns its
-    input coefficients (up to e3nn's normalize2mom constant, 1 for the identity)."""
-    act = SO3Activation(lmax, lambda x: x, lmax + 1)
+def test_so3_activation_quadrature_makes_wigner_matrices_orthonormal(lmax, compact):
+    """On the activation's grid (e3nn's, or the compact one with compact_alpha_samples(lmax) > 2 lmax samples of
+    alpha and gamma), the weighted sums of products of the Wigner matrices sqrt(2l+1) D^l_mn are their Haar
+    integrals (Schur orthogonality): the identity. So the activation with the identity function returns its input
+    coefficients (up to e3nn's normalize2mom constant, 1 for the identity)."""
+    act = SO3Activation(lmax, lambda x: x, lmax + 1, alpha_samples=compact_alpha_samples(lmax) if compact else 0)
+    assert act.D.shape[0] == (compact_alpha_samples(lmax) if compact else 4 * (lmax + 1)) ** 2 * 2 * (lmax + 1)
     gram = (act.D.double() * act.qw.double()[:, None]).T @ act.D.double()
     np.testing.assert_allclose(gram.numpy(), np.eye(act.D.shape[1]), atol=2e-6)
     x = torch.randn(3, act.D.shape[1])

@@ -21,6 +21,7 @@ from bayespose.core.deep import (
 )
 from bayespose.core.deep.data import inplane_rotation_matrix, rotate_shift_images
 from bayespose.core.deep.predict import network_inputs, predict_from_inputs
+from bayespose.core.geometry.grids import healpix_grid
 from bayespose.core.geometry.rotations import geodesic_distance_deg
 from bayespose.core.imaging.synthetic_dataset import SimulationSpec, simulate_dataset
 from bayespose.core.io.mrc import read_images, read_map
@@ -97,8 +98,10 @@ def test_checkpoint_round_trip(so3grid_run, training_set):
     pred = predict_poses(net, particles.subset(val), images=images[val], top_k=5, turns=1)
     errors = geodesic_distance_deg(pred.rotations, particles.rotations[val])
     assert np.median(errors) == pytest.approx(_best(result)["val_median_error_deg"], abs=1e-3)
-    # the turned-back average of 4 in-plane turns (order 1: 12 psi angles) is better by more than 2°
-    assert np.median(geodesic_distance_deg(turned.rotations, particles.rotations[val])) < np.median(errors) - 2.0
+    # the turned-back average of 4 in-plane turns (order 1: 12 psi angles) is better (a wrong turn-back would
+    # scatter the modes by tens of degrees; measured: 11.1 -> 9.7° with this small network, 3 final blocks)
+    turned_errors = geodesic_distance_deg(turned.rotations, particles.rotations[val])
+    assert np.median(turned_errors) < np.median(errors) - 1.0 and turned_errors.mean() < errors.mean()
     # the temperature changes the probabilities, not the ranking of the cells
     np.testing.assert_array_equal(np.argmax(calibrated.log_probabilities, 1), np.argmax(pred.log_probabilities, 1))
     np.testing.assert_allclose(np.logaddexp.reduce(pred.log_probabilities.astype(np.float64), axis=1), 0.0,
@@ -113,31 +116,41 @@ def test_checkpoint_round_trip(so3grid_run, training_set):
 
 
 def test_a_checkpoint_from_before_the_encoder_and_noise_settings_loads_as_trained(so3grid_run, training_set, tmp_path):
-    """Checkpoints written before ``encoder_final_blocks`` / ``pretrain_noise_start`` existed (one final encoder
-    block, no noise curriculum; neither key saved) load with those values and predict what they predicted."""
+    """Checkpoints written before ``encoder_final_blocks`` / ``pretrain_noise_start`` / ``activation_alpha``
+    existed (one final encoder block, no noise curriculum, e3nn's activation grid; no key saved) and before the
+    factorised grid read-out (the dense matrix saved
+    as a buffer) load with those values and predict what they predicted."""
     import torch
 
     particles, images, _ = training_set
     result, _ = so3grid_run
     ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
-    assert ckpt["model_options"]["final_blocks"] == 2 and ckpt["config"]["encoder_final_blocks"] == 2
-    old_model = TrainConfig(**dict(SO3GRID, encoder_final_blocks=1))
+    assert ckpt["model_options"]["final_blocks"] == 3 and ckpt["config"]["encoder_final_blocks"] == 3
+    assert ckpt["model_options"]["activation_alpha"] == 12 and ckpt["config"]["activation_alpha"] is None
+    old_model = TrainConfig(**dict(SO3GRID, encoder_final_blocks=1, activation_alpha=0))
     from bayespose.core.deep.models import build_model
     model = build_model("so3grid", 32, 1, **old_model.model_options())
     torch.manual_seed(3)
     state = {k: (torch.randn_like(v) * 0.1 if v.is_floating_point() and "running_var" not in k else v)
              for k, v in model.state_dict().items()}
     model.load_state_dict(state)
-    options = {k: v for k, v in old_model.model_options().items() if k != "final_blocks"}
-    config = {k: v for k, v in vars(old_model).items() if k not in ("encoder_final_blocks", "pretrain_noise_start")}
+    # saved before GridReadout: the dense read-out matrix (grid values = harmonics @ it) was a buffer of the network
+    from bayespose.core.deep.models import flat_wigner_of, relion_to_e3nn
+    dense = flat_wigner_of(relion_to_e3nn(healpix_grid(1).rotations), old_model.lmax).T.contiguous()
+    state["output_wigner"] = dense
+    options = {k: v for k, v in old_model.model_options().items() if k not in ("final_blocks", "activation_alpha")}
+    config = {k: v for k, v in vars(old_model).items()
+              if k not in ("encoder_final_blocks", "pretrain_noise_start", "activation_alpha")}
     old = dict(ckpt, state_dict=state, model_options=options, config=config)
     torch.save(old, tmp_path / "old.pt")
     net = load_pose_network(tmp_path / "old.pt", device="cpu")
-    assert (net.config.encoder_final_blocks, net.config.pretrain_noise_start) == (1, 1.0)
+    old_settings = (net.config.encoder_final_blocks, net.config.pretrain_noise_start, net.config.activation_alpha)
+    assert old_settings == (1, 1.0, 0)
+    assert net.model.activation.D.shape[0] == 20 * 20 * 10  # e3nn's activation grid at lmax 4
     model.eval()
     x = torch.randn(3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(net.model(x), model(x))
+        torch.testing.assert_close(net.model(x), model.harmonics(x) @ dense, rtol=1e-5, atol=1e-4)
 
 
 def test_resume_equals_uninterrupted_training(training_set, tmp_path):
@@ -263,9 +276,10 @@ def test_deep_prior_mmse_close_to_global_at_a_fraction_of_the_rotations(so3grid_
     e_glob = pose_error_metrics(glob.mmse_rotations, test.rotations)
     e_net = pose_error_metrics(pred.rotations, test.rotations)
     # the balls' lattice (step 3.75° here) leaves near misses, whose deficit at this SNR (3) is small: only the
-    # z-score alone sends them to the global search (the default deficit rule keeps them: right region)
+    # z-score alone sends them to the global search (the default deficit rule keeps them: right region); its
+    # median stays within 3° of the global one (measured 3.6-3.7° vs 1.1°, for networks of 2 and 3 final blocks)
     for config, slack, prediction in ((DeepPriorSearch(), 1.0, pred),
-                                      (DeepPriorSearch(method="balls", seed_mass=None, fallback_deficit=0.0), 2.5,
+                                      (DeepPriorSearch(method="balls", seed_mass=None, fallback_deficit=0.0), 3.0,
                                        single)):
         method = config.method
         deep = deep_prior_assign(test, prediction, volume, search, config, images=images)
