@@ -38,7 +38,10 @@ SEARCH_METHODS: tuple[SearchMethod, ...] = get_args(SearchMethod)
 NETWORK_PIXEL_RTOL = 1e-3
 
 # training defaults (TrainConfig reads them; the CLI shows them without importing torch)
-DEFAULT_PRETRAIN_STEPS = 9000  # steps on synthetic projections when a map is given (``bayespose train --map``)
+# steps on synthetic projections when a map is given (``bayespose train --map``): 9000 fill the 10-minute budget of
+# 4000 particles on 2 CPU cores (9.6 min, benchmarks/deep_poses.py relion_sizes); more steps still help (20000
+# particles, batch 128: 6.8° / 4.4° in 19.7 min)
+DEFAULT_PRETRAIN_STEPS = 9000
 TRAINING_DEFAULTS = {"learning_rate": 2e-3, "epochs": 30, "grid_order": 3, "finetune_lr_factor": 0.3}
 
 # deep-prior MMSE defaults, chosen on benchmarks/deep_poses.py section 4 (benchmarks/results/deep/README.md,
