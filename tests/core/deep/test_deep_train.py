@@ -118,8 +118,8 @@ def test_checkpoint_round_trip(so3grid_run, training_set):
 def test_a_checkpoint_from_before_the_encoder_and_noise_settings_loads_as_trained(so3grid_run, training_set, tmp_path):
     """Checkpoints written before ``encoder_final_blocks`` / ``pretrain_noise_start`` / ``activation_alpha``
     existed (one final encoder block, no noise curriculum, e3nn's activation grid; no key saved) and before the
-    factorised grid read-out (the dense matrix saved
-    as a buffer) load with those values and predict what they predicted."""
+    factorised grid read-out (the dense matrix saved as a buffer) load with those values and predict what they
+    predicted."""
     import torch
 
     particles, images, _ = training_set
