@@ -114,6 +114,56 @@ def test_trilinear_sampler_equals_torch_image_interpolation():
     assert not torch.allclose(sample_trilinear(grid, coords + 0.25), sample_trilinear(grid, coords))  # not constant
 
 
+@pytest.mark.parametrize("box, pad_factor", [(32, 2.0), (33, 2.0), (32, 1.0), (33, 1.0)])
+def test_compiled_slices_equal_the_torch_path(box, pad_factor):
+    """The compiled CPU loop (numba) against the torch path (whose sampler is checked against teamtomo's above):
+    every rfft frequency of the box, also beyond the Nyquist circle, so that with pad factor 1 samples fall on the
+    array's last planes and outside it (0), for random rotations and on-grid ones (identity, quarter turns)."""
+    from bayespose.core.imaging import _slice_kernel
+    from bayespose.core.imaging.forward import slice_coefficients
+
+    assert _slice_kernel.available()
+    prepared = prepare_volume(blob_volume(box, seed=5), pad_factor=pad_factor)
+    mats = np.concatenate([np.eye(3)[None], euler_to_matrix(np.array([[90.0, 90.0, 0.0], [0.0, 90.0, 90.0],
+                                                                       [45.0, 0.0, 0.0]])),
+                           euler_to_matrix(np.random.default_rng(6).uniform(-180, 180, (20, 3)))])
+    ky = torch.fft.fftfreq(box, d=1.0 / box).round()[:, None].expand(box, box // 2 + 1).reshape(-1)
+    kx = torch.arange(box // 2 + 1, dtype=torch.float32)[None, :].expand(box, box // 2 + 1).reshape(-1)
+    torch_path = slice_coefficients(prepared, mats, kx, ky, compiled=False)
+    compiled = slice_coefficients(prepared, mats, kx, ky, compiled=True)
+    assert compiled.dtype == torch.complex64 and compiled.shape == (len(mats), len(kx))
+    torch.testing.assert_close(compiled, torch_path, rtol=0, atol=2e-6 * float(torch_path.abs().max()))
+    if pad_factor == 1.0:  # turned by 45°, the corners beyond Nyquist leave the array: both give exactly 0 there
+        outside = torch_path[3] == 0
+        assert outside.any() and torch.equal(compiled[3] == 0, outside)
+
+
+def test_slice_sampler_choice(monkeypatch):
+    """Default: the compiled loop for a CPU volume, the torch path where gradients are needed (they flow) and
+    when ``BAYESPOSE_NUMBA=0``; asking for the compiled loop on what it cannot run is a clear error."""
+    from bayespose.core.imaging import _slice_kernel
+    from bayespose.core.imaging.forward import slice_coefficients
+
+    prepared = prepare_volume(blob_volume(16, seed=7))
+    mats = euler_to_matrix(np.array([[10.0, 20.0, 30.0]]))
+    kx, ky = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, -1.0, 2.0])
+    calls = []
+    original = _slice_kernel.sample_slices
+    monkeypatch.setattr(_slice_kernel, "sample_slices", lambda *a: calls.append(1) or original(*a))
+    slice_coefficients(prepared, mats, kx, ky)
+    assert calls == [1]
+    data = prepared.data.clone().requires_grad_(True)
+    tracked = type(prepared)(data, prepared.box, prepared.padded_size, prepared.grid_correction)
+    slice_coefficients(tracked, mats, kx, ky).abs().sum().backward()
+    assert calls == [1] and data.grad is not None and data.grad.abs().sum() > 0
+    monkeypatch.setenv("BAYESPOSE_NUMBA", "0")
+    assert not _slice_kernel.available()
+    slice_coefficients(prepared, mats, kx, ky)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="compiled slice sampler"):
+        slice_coefficients(prepared, mats, kx, ky, compiled=True)
+
+
 def test_project_fourier_layout_and_cutoff():
     vol = blob_volume(32, seed=4)
     prepared = prepare_volume(vol)
