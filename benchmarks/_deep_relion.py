@@ -179,6 +179,21 @@ def relabelled_network(checkpoint: str, box: int, pixel_size: float, out: Path) 
     return str(out)
 
 
+def oracle_prediction(truth: np.ndarray, order: int):
+    """A perfect so3grid prediction: all probability on the cell of ``healpix_grid(order)`` holding each true
+    rotation (N, 3, 3): the deep prior's search from it bounds what any network can save."""
+    from bayespose.core.deep.predict import PosePrediction
+    from bayespose.core.geometry.grids import containing_cell
+
+    grid = healpix_grid(order)
+    cells = containing_cell(order, truth[:, None])[:, 0]
+    log_p = np.full((len(truth), len(grid)), -60.0, dtype=np.float32)  # e^-60 elsewhere: no other cell seeds
+    log_p[np.arange(len(truth)), cells] = 0.0
+    best = grid.rotations[cells]
+    return PosePrediction(rotations=best, confidence=np.ones(len(truth)), top_rotations=best[:, None],
+                          top_probabilities=np.ones((len(truth), 1)), grid_order=order, log_probabilities=log_p)
+
+
 def compare_searches(test, images, truth, volume, network_path: str, search, log, label: str,
                      device="cpu") -> dict:
     """Global MMSE (:func:`assign_poses`) against ``predict --refine-map`` (network prediction + deep-prior
@@ -205,11 +220,20 @@ def compare_searches(test, images, truth, volume, network_path: str, search, log
                          "fallback_fraction": float(np.mean(res.deep_fallback)),
                          "network": {k: v for k, v in network_metrics(pred, truth).items() if k != "errors"},
                          "timings": {k: v for k, v in res.timings.items() if isinstance(v, (int, float))}}
+    # the bound of any network: a perfect prediction (all mass on the truth's cell of the network's grid), free
+    oracle, wall, cpu, other = timed(lambda: deep_prior_assign(test, oracle_prediction(truth, pred.grid_order), volume,
+                                                               search, DeepPriorSearch(), images=images))
+    out["oracle_prior"] = {**pose_error_metrics(oracle.mmse_rotations, truth, weights=oracle.pmax), "wall_s": wall,
+                           "cpu_s": cpu, "other_cores": other,
+                           "rotations": oracle.timings["scored_rotations_per_particle"],
+                           "fallback_fraction": float(np.mean(oracle.deep_fallback))}
+    out["oracle_wall_ratio"] = ratio(wall, out["global"]["wall_s"])
     g, d = out["global"], out["deep_prior"]
     out["wall_ratio"] = ratio(d["wall_s"], g["wall_s"])
     out["cpu_ratio"] = ratio(d["cpu_s"], g["cpu_s"])
     out["mean_error_ratio"] = ratio(d["mane_deg"], g["mane_deg"])
     log(f"[{label}] global {g['mane_deg']:.2f}° {g['wall_s']:.1f} s (cpu {g['cpu_s']:.1f}); deep prior "
         f"{d['mane_deg']:.2f}° {d['wall_s']:.1f} s (cpu {d['cpu_s']:.1f}), fallback {d['fallback_fraction']:.1%}; "
-        f"wall ratio {out['wall_ratio']:.2f}, cpu ratio {out['cpu_ratio']:.2f}")
+        f"wall ratio {out['wall_ratio']:.2f}, cpu ratio {out['cpu_ratio']:.2f}; a perfect prediction "
+        f"{out['oracle_prior']['mane_deg']:.2f}° {out['oracle_prior']['wall_s']:.1f} s (ratio {out['oracle_wall_ratio']:.2f})")
     return out

@@ -427,7 +427,8 @@ def section_relion_sizes(rcfg: RelionConfig, work: Path, results: dict, save) ->
 def section_relion_prior(rcfg: RelionConfig, work: Path, results: dict, save) -> None:
     """``predict --refine-map`` (network + deep-prior MMSE) against the global MMSE search: box 64 (n_prior test
     particles), boxes 128 / 256 (n_box particles, the upsampled map, the same network relabelled) and finer
-    sampling (order 3 + 1 level, n_fine particles)."""
+    sampling (order 3 + 1 and + 2 levels, n_fine particles); each also from a perfect prediction (the bound of any
+    network)."""
     import _deep_relion as dr
 
     network = str(work / "nets" / f"{rcfg.prior_network}.pt")
@@ -436,7 +437,7 @@ def section_relion_prior(rcfg: RelionConfig, work: Path, results: dict, save) ->
     entry = results.setdefault("relion", {}).setdefault("prior", {})
     log = lambda line: print(f"  {line}", flush=True)  # noqa: E731
     cases = [(dr.BASE_BOX, rcfg.n_prior, {})] + [(box, rcfg.n_box, {}) for box in rcfg.boxes] + [
-        (dr.BASE_BOX, rcfg.n_fine, {"healpix_order": 3, "refine_levels": 1})]
+        (dr.BASE_BOX, rcfg.n_fine, {"healpix_order": 3, "refine_levels": levels}) for levels in (1, 2)]
     for box, n, grid in cases:
         if box == dr.BASE_BOX:
             particles, images, snr = dr.relion_box_data(work, box, rcfg.n_pool + rcfg.n_test, rcfg.seed)
@@ -545,6 +546,11 @@ def _deep_prior_lines(snr: str, dp: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _oracle_cell(row: dict) -> str:
+    oracle = row.get("oracle_prior")
+    return f"{oracle['mane_deg']:.2f}°, {row['oracle_wall_ratio']:.2f}" if oracle else "–"
+
+
 def _relion_lines(results: dict) -> list[str]:
     """The issue-12 sections of the report (relion_project benchmark)."""
     rel = results.get("relion")
@@ -597,7 +603,7 @@ def _relion_lines(results: dict) -> list[str]:
                   "the deep prior's); 'other cores' = CPU used by other processes meanwhile.", "",
                   "| case | global MAnE / wMAnE / median | deep prior MAnE / wMAnE / median | global wall s (CPU s) | "
                   "deep prior wall s (CPU s) | falls back | wall ratio | CPU ratio | mean-error ratio | other "
-                  "cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "cores | perfect prediction: MAnE, wall ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in prior.items():
             g, d = r["global"], r["deep_prior"]
             lines.append(f"| {name} ({r['snr_note']}) | {g['mane_deg']:.2f} / {g['wmane_deg']:.2f} / "
@@ -605,8 +611,11 @@ def _relion_lines(results: dict) -> list[str]:
                          f"{d['median_deg']:.2f} | {g['wall_s']:.1f} ({g['cpu_s']:.1f}) | {d['wall_s']:.1f} "
                          f"({d['cpu_s']:.1f}) | {100 * d['fallback_fraction']:.1f} % | {r['wall_ratio']:.2f} | "
                          f"{r['cpu_ratio']:.2f} | {r['mean_error_ratio']:.3f} | {g['other_cores']:.1f} / "
-                         f"{d['other_cores']:.1f} |")
-        lines += ["", "The network alone in those runs (its predicted modes; `predict` without `--refine-map`):", "",
+                         f"{d['other_cores']:.1f} | {_oracle_cell(r)} |")
+        lines += ["", "'Perfect prediction': the deep prior seeded by all probability on the true pose's cell of "
+                  "the network's grid, without network cost (benchmarks/_deep_relion.py `oracle_prediction`): the "
+                  "wall ratio no network can beat at that sampling.", "",
+                  "The network alone in those runs (its predicted modes; `predict` without `--refine-map`):", "",
                   "| case | MAnE | wMAnE | median | < 10° | > 30° | > 30° in the most confident 50 % |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in prior.items():

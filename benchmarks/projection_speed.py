@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -88,10 +89,8 @@ def main(argv=None) -> int:
         prepared = prepare_volume(padded_map(volume, box))
         freqs = scoring_frequencies(box, box / 2)
         n_samples = args.rotations * len(freqs)
-        seconds = {}
-        for compiled in (False, True):
-            seconds[compiled] = best_of(lambda c=compiled: slice_coefficients(prepared, rotations, freqs.kx, freqs.ky,
-                                                                               compiled=c), args.repeats)
+        seconds = {compiled: best_of(partial(slice_coefficients, prepared, rotations, freqs.kx, freqs.ky,
+                                             compiled=compiled), args.repeats) for compiled in (False, True)}
         a = slice_coefficients(prepared, rotations, freqs.kx, freqs.ky, compiled=False)
         b = slice_coefficients(prepared, rotations, freqs.kx, freqs.ky, compiled=True)
         rel = float((a - b).abs().max() / a.abs().max())

@@ -28,7 +28,7 @@ from bayespose.core.assign.search import PoseSearch
 from bayespose.core.geometry.grids import SO3Grid, cell_rotations, healpix_grid
 from bayespose.core.geometry.priors import RotationPrior, UniformPrior
 from bayespose.core.geometry.symmetry import symmetry_group
-from bayespose.core.imaging.forward import PreparedVolume, prepare_volume
+from bayespose.core.imaging.forward import PreparedVolume, prepared_for
 from bayespose.core.imaging.noise import resolution_to_radius
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.results import ParticleResults
@@ -57,14 +57,15 @@ class PoseAssignment(ParticleResults):
     scoring_calls: list[ScoringCall] = field(default_factory=list)
 
 
-def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch | None = None,
+def assign_poses(particles: ParticleSet, volume: np.ndarray | PreparedVolume, search: PoseSearch | None = None,
                  prior: RotationPrior | None = None, images: np.ndarray | None = None,
                  noise: NoiseModel | None = None, keep_marginals: Sequence[int] = (),
                  progress: Callable[[int, int], None] | None = None, seed: int = 0,
                  centers: np.ndarray | None = None, seed_cells: np.ndarray | None = None,
                  on_marginals: Callable[[np.ndarray, dict], None] | None = None,
                  distributed: bool = False) -> PoseAssignment:
-    """Posterior pose assignment of ``particles`` against ``volume`` (D, D, D) at the particles' pixel size.
+    """Posterior pose assignment of ``particles`` against ``volume`` (D, D, D) at the particles' pixel size (or the
+    map already prepared by :func:`~bayespose.core.imaging.forward.prepare_volume`, for several searches of it).
 
     Global search: the HEALPix grid of ``search.healpix_order`` scored with the frequency cut-off matched to its
     spacing; then, ``refine_levels`` times, the cells that hold ``refine_mass`` of each particle's posterior are
@@ -109,16 +110,13 @@ def assign_poses(particles: ParticleSet, volume: np.ndarray, search: PoseSearch 
     n = len(particles)
     if n == 0:
         raise ValueError("no particles to assign")
-    volume = np.asarray(volume, dtype=np.float32)
-    if volume.shape != (particles.box,) * 3:
-        raise ValueError(f"map box {volume.shape} does not match the particle box {particles.box} px")
     device = choose_device(search.device)
     with torch_threads(search.threads or os.cpu_count()):
         t0 = time.perf_counter()
+        prepared = prepared_for(volume, particles.box, device)
         space, seed_cells = _search_space(search, particles, centers, seed_cells)
         local = search.local_range_deg is not None
         cap = resolution_to_radius(particles.box, particles.pixel_size, search.max_resolution_A)
-        prepared = prepare_volume(volume, device=device)
         if noise is None:
             def estimate() -> NoiseModel:
                 return estimate_noise_model(particles, prepared, cap, images, search.mask_radius_px, seed=seed)

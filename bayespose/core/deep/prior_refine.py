@@ -78,6 +78,7 @@ Shifts: the shift lattice of ``search`` around each particle's input origin. Sym
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -99,12 +100,12 @@ from bayespose.core.deep.vocabulary import (
 from bayespose.core.geometry.grids import containing_cell, healpix_grid, neighbour_table
 from bayespose.core.geometry.priors import GridPrior, IGSO3Prior
 from bayespose.core.imaging.ctf import ctf_2d
-from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
+from bayespose.core.imaging.forward import PreparedVolume, prepared_for, slice_coefficients
 from bayespose.core.imaging.noise import scoring_frequencies
 from bayespose.core.imaging.particles import ParticleSet
 from bayespose.core.io.mrc import read_images
 from bayespose.core.results import ParticleResults
-from bayespose.core.runtime import choose_device
+from bayespose.core.runtime import choose_device, torch_threads
 
 __all__ = ["deep_prior_assign", "DeepPriorSearch", "default_local_range_deg", "cells_near", "seed_rotations",
            "seed_cells", "fit_zscores", "fallback_threshold", "final_spacing_deg", "DeepPriorAssignment", "PoseFit",
@@ -237,9 +238,10 @@ class PoseFit:
         return -(self.llr - self.energy + loss) / np.maximum(self.energy, 1e-12)
 
 
-def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarray, origins_A: np.ndarray | None,
-                noise: NoiseModel, radius_px: float, images: np.ndarray | None = None, device=None,
-                batch_size: int = 256, tolerance_deg: float = 0.0, n_axes: int = 3, seed: int = 0) -> PoseFit:
+def fit_zscores(particles: ParticleSet, volume: np.ndarray | PreparedVolume, rotations: np.ndarray,
+                origins_A: np.ndarray | None, noise: NoiseModel, radius_px: float, images: np.ndarray | None = None,
+                device=None, batch_size: int = 256, tolerance_deg: float = 0.0, n_axes: int = 3,
+                seed: int = 0) -> PoseFit:
     """The fit z-score of one pose per particle (module doc, stage 3) under the assignment's noise model.
 
     ``rotations`` (N, 3, 3) RELION ``A``; ``origins_A`` (N, 2) rlnOriginX/Y in Å (None: zeros); ``noise`` the
@@ -259,11 +261,8 @@ def fit_zscores(particles: ParticleSet, volume: np.ndarray, rotations: np.ndarra
         raise ValueError(f"need one rotation (3, 3) per particle, got {rotations.shape} for {n} particles")
     if not radius_px > 0:
         raise ValueError(f"the Fourier radius must be > 0 px, got {radius_px}")
-    volume = np.asarray(volume, dtype=np.float32)
-    if volume.shape != (particles.box,) * 3:
-        raise ValueError(f"map box {volume.shape} does not match the particle box {particles.box} px")
     dev = choose_device(device)
-    prepared = prepare_volume(volume, device=dev)
+    prepared = prepared_for(volume, particles.box, dev)
     box, px = particles.box, particles.pixel_size
     freqs = scoring_frequencies(box, min(radius_px, box / 2.0))
     kx, ky = freqs.kx.to(dev), freqs.ky.to(dev)
@@ -426,6 +425,8 @@ def deep_prior_assign(particles: ParticleSet, prediction: PosePrediction, volume
         raise ValueError(f"{len(images)} images for {n} particles")
     search = search or PoseSearch()
     symmetry = search.symmetry if search.symmetry.upper() != "C1" else prediction.symmetry
+    with torch_threads(search.threads or os.cpu_count()):  # prepared once for the search, the check and fallback
+        volume = prepared_for(volume, particles.box, choose_device(search.device))
     # the engine centres the shift lattice on the input origins (zeros when the particles have none)
     target = particles if particles.origins_A is not None else replace(particles, origins_A=np.zeros((n, 2)))
     deep, deep_search, counts = _search_predicted_regions(target, prediction, volume, search, config, symmetry,
@@ -450,7 +451,7 @@ def deep_prior_assign(particles: ParticleSet, prediction: PosePrediction, volume
 
 
 def _search_predicted_regions(
-        target: ParticleSet, prediction: PosePrediction, volume: np.ndarray, search: PoseSearch,
+        target: ParticleSet, prediction: PosePrediction, volume: PreparedVolume, search: PoseSearch,
         config: DeepPriorSearch, symmetry: str, images: np.ndarray | None, noise: NoiseModel | None,
         progress: Callable[[int, int], None] | None) -> tuple[PoseAssignment, PoseSearch, np.ndarray]:
     """Stages 1-2 (module doc): the deep-prior assignment, the engine settings it ran with and the seed counts."""
@@ -486,7 +487,7 @@ def _start_order(search: PoseSearch, prediction: PosePrediction) -> dict:
     return {"healpix_order": int(order), "refine_levels": finest - int(order)}
 
 
-def _verify_and_fall_back(result: DeepPriorAssignment, target: ParticleSet, volume: np.ndarray,
+def _verify_and_fall_back(result: DeepPriorAssignment, target: ParticleSet, volume: PreparedVolume,
                           search: PoseSearch, config: DeepPriorSearch, deep_search: PoseSearch, symmetry: str,
                           images: np.ndarray | None, progress: Callable[[int, int], None] | None) -> None:
     """Stage 3 (module doc): the fit z-scores of the deep-prior poses, and the global search (results written
@@ -523,7 +524,7 @@ def _gflop(timings: dict) -> float:
     return float(timings.get("scoring_gflops", 0.0)) * float(timings.get("scoring_s", 0.0))
 
 
-def _global_assign(particles: ParticleSet, rows: np.ndarray, volume: np.ndarray, search: PoseSearch,
+def _global_assign(particles: ParticleSet, rows: np.ndarray, volume: PreparedVolume, search: PoseSearch,
                    images: np.ndarray | None, noise: NoiseModel,
                    progress: Callable[[int, int], None] | None, n_total: int) -> PoseAssignment:
     """The global coarse-to-fine search (uniform prior, given noise model) of the particles ``rows``, with the

@@ -24,6 +24,7 @@ Two kinds of grids:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -188,10 +189,18 @@ def neighbour_table(order: int, range_deg: float) -> np.ndarray:
     k = len(q)
     radius = math.sqrt(max(0.0, 2.0 - 2.0 * math.cos(math.radians(range_deg) / 2.0))) + 1e-9
     lists = cKDTree(np.concatenate([q, -q])).query_ball_point(q, radius)
-    rows = [np.unique(np.asarray(row, dtype=np.int64) % k) for row in lists]
-    rows = [np.concatenate([[i], row[row != i]]) for i, row in enumerate(rows)]
-    width = max(len(r) for r in rows)
-    return np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows])
+    # flattened (row, neighbour) pairs, without the duplicates of q / -q, each row's own cell first (key 0), then
+    # its neighbours in index order; in arrays: one Python pass per cell took 1.2 s at order 3
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=k)
+    cols = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum())) % k
+    pairs = np.unique(np.repeat(np.arange(k, dtype=np.int64), lengths) * k + cols)
+    row, col = np.divmod(pairs, k)
+    order = np.lexsort((col, col != row, row))
+    row, col = row[order], col[order]
+    counts = np.bincount(row, minlength=k)
+    table = np.full((k, int(counts.max())), -1, dtype=np.int64)
+    table[row, np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)] = col
+    return table
 
 
 def cell_rotations(order: int, direction_index: np.ndarray, psi_deg: np.ndarray) -> np.ndarray:

@@ -58,6 +58,7 @@ from bayespose.core.imaging.particles import CTFParams
 __all__ = [
     "PreparedVolume",
     "prepare_volume",
+    "prepared_for",
     "project_fourier",
     "slice_coefficients",
     "sample_trilinear",
@@ -182,6 +183,21 @@ def prepare_volume(volume, pad_factor: float = 2.0, grid_correction: str = "radi
     data[p, :p] = data[0, :p]
     data[:, p] = data[:, 0]
     return PreparedVolume(data, d, p, grid_correction)
+
+
+def prepared_for(volume, box: int, device: torch.device | str) -> PreparedVolume:
+    """``volume`` ready to slice on ``device``: a (box, box, box) map is prepared (:func:`prepare_volume`, its
+    defaults); a :class:`PreparedVolume` of that box is used as it is (moved when on another kind of device), so
+    that several searches of one map prepare it once (at box 256 about 1 s and 1 GB each). ``ValueError`` when
+    the box differs."""
+    if isinstance(volume, PreparedVolume):
+        if volume.box != box:
+            raise ValueError(f"map box {volume.box} does not match the particle box {box} px")
+        return volume if volume.device.type == torch.device(device).type else volume.to(device)
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.shape != (box,) * 3:
+        raise ValueError(f"map box {volume.shape} does not match the particle box {box} px")
+    return prepare_volume(volume, device=device)
 
 
 def _rfft_grid(box: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,6 +112,20 @@ def test_batching_and_chunking_do_not_change_the_result(small_map):
     np.testing.assert_allclose(a.log_evidence, b.log_evidence, rtol=1e-4)
 
 
+def test_a_prepared_map_gives_the_same_result_as_the_map(small_map):
+    """A map prepared once (as deep-prior MMSE does for its search, check and fallback) is used as it is: the same
+    poses and evidence as from the array; a prepared map of another box is refused like the array."""
+    volume, pixel_size = small_map
+    particles, images, _ = make_particles(volume, pixel_size, 5, 0.3, seed=3)
+    search = PoseSearch(healpix_order=1, refine_levels=1, shift_range_px=1.0)
+    a = assign_poses(particles, volume, search, images=images)
+    b = assign_poses(particles, prepare_volume(volume), search, images=images)
+    np.testing.assert_array_equal(a.mmse_rotations, b.mmse_rotations)
+    np.testing.assert_array_equal(a.log_evidence, b.log_evidence)
+    with pytest.raises(ValueError, match="map box 16 does not match the particle box"):
+        assign_poses(particles, prepare_volume(np.zeros((16, 16, 16), np.float32)), search, images=images)
+
+
 def test_noise_power_and_reference_scale_are_recovered(small_map):
     volume, pixel_size = small_map
     sigma = 0.7
