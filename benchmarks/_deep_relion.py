@@ -201,6 +201,7 @@ def compare_searches(test, images, truth, volume, network_path: str, search, log
     seconds, contention, fallback fraction."""
     from bayespose.core.assign import assign_poses
     from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, load_pose_network, predict_poses
+    from bayespose.core.deep.vocabulary import PRIOR_INPLANE_TURNS
 
     out = {}
     glob, wall, cpu, other = timed(lambda: assign_poses(test, volume, search, images=images))
@@ -210,7 +211,7 @@ def compare_searches(test, images, truth, volume, network_path: str, search, log
     net = load_pose_network(network_path, device=device)
 
     def deep():
-        pred = predict_poses(net, test, images=images, top_k=8, device=device)
+        pred = predict_poses(net, test, images=images, top_k=8, device=device, turns=PRIOR_INPLANE_TURNS)
         return pred, deep_prior_assign(test, pred, volume, search, DeepPriorSearch(), images=images)
 
     (pred, res), wall, cpu, other = timed(deep)

@@ -29,6 +29,7 @@ from bayespose.core.deep.vocabulary import (
     DEFAULT_MAX_SEED_CELLS,
     DEFAULT_SEED_MASS,
     NETWORK_PIXEL_RTOL,
+    PRIOR_INPLANE_TURNS,
 )
 from bayespose.core.geometry.rotations import matrix_to_euler
 from bayespose.core.geometry.symmetry import symmetric_geodesic_distance_deg, symmetry_group
@@ -211,8 +212,10 @@ class ProtBayesposePredictPoses(EMProtocol):
         particles = read_star(self._getExtraPath(INPUT_STAR))
         volume, _ = read_map(self._getExtraPath(REFERENCE_MAP))
         network = self.loadNetwork()
-        # the full predicted distribution (the prior) is recomputed rather than stored: N x grid floats
-        prediction = predict_poses(network, particles, top_k=self.topK.get(), device=gpu_device(self))
+        # the full predicted distribution (the prior) is recomputed rather than stored: N x grid floats; with the
+        # turns of a prior (PRIOR_INPLANE_TURNS: the MMSE search decides the pose; a third of the network's time)
+        prediction = predict_poses(network, particles, top_k=self.topK.get(), device=gpu_device(self),
+                                   turns=PRIOR_INPLANE_TURNS)
         search = self.poseSearch(str(network.symmetry).upper())
         local, seed_mass = self.localRange.get(), self.seedMass.get()
         config = DeepPriorSearch(seed_mass=seed_mass if seed_mass and seed_mass > 0 else None,

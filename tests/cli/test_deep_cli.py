@@ -135,8 +135,9 @@ def test_predict_with_refine_map_gives_mmse_poses(data, trained, tmp_path):
     test_star = data / "test" / "particles.star"
     plain, refined_star = tmp_path / "plain.star", tmp_path / "refined.star"
     # the same thread count in both runs (torch's sums, hence the last digits, depend on it)
+    # with the prior's in-plane turns (PRIOR_INPLANE_TURNS), which --refine-map uses unless told otherwise
     assert main(["predict", "--model", str(model), "--particles", str(test_star), "--top-k", "4", "--device", "cpu",
-                 "--threads", "2", "--out", str(plain)]) == 0
+                 "--threads", "2", "--inplane-turns", "2", "--out", str(plain)]) == 0
     assert main(["predict", "--model", str(model), "--particles", str(test_star), "--top-k", "4", "--device", "cpu",
                  "--threads", "2", "--refine-map", str(fragment_map_path()), "--shift-range", "2", "--out",
                  str(refined_star)]) == 0
@@ -162,30 +163,40 @@ def test_predict_with_refine_map_gives_mmse_poses(data, trained, tmp_path):
 
 
 @pytest.mark.parametrize("options, expected", [
-    ([], dict(seed_mass=0.99, fallback_z=-1.5, fallback_deficit=0.25, local_range_deg=None)),
-    (["--seed-mass", "none", "--fallback", "none"], dict(seed_mass=None, fallback_z=None)),
-    (["--seed-mass", "0.5", "--fallback", "-2.5", "--fallback-deficit", "0", "--local-range", "12"],
-     dict(seed_mass=0.5, fallback_z=-2.5, fallback_deficit=0.0, local_range_deg=12.0)),
+    ([], dict(seed_mass=0.99, fallback_z=-1.5, fallback_deficit=0.25, local_range_deg=None, turns=2)),
+    (["--seed-mass", "none", "--fallback", "none"], dict(seed_mass=None, fallback_z=None, turns=2)),
+    (["--seed-mass", "0.5", "--fallback", "-2.5", "--fallback-deficit", "0", "--local-range", "12",
+      "--inplane-turns", "4"], dict(seed_mass=0.5, fallback_z=-2.5, fallback_deficit=0.0, local_range_deg=12.0,
+                                    turns=4)),
 ])
 def test_predict_options_become_the_deep_prior_settings(data, trained, tmp_path, monkeypatch, options, expected):
     """--seed-mass F|none, --fallback auto|none|Z, --fallback-deficit F and --local-range reach deep_prior_assign as
-    DeepPriorSearch fields (None = the fixed top-K seeds / no fit check); nothing is written when the refinement
+    DeepPriorSearch fields (None = the fixed top-K seeds / no fit check), the prediction that serves as the prior
+    uses PRIOR_INPLANE_TURNS (2) unless --inplane-turns says otherwise; nothing is written when the refinement
     stops."""
     import bayespose.core.deep as deep
 
     model, _ = trained
     seen = {}
+    predict = deep.predict_poses
 
     def fake(particles, prediction, volume, search, config, **kwargs):
         seen["config"] = config
         raise RuntimeError("stop here")
 
+    def spy(*args, **kwargs):
+        seen["turns"] = kwargs.get("turns")
+        return predict(*args, **kwargs)
+
     monkeypatch.setattr(deep, "deep_prior_assign", fake)
+    monkeypatch.setattr(deep, "predict_poses", spy)
     out = tmp_path / "x.star"
     with pytest.raises(RuntimeError, match="stop here"):
         main(["predict", "--model", str(model), "--particles", str(data / "test" / "particles.star"), "--device",
               "cpu", "--refine-map", str(fragment_map_path()), *options, "--out", str(out)])
     assert isinstance(seen["config"], deep.DeepPriorSearch)
+    expected = dict(expected)
+    assert seen["turns"] == expected.pop("turns")
     for name, value in expected.items():
         assert getattr(seen["config"], name) == value, name
     assert not out.exists()
