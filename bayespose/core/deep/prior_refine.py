@@ -62,10 +62,12 @@ particles (network trained on 4000 particles + map, 1000 test particles at SNR 0
 right poses had d <= 0.46 (box 128: 0.37), the 3 (1) wrong ones d >= 0.79 (0.69); the z-score alone sent 16 %
 (25 %) of the particles to the global search, with d > 0.25 too 3.5 % (6 %), all wrong ones included; with the
 same network on those particles at SNR 0.03 (99 of 300 wrong) it changed the fallbacks from 40.3 % to 39.0 % at
-the same mean error (3.94° / 3.95°). Wall time (README, benchmarks/deep_poses.py relion_prior): at the default
-sampling the deep prior is 1.25-1.6x the global search's (box 256-64) because both spend most of their time in the
-refinement levels around each particle's pose (order 4 and 5), which the network does not replace (the seeded
-order-3 stage costs about what the global search's order-2 grid and first level cost); from order 3 it is 0.62x.
+the same mean error (3.94° / 3.95°). Wall time (README, benchmarks/deep_poses.py relion_prior, the prediction from
+:data:`~bayespose.core.deep.vocabulary.PRIOR_INPLANE_TURNS` turns): from an order-3 first grid the deep prior takes
+0.34-0.36x the global search's time at the same mean error; at the default sampling (order 2 + 3 levels)
+1.15-1.29x (box 64-256), because both spend most of their time in the refinement levels around each particle's pose
+(orders 4 and 5), which no network replaces: even a perfect prediction (all mass on the true cell, no network cost)
+gives 0.76 / 0.88 / 1.02x at box 64 / 128 / 256.
 
 Priors: ``so3grid`` prediction -> :class:`~bayespose.core.geometry.priors.GridPrior` on ``healpix_grid(grid_order)``
 with the predicted log probabilities (a rotation gets the probability of the network cell containing it);
