@@ -19,6 +19,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from speed import fourier_pad_map  # benchmarks/ is the script's folder
 
 from bayespose.core.assign import PoseSearch, assign_poses
 from bayespose.core.imaging.forward import prepare_volume, slice_coefficients
@@ -35,18 +36,6 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def padded_map(volume: np.ndarray, box: int) -> np.ndarray:
-    """The map Fourier-padded (upsampled) to ``box``: the same field of view on a finer pixel grid."""
-    d = volume.shape[0]
-    if box == d:
-        return volume
-    f = np.fft.fftshift(np.fft.fftn(volume))
-    big = np.zeros((box,) * 3, dtype=complex)
-    s = (box - d) // 2
-    big[s:s + d, s:s + d, s:s + d] = f
-    return np.real(np.fft.ifftn(np.fft.ifftshift(big))).astype(np.float32) * (box / d) ** 3
 
 
 def search_with_each_path(volume: np.ndarray, threads: int, n: int = 200) -> None:
@@ -86,7 +75,7 @@ def main(argv=None) -> int:
     rotations = Rotation.random(args.rotations, random_state=0).as_matrix().astype(np.float32)
     print(f"threads {args.threads}, {args.rotations} rotations, all coefficients up to Nyquist")
     for box in (int(b) for b in args.boxes.split(",")):
-        prepared = prepare_volume(padded_map(volume, box))
+        prepared = prepare_volume(fourier_pad_map(volume, box))
         freqs = scoring_frequencies(box, box / 2)
         n_samples = args.rotations * len(freqs)
         seconds = {compiled: best_of(partial(slice_coefficients, prepared, rotations, freqs.kx, freqs.ky,
