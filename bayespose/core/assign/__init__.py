@@ -9,7 +9,7 @@ Modules, in pipeline order:
 * :mod:`._search_space` — the candidate rotations of each batch (global HEALPix grid, local balls, the union of
   several balls per particle) and :func:`shift_lattice`;
 * :mod:`.noise_model` — :class:`NoiseModel`, :func:`estimate_noise_model` and the stages' frequency cut-offs
-  (:func:`information_radius`, :func:`geometric_radius`);
+  (:func:`information_radius`, :func:`geometric_radius`, :func:`signal_radius`);
 * :mod:`._scoring` — the streamed log-likelihood of every (particle, rotation, shift) (:class:`ScoringCall` logs
   each call);
 * :mod:`._statistics` — estimators and per-particle statistics from each stage's posterior (:data:`CELL_SPREAD`);
@@ -33,6 +33,7 @@ __all__ = [
     "NoiseModel",
     "estimate_noise_model",
     "information_radius",
+    "signal_radius",
     "geometric_radius",
     "shift_lattice",
     "PoseAssignment",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs; at run time
         estimate_noise_model,
         geometric_radius,
         information_radius,
+        signal_radius,
     )
     from bayespose.core.assign.search import HealpixOrder, PoseSearch
 

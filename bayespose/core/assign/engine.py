@@ -23,7 +23,13 @@ from bayespose.core.assign._ragged import score_ragged
 from bayespose.core.assign._scoring import ScoringCall, _Batch, _Scorer, _StageScores
 from bayespose.core.assign._search_space import _SearchSpace, shift_lattice
 from bayespose.core.assign._statistics import _significant_cells, _stage_results
-from bayespose.core.assign.noise_model import NoiseModel, estimate_noise_model, geometric_radius, information_radius
+from bayespose.core.assign.noise_model import (
+    NoiseModel,
+    estimate_noise_model,
+    geometric_radius,
+    information_radius,
+    signal_radius,
+)
 from bayespose.core.assign.search import PoseSearch
 from bayespose.core.geometry.grids import SO3Grid, cell_rotations, healpix_grid
 from bayespose.core.geometry.priors import RotationPrior, UniformPrior
@@ -206,9 +212,11 @@ def _stage_radii(prepared: PreparedVolume, noise: NoiseModel, spacing_deg: float
     """Each stage's cut-off (Fourier px; the first grid of spacing ``spacing_deg``, then ``levels`` halvings):
     information-matched (:func:`information_radius`), but never below the geometric one (:func:`geometric_radius`:
     at high SNR the information criterion alone would keep only a few coefficients, too few to tell the views
-    apart), and never above ``cap``."""
+    apart), and never above ``cap`` nor the reference's signal band (:func:`signal_radius`: shells beyond it hold
+    less than 1 % of the information, e.g. a map Fourier-padded to a finer pixel)."""
+    band = signal_radius(prepared, noise, spacing_deg / 2 ** (levels + 1), cap)
     return [min(max(information_radius(prepared, noise, spacing_deg / 2 ** (level + 1), cap, smoothness_nats),
-                    geometric_radius(spacing_deg / 2 ** level)), cap) for level in range(levels + 1)]
+                    geometric_radius(spacing_deg / 2 ** level)), band, cap) for level in range(levels + 1)]
 
 
 @dataclass

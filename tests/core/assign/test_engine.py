@@ -126,6 +126,32 @@ def test_a_prepared_map_gives_the_same_result_as_the_map(small_map):
         assign_poses(particles, prepare_volume(np.zeros((16, 16, 16), np.float32)), search, images=images)
 
 
+def test_the_cut_off_stops_at_the_reference_signal_band(small_map):
+    """A reference low-passed to 8 Fourier px (of 16): at low SNR the information criterion alone reaches Nyquist
+    (the loss never reaches its tolerance), the signal band stops where the map's power ends; the unfiltered map's
+    band reaches beyond it; and the assignment's stages never score past the band, with the same poses as before
+    within the grid."""
+    from bayespose.core.assign import information_radius, signal_radius
+
+    volume, pixel_size = small_map
+    k = np.fft.fftfreq(BOX) * BOX
+    radius = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    low = np.real(np.fft.ifftn(np.fft.fftn(volume) * (radius <= 8))).astype(np.float32)
+    noise = NoiseModel(noise_power=np.full(BOX // 2 + 1, 1e9), scale=1.0, ctf2=np.ones(BOX // 2 + 1))
+    for vol, upper in ((low, 10.0), (volume, None)):
+        prepared = prepare_volume(vol)
+        assert information_radius(prepared, noise, 1.0, BOX / 2, 30.0) == BOX / 2  # low SNR: all of it
+        band = signal_radius(prepared, noise, 1.0, BOX / 2)
+        if upper:
+            assert 8.0 <= band <= upper, band
+        else:
+            assert band == BOX / 2, band
+    particles, images, _ = make_particles(low, pixel_size, 6, 0.05, seed=4)
+    result = assign_poses(particles, low, PoseSearch(healpix_order=1, refine_levels=2, shift_range_px=1.0),
+                          images=images)
+    assert max(result.timings["radii_px"]) <= 12.0 < BOX / 2, result.timings["radii_px"]  # CTF and noise weigh shells
+
+
 def test_noise_power_and_reference_scale_are_recovered(small_map):
     volume, pixel_size = small_map
     sigma = 0.7
