@@ -24,11 +24,14 @@ from bayespose.core.assign._scoring import ScoringCall, _Batch, _Scorer, _StageS
 from bayespose.core.assign._search_space import _SearchSpace, shift_lattice
 from bayespose.core.assign._statistics import _significant_cells, _stage_results
 from bayespose.core.assign.noise_model import (
+    LOSS_SAMPLES,
+    SIGNAL_FRACTION,
     NoiseModel,
+    _band_radius,
+    _loss_per_shell,
+    _tolerance_radius,
     estimate_noise_model,
     geometric_radius,
-    information_radius,
-    signal_radius,
 )
 from bayespose.core.assign.search import PoseSearch
 from bayespose.core.geometry.grids import SO3Grid, cell_rotations, healpix_grid
@@ -214,8 +217,11 @@ def _stage_radii(prepared: PreparedVolume, noise: NoiseModel, spacing_deg: float
     at high SNR the information criterion alone would keep only a few coefficients, too few to tell the views
     apart), and never above ``cap`` nor the reference's signal band (:func:`signal_radius`: shells beyond it hold
     less than 1 % of the information, e.g. a map Fourier-padded to a finer pixel)."""
-    band = signal_radius(prepared, noise, spacing_deg / 2 ** (levels + 1), cap)
-    return [min(max(information_radius(prepared, noise, spacing_deg / 2 ** (level + 1), cap, smoothness_nats),
+    # each level's expected loss per shell, computed once: the finest level's also gives the signal band
+    cumulative = [np.cumsum(_loss_per_shell(prepared, noise, spacing_deg / 2 ** (level + 1), cap, LOSS_SAMPLES, 0))
+                  for level in range(levels + 1)]
+    band = _band_radius(cumulative[-1], SIGNAL_FRACTION, cap)
+    return [min(max(_tolerance_radius(cumulative[level], smoothness_nats, cap),
                     geometric_radius(spacing_deg / 2 ** level)), band, cap) for level in range(levels + 1)]
 
 

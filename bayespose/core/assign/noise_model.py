@@ -91,6 +91,10 @@ def geometric_radius(spacing_deg: float) -> float:
     return 2.0 / math.radians(spacing_deg)
 
 
+LOSS_SAMPLES = 64  # random poses averaged by the expected loss per shell
+SIGNAL_FRACTION = 0.99  # of the expected loss inside the signal band (signal_radius)
+
+
 def _loss_per_shell(prepared: PreparedVolume, noise: NoiseModel, offset_deg: float, max_radius: float,
                     n_samples: int, seed: int) -> np.ndarray:
     """Expected log-likelihood loss (nats) per Fourier shell (index = round(|k|)) of a pose ``offset_deg`` away from
@@ -110,7 +114,7 @@ def _loss_per_shell(prepared: PreparedVolume, noise: NoiseModel, offset_deg: flo
 
 
 def information_radius(prepared: PreparedVolume, noise: NoiseModel, offset_deg: float, max_radius: float,
-                       tolerance_nats: float = 2.0, n_samples: int = 64, seed: int = 0) -> float:
+                       tolerance_nats: float = 2.0, n_samples: int = LOSS_SAMPLES, seed: int = 0) -> float:
     """Largest Fourier radius (px) at which a pose ``offset_deg`` away from the truth loses at most
     ``tolerance_nats`` of expected log-likelihood.
 
@@ -120,14 +124,20 @@ def information_radius(prepared: PreparedVolume, noise: NoiseModel, offset_deg: 
     posterior mass and the refinement can find it; at low SNR this is Nyquist, at high SNR it is lower (RELION
     limits coarse samplings to low resolution for the same reason, but by a fixed rule).
     """
-    cumulative = np.cumsum(_loss_per_shell(prepared, noise, offset_deg, max_radius, n_samples, seed))
+    return _tolerance_radius(np.cumsum(_loss_per_shell(prepared, noise, offset_deg, max_radius, n_samples, seed)),
+                             tolerance_nats, max_radius)
+
+
+def _tolerance_radius(cumulative: np.ndarray, tolerance_nats: float, max_radius: float) -> float:
+    """:func:`information_radius` from the cumulative loss per shell."""
     within = np.nonzero(cumulative <= tolerance_nats)[0]
     radius = float(within[-1]) if len(within) else 1.0
     return min(max(radius, 2.0), max_radius)
 
 
 def signal_radius(prepared: PreparedVolume, noise: NoiseModel, offset_deg: float, max_radius: float,
-                  fraction: float = 0.99, n_samples: int = 64, seed: int = 0) -> float:
+                  fraction: float = SIGNAL_FRACTION, n_samples: int = LOSS_SAMPLES,
+                  seed: int = 0) -> float:
     """Fourier radius (px) within which the shells hold ``fraction`` of the information that tells a pose from
     one ``offset_deg`` away (:func:`_loss_per_shell`): beyond it the reference has (nearly) no signal left against
     the noise, and scoring it costs time without changing the posterior (the last 1 % of the expected loss: within
@@ -140,7 +150,12 @@ def signal_radius(prepared: PreparedVolume, noise: NoiseModel, offset_deg: float
     the loss never reaches its tolerance, it keeps the search from scoring empty shells (box 256, a map with
     power to 8.8 Å at 1.1 Å/px: 48 instead of 128 px, 7x fewer coefficients per projection). One more pixel than
     the shell that reaches ``fraction``; ``max_radius`` when the reference carries no information at all."""
-    cumulative = np.cumsum(_loss_per_shell(prepared, noise, offset_deg, max_radius, n_samples, seed))
+    return _band_radius(np.cumsum(_loss_per_shell(prepared, noise, offset_deg, max_radius, n_samples, seed)),
+                        fraction, max_radius)
+
+
+def _band_radius(cumulative: np.ndarray, fraction: float, max_radius: float) -> float:
+    """:func:`signal_radius` from the cumulative loss per shell."""
     if not cumulative[-1] > 0:
         return max_radius
     edge = int(np.argmax(cumulative >= fraction * cumulative[-1]))
