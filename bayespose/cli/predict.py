@@ -49,8 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument("--inplane-turns", type=positive_int, metavar="T",
                    help="grid network: also predict each image turned in-plane by 360/T degree steps and average the "
                         "turned-back log probabilities (T must divide the grid's in-plane angles; 1 = one pass) "
-                        "[8, or fewer where 8 does not divide them; with --refine-map 2: the MMSE search decides "
-                        "the pose, and 2 turns give it the same accuracy at a third of the network's time]")
+                        f"[8, or fewer where 8 does not divide them; with --refine-map {PRIOR_INPLANE_TURNS}: the MMSE "
+                        "search decides the pose, and 2 turns give it the same accuracy at a third of the network's "
+                        "time]")
     p.add_argument("--refine-map", type=existing_file, metavar="MAP",
                    help="reference map (MRC, the particles' box and pixel size): refine with the deep prior MMSE")
     p.add_argument("--local-range", type=positive_float, metavar="DEG",
@@ -212,34 +213,23 @@ def run(args) -> int:
     return 0
 
 
-def _block_size(network) -> int:
-    """Particles per block of :func:`_predict_in_blocks`: the predicted log probabilities of a block (4 bytes per
-    grid cell and particle) stay within about 256 MB, whatever the number of particles."""
-    from bayespose.core.geometry.grids import healpix_grid
-
-    cells = len(healpix_grid(network.grid_order)) if network.config.model == "so3grid" else 1
-    return int(min(16384, max(256, 256e6 // (4 * cells))))
-
-
 def _predict_in_blocks(args, network, particles, volume, device) -> dict:
-    """The network's prediction (and, with ``volume``, the deep-prior MMSE) of ``particles``, block by block
-    (memory flat in N: a block's distributions are dropped once its poses are kept); under torchrun every process
-    does every ``world_size``-th block and the per-particle results are combined on every process. Returns the
-    output rotations (N, 3, 3) and origins (N, 2) Å, the star ``columns``, the network's own rotations and
-    confidences and the totals of the deep-prior search."""
+    """The network's prediction (and, with ``volume``, the deep-prior MMSE) of ``particles`` block by block
+    (:func:`~bayespose.core.deep.blocks.predict_in_blocks`: memory flat in N); under torchrun every process does
+    every ``world_size``-th block and the per-particle results are combined on every process. Returns the output
+    rotations (N, 3, 3) and origins (N, 2) Å, the star ``columns``, the network's own rotations and confidences
+    and the totals of the deep-prior search."""
     from dataclasses import replace
 
     import numpy as np
 
     from bayespose.core import parallel
     from bayespose.core.assign import PoseSearch
-    from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, predict_poses
+    from bayespose.core.deep import DeepPriorSearch
+    from bayespose.core.deep.blocks import block_size, predict_in_blocks, prior_noise_model
 
     n = len(particles)
     search = noise = config = None
-    turns = args.inplane_turns
-    if turns is None and volume is not None:  # the prediction is the MMSE search's prior (vocabulary: measured)
-        turns = PRIOR_INPLANE_TURNS
     if volume is not None:
         search = PoseSearch(shift_range_px=args.shift_range, shift_step_px=args.shift_step,
                             max_resolution_A=args.max_res, symmetry=str(network.symmetry).upper(), device=device,
@@ -249,19 +239,19 @@ def _predict_in_blocks(args, network, particles, volume, device) -> dict:
             config = DeepPriorSearch(seed_mass=args.seed_mass, local_range_deg=args.local_range,
                                      fallback_z=fallback_threshold(args.fallback),
                                      fallback_deficit=args.fallback_deficit)
-        noise = parallel.main_first(lambda: _noise_model(particles, volume, search))  # one model for all blocks
+        # one model for all blocks and processes
+        noise = parallel.main_first(lambda: prior_noise_model(particles, volume, search))
     rows = {"rotations": np.zeros((n, 3, 3)), "origins_A": np.zeros((n, 2)), "network_rotations": np.zeros((n, 3, 3)),
             "confidence": np.zeros(n), "expected_error_deg": np.zeros(n)}
     columns, totals, mine = {}, np.zeros(3), []  # totals: fallback particles, scored rotations, seconds
-    label = "refining" if volume is not None else "predicting"
-    report = progress_printer(label)
-    for index in parallel.my_batches(n, _block_size(network)):
-        block = particles.subset(index)
-        prediction = predict_poses(network, block, top_k=args.top_k, batch_size=args.batch_size, device=device,
-                                   turns=turns)
-        output = prediction.to_particle_set(block)
-        if volume is not None:
-            result = deep_prior_assign(block, prediction, volume, search, config, noise=noise)
+    report = progress_printer("refining" if volume is not None else "predicting")
+    blocks = predict_in_blocks(network, particles, volume, search, config, noise=noise, top_k=args.top_k,
+                               batch_size=args.batch_size, device=device, turns=args.inplane_turns,
+                               blocks=parallel.my_batches(n, block_size(network)))
+    for block in blocks:
+        index, prediction, result = block.index, block.prediction, block.assignment
+        output = prediction.to_particle_set(block.particles)
+        if result is not None:
             refined = result.to_particle_set(output, "mmse")  # drops the network's columns: keep them beside it
             output = replace(refined, extra={**output.extra, **refined.extra})
             rows["expected_error_deg"][index] = result.expected_error_deg
@@ -285,19 +275,6 @@ def _predict_in_blocks(args, network, particles, volume, device) -> dict:
     out = dict(zip(rows, combined[:len(rows)]), columns=dict(zip(names, combined[len(rows):])))
     out.update(zip(("fallback_particles", "scored_rotations", "total_s"), parallel.all_reduce_sum(totals)))
     return out
-
-
-def _noise_model(particles, volume, search):
-    """The noise model :func:`~bayespose.core.assign.assign_poses` estimates for ``particles`` (up to 1000 of them,
-    seed 0), made once so that every block of the prediction scores with the model a single run would use."""
-    from bayespose.core.assign import estimate_noise_model
-    from bayespose.core.imaging.forward import prepare_volume
-    from bayespose.core.imaging.noise import resolution_to_radius
-    from bayespose.core.runtime import choose_device
-
-    prepared = prepare_volume(volume, device=choose_device(search.device))
-    cap = resolution_to_radius(particles.box, particles.pixel_size, search.max_resolution_A)
-    return estimate_noise_model(particles, prepared, cap, None, search.mask_radius_px)
 
 
 def _write_figures(args, particles, output, out: dict, refined: bool, symmetry: str) -> list[str]:

@@ -1,14 +1,14 @@
 """Scipion protocol ``bayespose - predict poses``: the poses of particles from a trained pose network, optionally
 refined by MMSE with the network's predicted distribution as the prior (thin wrapper over
-:func:`bayespose.core.deep.predict_poses` and :func:`bayespose.core.deep.deep_prior_assign`, the same functions as
-``bayespose predict``).
+:func:`bayespose.core.deep.blocks.predict_in_blocks`, the function of ``bayespose predict``: the network runs once
+per particle, block by block, and each block's distribution seeds its deep-prior MMSE at once, so memory stays flat
+in the number of particles).
 
 Steps: ``convertInputStep`` (Scipion particles -> ``extra/input_particles.star``; the reference volume ->
 ``extra/reference.mrc`` when refining), ``predictStep`` (writes ``extra/prediction.npz`` and
-``extra/predicted_particles.star``), ``refineStep`` (only with a reference: deep-prior MMSE, writes
-``extra/assignment.npz`` in the format of 'assign poses (MMSE)' and ``extra/refined_particles.star``) and
-``createOutputStep`` (the input particles with the predicted or refined projection alignment and ``_bp...``
-attributes).
+``extra/predicted_particles.star``; with a reference also the deep-prior MMSE: ``extra/assignment.npz`` in the
+format of 'assign poses (MMSE)' and ``extra/refined_particles.star``) and ``createOutputStep`` (the input particles
+with the predicted or refined projection alignment and ``_bp...`` attributes).
 """
 
 from __future__ import annotations
@@ -116,10 +116,14 @@ class ProtBayesposePredictPoses(EMProtocol):
 
         form.addSection(label="MMSE refinement")
         form.addParam("doRefine", params.BooleanParam, default=False, label="Refine with a reference map?",
-                      help="Yes: deep-prior MMSE, the Bayesian posterior on a local grid around the top-K "
-                           "predicted poses with the predicted distribution as the prior; the output poses are the "
-                           "MMSE poses with their uncertainty (_bpExpectedErrorDeg, _bpMaxProb, ...). No: the "
-                           "network's most probable pose.")
+                      help="Yes: deep-prior MMSE: the MMSE engine searches, coarse to fine, only where the network "
+                           "puts its probability (the cells holding the seed mass), with the predicted distribution "
+                           "as the prior, and checks each particle's fit (those that fit badly get the global "
+                           "search); the output poses are the MMSE poses with their uncertainty "
+                           "(_bpExpectedErrorDeg, _bpMaxProb, ...). The network then averages "
+                           f"{PRIOR_INPLANE_TURNS} in-plane turns of each image instead of 8 (the search decides "
+                           "the pose: the same accuracy at a third of the network's time), once per particle, block "
+                           "by block. No: the network's most probable pose.")
         form.addParam("inputVolume", params.PointerParam, pointerClass="Volume", condition="doRefine",
                       allowsNull=True, label="Reference map",
                       help="Map with the particles' box and pixel size (within 1 %); its intensity scale is "
@@ -175,8 +179,6 @@ class ProtBayesposePredictPoses(EMProtocol):
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep, needsGPU=False)
         self._insertFunctionStep(self.predictStep, needsGPU=True)
-        if self.refines():
-            self._insertFunctionStep(self.refineStep, needsGPU=True)
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def convertInputStep(self):
@@ -191,41 +193,38 @@ class ProtBayesposePredictPoses(EMProtocol):
                   f"{'yes' if particles.has_alignment else 'no'}")
 
     def predictStep(self):
-        """The network's predicted distribution of every particle (one call of :func:`predict_poses`)."""
-        from bayespose.core.deep import predict_poses
+        """The network's prediction of every particle and, with a reference, the deep-prior MMSE, block by block
+        (one call of :func:`predict_in_blocks`; with a reference the network makes the prior's
+        PRIOR_INPLANE_TURNS in-plane turns: the MMSE search decides the pose)."""
+        from bayespose.core.deep import DeepPriorSearch
+        from bayespose.core.deep.blocks import concatenate_assignments, concatenate_predictions, predict_in_blocks
 
         self._setThreads()
         particles = read_star(self._getExtraPath(INPUT_STAR))
         network = self.loadNetwork()
-        prediction = predict_poses(network, particles, top_k=self.topK.get(), device=gpu_device(self),
-                                   progress=progress_logger(self, "predicting")("predicting"))
-        save_prediction(self._getExtraPath(PREDICTION_NPZ), prediction, particles, str(network.symmetry).upper(),
-                        ids=particles.extra.get(SCIPION_ID))
+        symmetry = str(network.symmetry).upper()
+        volume = search = config = None
+        if self.refines():
+            volume, _ = read_map(self._getExtraPath(REFERENCE_MAP))
+            search = self.poseSearch(symmetry)
+            local, seed_mass = self.localRange.get(), self.seedMass.get()
+            config = DeepPriorSearch(seed_mass=seed_mass if seed_mass and seed_mass > 0 else None,
+                                     local_range_deg=local if local and local > 0 else None,
+                                     fallback_z=self.fallbackZ.get() if self.doFallback.get() else None,
+                                     fallback_deficit=self.fallbackDeficit.get())
+        label = "refining" if volume is not None else "predicting"
+        blocks = list(predict_in_blocks(network, particles, volume, search, config, top_k=self.topK.get(),
+                                        device=gpu_device(self), progress=progress_logger(self, label)(label)))
+        prediction = concatenate_predictions([block.prediction for block in blocks])
+        ids = particles.extra.get(SCIPION_ID)
+        save_prediction(self._getExtraPath(PREDICTION_NPZ), prediction, particles, symmetry, ids=ids)
         write_star(self._getExtraPath(PREDICTED_STAR), prediction.to_particle_set(particles))
         self.info(f"predicted {len(particles)} particles; median confidence {np.median(prediction.confidence):.3f}")
-
-    def refineStep(self):
-        """Deep-prior MMSE (one call of :func:`deep_prior_assign`), saved like 'assign poses (MMSE)'."""
-        from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, predict_poses
-
-        self._setThreads()
-        particles = read_star(self._getExtraPath(INPUT_STAR))
-        volume, _ = read_map(self._getExtraPath(REFERENCE_MAP))
-        network = self.loadNetwork()
-        # the full predicted distribution (the prior) is recomputed rather than stored: N x grid floats; with the
-        # turns of a prior (PRIOR_INPLANE_TURNS: the MMSE search decides the pose; a third of the network's time)
-        prediction = predict_poses(network, particles, top_k=self.topK.get(), device=gpu_device(self),
-                                   turns=PRIOR_INPLANE_TURNS)
-        search = self.poseSearch(str(network.symmetry).upper())
-        local, seed_mass = self.localRange.get(), self.seedMass.get()
-        config = DeepPriorSearch(seed_mass=seed_mass if seed_mass and seed_mass > 0 else None,
-                                 local_range_deg=local if local and local > 0 else None,
-                                 fallback_z=self.fallbackZ.get() if self.doFallback.get() else None,
-                                 fallback_deficit=self.fallbackDeficit.get())
-        result = deep_prior_assign(particles, prediction, volume, search, config,
-                                   progress=progress_logger(self, "refining")("refining"))
-        save_assignment(self._getExtraPath(RESULT_NPZ), result, "mmse", search.symmetry,
-                        ids=particles.extra.get(SCIPION_ID), input_rotations=particles.rotations)
+        if volume is None:
+            return
+        result = concatenate_assignments([block.assignment for block in blocks])
+        save_assignment(self._getExtraPath(RESULT_NPZ), result, "mmse", search.symmetry, ids=ids,
+                        input_rotations=particles.rotations)
         write_star(self._getExtraPath(REFINED_STAR), result.to_particle_set(particles, "mmse"))
         self.info(f"deep-prior MMSE: {result.n_rotations} rotations x {result.n_shifts} shifts per particle on the "
                   f"first grid; median expected error {np.median(result.expected_error_deg):.2f}°; "
@@ -287,7 +286,8 @@ class ProtBayesposePredictPoses(EMProtocol):
     def particleDistribution(self, row: int) -> tuple[np.ndarray, np.ndarray, int | None]:
         """Recompute the predicted distribution of the particle in row ``row`` (0-based, order of the input star):
         ``(rotations (K, 3, 3), probabilities (K,), grid order or None)`` — the whole output grid for the so3grid
-        model, the top-K poses for the quaternion model."""
+        model, the top-K poses for the quaternion model; with the in-plane turns of the stored prediction (the
+        prior's PRIOR_INPLANE_TURNS when the run refined)."""
         from bayespose.core.deep import predict_poses
         from bayespose.core.deep.predict import distribution_on_grid
         from bayespose.core.geometry.grids import healpix_grid
@@ -296,7 +296,7 @@ class ProtBayesposePredictPoses(EMProtocol):
         if not 0 <= row < len(particles):
             raise ValueError(f"particle row {row} is out of range (the run has {len(particles)} particles)")
         prediction = predict_poses(self.loadNetwork("cpu"), particles.subset([row]), top_k=self.topK.get(),
-                                   device="cpu")
+                                   device="cpu", turns=PRIOR_INPLANE_TURNS if self.refines() else None)
         logp = None if prediction.log_probabilities is None else prediction.log_probabilities[0]
         grid = healpix_grid(prediction.grid_order).rotations if logp is not None else None
         rotations, probabilities = distribution_on_grid(logp, grid, prediction.top_rotations[0],

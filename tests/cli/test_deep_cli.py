@@ -175,10 +175,11 @@ def test_predict_options_become_the_deep_prior_settings(data, trained, tmp_path,
     uses PRIOR_INPLANE_TURNS (2) unless --inplane-turns says otherwise; nothing is written when the refinement
     stops."""
     import bayespose.core.deep as deep
+    import bayespose.core.deep.blocks as blocks  # where predict --refine-map calls them
 
     model, _ = trained
     seen = {}
-    predict = deep.predict_poses
+    predict = blocks.predict_poses
 
     def fake(particles, prediction, volume, search, config, **kwargs):
         seen["config"] = config
@@ -188,8 +189,8 @@ def test_predict_options_become_the_deep_prior_settings(data, trained, tmp_path,
         seen["turns"] = kwargs.get("turns")
         return predict(*args, **kwargs)
 
-    monkeypatch.setattr(deep, "deep_prior_assign", fake)
-    monkeypatch.setattr(deep, "predict_poses", spy)
+    monkeypatch.setattr(blocks, "deep_prior_assign", fake)
+    monkeypatch.setattr(blocks, "predict_poses", spy)
     out = tmp_path / "x.star"
     with pytest.raises(RuntimeError, match="stop here"):
         main(["predict", "--model", str(model), "--particles", str(data / "test" / "particles.star"), "--device",

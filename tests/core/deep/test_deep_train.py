@@ -290,3 +290,48 @@ def test_deep_prior_mmse_close_to_global_at_a_fraction_of_the_rotations(so3grid_
         assert e_deep["frac_below_10"] > e_net["frac_below_10"]
         ratio = deep.timings["scored_rotations_per_particle"] / glob.timings["scored_rotations_per_particle"]
         assert ratio < 0.5, (method, ratio)
+
+
+def test_blockwise_prediction_and_deep_prior_equal_one_call_over_the_set(so3grid_run, tmp_path):
+    """predict_in_blocks (what `bayespose predict` and the Scipion protocol run: the network once per particle,
+    each block's distribution seeding its deep-prior search, then dropped) gives every particle what one
+    predict_poses + deep_prior_assign call over the whole set gives with the same noise model and the prior's
+    in-plane turns; the joined blocks hold every particle's results in order, and the progress reaches the end."""
+    from bayespose.core.deep.blocks import (
+        concatenate_assignments,
+        concatenate_predictions,
+        predict_in_blocks,
+        prior_noise_model,
+    )
+    from bayespose.core.deep.vocabulary import PRIOR_INPLANE_TURNS
+
+    result, _ = so3grid_run
+    net = load_pose_network(result.checkpoint, device="cpu")
+    test = simulate_dataset(fragment_map_path(), SimulationSpec(n_particles=30, snr=0.3, seed=12), tmp_path)
+    volume, _ = read_map(fragment_map_path())
+    search = PoseSearch(shift_range_px=1.0, threads=1, device="cpu")
+    noise = prior_noise_model(test, volume, search)
+    whole_prediction = predict_poses(net, test, top_k=8, turns=PRIOR_INPLANE_TURNS)
+    whole = deep_prior_assign(test, whole_prediction, volume, search, DeepPriorSearch(), noise=noise)
+    ticks = []
+    blocks = list(predict_in_blocks(net, test, volume, search, DeepPriorSearch(), top_k=8,
+                                    blocks=[np.arange(0, 11), np.arange(11, 30)],
+                                    progress=lambda done, total: ticks.append((done, total))))
+    assert [len(b.index) for b in blocks] == [11, 19] and all(b.prediction.log_probabilities is None for b in blocks)
+    prediction = concatenate_predictions([b.prediction for b in blocks])
+    joined = concatenate_assignments([b.assignment for b in blocks])
+    np.testing.assert_allclose(prediction.rotations, whole_prediction.rotations, atol=1e-5)
+    np.testing.assert_allclose(prediction.top_probabilities, whole_prediction.top_probabilities, rtol=1e-4, atol=1e-7)
+    assert np.max(geodesic_distance_deg(joined.mmse_rotations, whole.mmse_rotations)) < 1e-3
+    np.testing.assert_allclose(joined.pmax, whole.pmax, rtol=1e-4)
+    np.testing.assert_allclose(joined.deep_fit_z, whole.deep_fit_z, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(joined.deep_fallback, whole.deep_fallback)
+    assert joined.timings["fallback_particles"] == whole.timings["fallback_particles"]
+    assert joined.timings["scored_rotations_per_particle"] == pytest.approx(
+        whole.timings["scored_rotations_per_particle"], rel=1e-9)
+    assert len(joined.scoring_calls) == sum(len(b.assignment.scoring_calls) for b in blocks)
+    assert ticks[-1] == (30, 30) and all(a[0] <= b[0] for a, b in zip(ticks, ticks[1:])) and (11, 30) in ticks
+    # without a map: the network alone, with its own default turns
+    alone = list(predict_in_blocks(net, test, blocks=[np.arange(0, 30)]))
+    assert alone[0].assignment is None
+    np.testing.assert_allclose(alone[0].prediction.rotations, predict_poses(net, test, top_k=8).rotations, atol=1e-5)
