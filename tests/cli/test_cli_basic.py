@@ -147,3 +147,38 @@ def test_progress_in_a_log_file_is_one_line_per_tenth(capsys):
     lines = err.splitlines()
     assert "\r" not in err and len(lines) == 11, lines
     assert lines[0].startswith("epoch 1 [") and lines[-1].split("] ")[1].startswith("250/250")
+
+
+def test_progress_in_a_log_file_also_comes_every_minute(capsys, monkeypatch):
+    """A long run (100,000 particles at box 256: minutes per tenth) still writes a line at least every
+    LOG_INTERVAL_S seconds; within the interval and the tenth, none."""
+    from bayespose.cli import _common
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(_common.time, "time", lambda: clock["now"])
+    report = _common.progress_printer("assigning")
+    report(0, 100000)  # the first call: tenth 0
+    for done in (64, 128, 192):  # 61 s apart, all within the first tenth
+        clock["now"] += _common.LOG_INTERVAL_S + 1
+        report(done, 100000)
+    clock["now"] += 1.0
+    report(256, 100000)  # a second later: nothing
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("] ")[1].split("/")[0] for line in lines] == ["0", "64", "128", "192"], lines
+
+
+def test_openmp_threads_wait_asleep_unless_the_user_says_otherwise():
+    """Importing bayespose (as the CLI and the Scipion plugin do, before torch and numba load the OpenMP runtime)
+    makes idle OpenMP threads wait passively: spinning waits of numba's and torch's two thread pools took each
+    other's cores (and concurrent processes' cores: two single-thread runs side by side were 4x slower). A user's
+    own OMP_WAIT_POLICY is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import bayespose, os, sys; sys.stdout.write(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout == "PASSIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
+                          capture_output=True, text=True, check=True).stdout == "ACTIVE"
