@@ -52,26 +52,31 @@ def is_worker_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) > 0
 
 
+LOG_INTERVAL_S = 60.0  # a progress line in a log at least this often (besides one per tenth of the work)
+
+
 def progress_printer(label: str):
     """A progress callback ``(done, total)`` printing a one-line bar on stderr, redrawn in place on a terminal; when
-    stderr is a file or pipe (a cluster job's log) one plain line per tenth of the work instead of a redraw per
+    stderr is a file or pipe (a cluster job's log) one plain line per tenth of the work, and one at least every
+    :data:`LOG_INTERVAL_S` seconds (a tenth of 100,000 particles at box 256 is minutes), instead of a redraw per
     call (a training epoch wrote 250 of them). Silent on worker processes of a data-parallel run, whose counts are
     their own share."""
     if is_worker_process():
         return lambda done, total: None
     start = time.time()
     terminal = sys.stderr.isatty()
-    last_tenth = {"printed": -1}
+    last = {"tenth": -1, "time": start}
 
     def report(done: int, total: int) -> None:
         width = 30
         filled = int(width * done / max(total, 1))
-        rate = done / max(time.time() - start, 1e-9)
+        now = time.time()
+        rate = done / max(now - start, 1e-9)
         bar = f"{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({rate:.0f}/s)"
         if not terminal:
             tenth = 10 * done // max(total, 1)
-            if tenth > last_tenth["printed"]:  # the end (tenth 10) included
-                last_tenth["printed"] = tenth
+            if tenth > last["tenth"] or now - last["time"] >= LOG_INTERVAL_S:  # the end (tenth 10) included
+                last.update(tenth=tenth, time=now)
                 sys.stderr.write(bar + "\n")
                 sys.stderr.flush()
             return
