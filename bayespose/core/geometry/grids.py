@@ -181,25 +181,42 @@ def containing_cell(order: int, rotations: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def neighbour_table(order: int, range_deg: float) -> np.ndarray:
     """For each cell of ``healpix_grid(order)`` the cells whose centre lies within ``range_deg`` degrees of its
-    centre, itself first: (K, W) int64 padded with -1 (unit quaternions ``q`` and ``-q`` in a k-d tree; the angle
-    ``t`` between two rotations is ``2 arccos |<q1, q2>|``). Cached: treat the result as read-only."""
+    centre, itself first, then the others in index order: (K, W) int64 padded with -1. Cached: treat the result as
+    read-only.
+
+    The angle between two cells depends on their in-plane angles only through the difference: for RELION's
+    ``A = Rz(psi) Ry(tilt) Rz(rot)``, ``tr(A1 A2^T) = tr(Ry(tilt1) Rz(rot1 - rot2) Ry(-tilt2) Rz(psi1 - psi2))``.
+    So the neighbours of the cells of psi index 0 (unit quaternions ``q`` and ``-q`` in a k-d tree; the angle ``t``
+    between two rotations is ``2 arccos |<q1, q2>|``) give every row by turning their psi indices: n_psi times
+    fewer queries (order 3, 18.75°: 1.9 s -> 0.1 s; the tree query of every cell was most of the first
+    ``bayespose predict`` call of a process). Cells on the range's border are the psi-0 row's decision for every
+    row of the direction.
+    """
     from scipy.spatial import cKDTree
 
-    q = Rotation.from_matrix(healpix_grid(order).rotations).as_quat()
-    k = len(q)
+    grid = healpix_grid(order)
+    k, n_psi = len(grid), psi_count(order)
+    n_dir = k // n_psi
+    q = Rotation.from_matrix(grid.rotations).as_quat()
     radius = math.sqrt(max(0.0, 2.0 - 2.0 * math.cos(math.radians(range_deg) / 2.0))) + 1e-9
-    lists = cKDTree(np.concatenate([q, -q])).query_ball_point(q, radius)
-    # flattened (row, neighbour) pairs, without the duplicates of q / -q, each row's own cell first (key 0), then
-    # its neighbours in index order; in arrays: one Python pass per cell took 1.2 s at order 3
-    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=k)
+    lists = cKDTree(np.concatenate([q, -q])).query_ball_point(q[::n_psi], radius)  # the rows of psi index 0
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=n_dir)
     cols = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum())) % k
-    pairs = np.unique(np.repeat(np.arange(k, dtype=np.int64), lengths) * k + cols)
-    row, col = np.divmod(pairs, k)
-    order = np.lexsort((col, col != row, row))
-    row, col = row[order], col[order]
-    counts = np.bincount(row, minlength=k)
-    table = np.full((k, int(counts.max())), -1, dtype=np.int64)
-    table[row, np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)] = col
+    pairs = np.unique(np.repeat(np.arange(n_dir, dtype=np.int64), lengths) * k + cols)  # without q / -q repeats
+    row_dir, col = np.divmod(pairs, k)
+    counts = np.bincount(row_dir, minlength=n_dir)
+    width = int(counts.max())
+    slot = np.arange(len(row_dir)) - np.repeat(np.cumsum(counts) - counts, counts)
+    col_dir = np.full((n_dir, width), -1, dtype=np.int64)
+    col_psi = np.zeros((n_dir, width), dtype=np.int64)
+    col_dir[row_dir, slot], col_psi[row_dir, slot] = np.divmod(col, n_psi)
+    turns = np.arange(n_psi, dtype=np.int64)[None, :, None]
+    table = col_dir[:, None, :] * n_psi + (col_psi[:, None, :] + turns) % n_psi  # (n_dir, n_psi, W)
+    table = np.where(col_dir[:, None, :] >= 0, table, k).reshape(k, width)
+    # itself first (key -1), then ascending, the padding (key k) last
+    key = np.where(table == np.arange(k)[:, None], -1, table)
+    table = np.take_along_axis(table, np.argsort(key, axis=1, kind="stable"), axis=1)
+    table[table == k] = -1
     return table
 
 

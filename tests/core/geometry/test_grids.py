@@ -16,7 +16,14 @@ import pytest
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from bayespose.core.geometry.grids import haar_ball_volume, healpix_grid, local_grid, local_grids, local_offsets
+from bayespose.core.geometry.grids import (
+    haar_ball_volume,
+    healpix_grid,
+    local_grid,
+    local_grids,
+    local_offsets,
+    neighbour_table,
+)
 from bayespose.core.geometry.rotations import euler_to_matrix, geodesic_distance_deg, random_rotations
 from bayespose.data import demo_map_path
 from tests.helpers import need_relion
@@ -282,3 +289,22 @@ def test_split_cells_partition_their_parent_cells():
     # and the refined set is as fine as the order-2 grid: every fine-grid rotation has a child within its spacing
     d = geodesic_distance_deg(fine.rotations[::50, None], flat[None])
     assert d.min(axis=1).max() < fine.spacing_deg
+
+
+@pytest.mark.parametrize("order, range_deg", [(1, 30.0), (1, 50.0), (2, 15.0), (2, 22.5)])
+def test_neighbour_table_is_every_cell_within_the_range(order, range_deg):
+    """Each row of neighbour_table (built from the psi-0 rows by turning psi) holds exactly the cells whose centre
+    lies within the range of the row's cell, by the pairwise angles of all cells (tr(A1 A2^T) = 1 + 2 cos t),
+    cells at exactly one grid step included (ranges equal to the spacing), itself first, then ascending."""
+    rotations = healpix_grid(order).rotations
+    table = neighbour_table(order, range_deg)
+    cos_limit = np.cos(np.radians(range_deg + 1e-6))
+    for start in range(0, len(rotations), 512):
+        block = rotations[start:start + 512]
+        cos = (np.einsum("aij,bij->ab", block, rotations) - 1.0) / 2.0
+        for row, c in enumerate(cos, start):
+            expected = np.flatnonzero(c >= cos_limit)
+            got = table[row][table[row] >= 0]
+            assert got[0] == row and np.all(np.diff(got[1:]) > 0), got
+            np.testing.assert_array_equal(np.sort(got), expected)
+    assert (table[:, -1] >= 0).any()  # the width is the largest row's
