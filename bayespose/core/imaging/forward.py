@@ -45,7 +45,7 @@ writes odd-box projections centred at ``D // 2 + 1``, i.e. ours rolled by +1 px 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -80,12 +80,15 @@ class PreparedVolume:
     array origin, fftshifted along z and y (frequency ``j`` at index ``j + P // 2``, ``j`` in ``[-P/2, P/2]``; the
     Nyquist plane appears at both ends so that interpolation up to ``+P/2`` stays inside the array). Frequency
     indices are in units of ``1 / P`` cycles per voxel. ``box`` (D) is the side of the original volume.
+    ``derived``: quantities computed from this map once for every search that shares it (the searches' expected
+    loss per shell, :mod:`bayespose.core.assign.noise_model`), by key; the map's data are not to change.
     """
 
     data: torch.Tensor
     box: int
     padded_size: int
     grid_correction: str
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

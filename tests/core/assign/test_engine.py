@@ -5,6 +5,7 @@ thread count and a given noise model as they were, and the result is the per-par
 scoring calls (sizes and flops that add up to the timings)."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -150,6 +151,24 @@ def test_the_cut_off_stops_at_the_reference_signal_band(small_map):
     result = assign_poses(particles, low, PoseSearch(healpix_order=1, refine_levels=2, shift_range_px=1.0),
                           images=images)
     assert max(result.timings["radii_px"]) <= 12.0 < BOX / 2, result.timings["radii_px"]  # CTF and noise weigh shells
+
+
+def test_a_shared_prepared_map_computes_each_expected_loss_once_per_noise_model(small_map):
+    """Searches sharing a PreparedVolume (a deep prior and its fallback, the blocks of `bayespose predict`) compute
+    the expected loss per shell once per noise model and setting: the second call reuses it, and another noise model
+    (4x the noise power: lower cut-offs) gets its own, equal to what a fresh map gives."""
+    from bayespose.core.assign import information_radius
+
+    volume, _ = small_map
+    noise = NoiseModel(noise_power=np.full(BOX // 2 + 1, 4e-3), scale=1.0, ctf2=np.ones(BOX // 2 + 1))
+    quieter = replace(noise, noise_power=noise.noise_power / 4.0)  # (this map's values are ~1e-4)
+    shared = prepare_volume(volume)
+    first = information_radius(shared, noise, 5.0, BOX / 2, 30.0)
+    assert len(shared.derived) == 1
+    assert information_radius(shared, noise, 5.0, BOX / 2, 30.0) == first and len(shared.derived) == 1
+    other = information_radius(shared, quieter, 5.0, BOX / 2, 30.0)
+    assert len(shared.derived) == 2
+    assert other == information_radius(prepare_volume(volume), quieter, 5.0, BOX / 2, 30.0) < first
 
 
 def test_noise_power_and_reference_scale_are_recovered(small_map):
