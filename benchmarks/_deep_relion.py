@@ -107,6 +107,9 @@ def network_metrics(prediction, truth: np.ndarray) -> dict:
     return m
 
 
+REPEATS = 2  # timed runs of each search in compare_searches (the fastest counts)
+
+
 def timed(fn):
     """``(result, wall seconds, own CPU seconds, CPU cores used by other processes meanwhile)``."""
     cpu0 = own_cpu_s()
@@ -195,26 +198,38 @@ def oracle_prediction(truth: np.ndarray, order: int):
 
 
 def compare_searches(test, images, truth, volume, network_path: str, search, log, label: str,
-                     device="cpu") -> dict:
+                     device="cpu", repeats: int = REPEATS) -> dict:
     """Global MMSE (:func:`assign_poses`) against ``predict --refine-map`` (network prediction + deep-prior
-    MMSE with the default settings) on the same particles: errors (CESPED's MAnE and wMAnE, median), wall and CPU
-    seconds, contention, fallback fraction."""
+    MMSE with the default settings) and a perfect prediction on the same particles: errors (CESPED's MAnE and
+    wMAnE, median), wall and CPU seconds, contention, fallback fraction. The three runs are repeated ``repeats``
+    times in turn and each keeps its fastest wall time (with that run's CPU seconds): the machine's speed drifts by
+    up to a third within minutes (a 2048² matmul measured 188 and 139 GFLOP/s half an hour apart), and the first
+    run of a process pays the one-time loads (compiled kernels, grids) whichever search it is."""
     from bayespose.core.assign import assign_poses
     from bayespose.core.deep import DeepPriorSearch, deep_prior_assign, load_pose_network, predict_poses
     from bayespose.core.deep.vocabulary import PRIOR_INPLANE_TURNS
 
-    out = {}
-    glob, wall, cpu, other = timed(lambda: assign_poses(test, volume, search, images=images))
-    out["global"] = {**pose_error_metrics(glob.mmse_rotations, truth, weights=glob.pmax), "wall_s": wall,
-                     "cpu_s": cpu, "other_cores": other,
-                     "rotations": glob.timings["scored_rotations_per_particle"]}
     net = load_pose_network(network_path, device=device)
 
     def deep():
         pred = predict_poses(net, test, images=images, top_k=8, device=device, turns=PRIOR_INPLANE_TURNS)
         return pred, deep_prior_assign(test, pred, volume, search, DeepPriorSearch(), images=images)
 
-    (pred, res), wall, cpu, other = timed(deep)
+    runs = {"global": lambda: assign_poses(test, volume, search, images=images), "deep_prior": deep,
+            "oracle_prior": lambda: deep_prior_assign(test, oracle_prediction(truth, net.grid_order), volume,
+                                                      search, DeepPriorSearch(), images=images)}
+    best = {}
+    for _ in range(max(1, repeats)):
+        for name, fn in runs.items():
+            result, wall, cpu, other = timed(fn)
+            if name not in best or wall < best[name][1]:
+                best[name] = (result, wall, cpu, other)
+    out = {}
+    glob, wall, cpu, other = best["global"]
+    out["global"] = {**pose_error_metrics(glob.mmse_rotations, truth, weights=glob.pmax), "wall_s": wall,
+                     "cpu_s": cpu, "other_cores": other,
+                     "rotations": glob.timings["scored_rotations_per_particle"]}
+    (pred, res), wall, cpu, other = best["deep_prior"]
     out["deep_prior"] = {**pose_error_metrics(res.mmse_rotations, truth, weights=res.pmax), "wall_s": wall,
                          "cpu_s": cpu, "other_cores": other,
                          "rotations": res.timings["scored_rotations_per_particle"],
@@ -222,12 +237,12 @@ def compare_searches(test, images, truth, volume, network_path: str, search, log
                          "network": {k: v for k, v in network_metrics(pred, truth).items() if k != "errors"},
                          "timings": {k: v for k, v in res.timings.items() if isinstance(v, (int, float))}}
     # the bound of any network: a perfect prediction (all mass on the truth's cell of the network's grid), free
-    oracle, wall, cpu, other = timed(lambda: deep_prior_assign(test, oracle_prediction(truth, pred.grid_order), volume,
-                                                               search, DeepPriorSearch(), images=images))
+    oracle, wall, cpu, other = best["oracle_prior"]
     out["oracle_prior"] = {**pose_error_metrics(oracle.mmse_rotations, truth, weights=oracle.pmax), "wall_s": wall,
                            "cpu_s": cpu, "other_cores": other,
                            "rotations": oracle.timings["scored_rotations_per_particle"],
                            "fallback_fraction": float(np.mean(oracle.deep_fallback))}
+    out["repeats"] = max(1, repeats)
     out["oracle_wall_ratio"] = ratio(wall, out["global"]["wall_s"])
     g, d = out["global"], out["deep_prior"]
     out["wall_ratio"] = ratio(d["wall_s"], g["wall_s"])

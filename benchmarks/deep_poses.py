@@ -599,8 +599,10 @@ def _relion_lines(results: dict) -> list[str]:
     prior = rel.get("prior", {})
     if prior:
         lines += ["### predict --refine-map (network + deep-prior MMSE) against the global MMSE search", "",
-                  "Wall and CPU seconds of the same run, on the same particles (network inference included in "
-                  "the deep prior's); 'other cores' = CPU used by other processes meanwhile.", "",
+                  "Wall and CPU seconds on the same particles (network inference included in the deep prior's), "
+                  f"the fastest of {next(iter(prior.values())).get('repeats', 1)} runs of each taken in turn (the "
+                  "machine's speed drifts within minutes); 'other cores' = CPU used by other processes meanwhile.",
+                  "",
                   "| case | global MAnE / wMAnE / median | deep prior MAnE / wMAnE / median | global wall s (CPU s) | "
                   "deep prior wall s (CPU s) | falls back | wall ratio | CPU ratio | mean-error ratio | other "
                   "cores | perfect prediction: MAnE, wall ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
