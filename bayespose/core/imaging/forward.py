@@ -274,10 +274,14 @@ def slice_coefficients(prepared: PreparedVolume, rotations, kx: torch.Tensor, ky
         if device.type != "cpu" or not _slice_kernel.available():
             raise ValueError("the compiled slice sampler needs a CPU volume and numba")
         phase = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+        threads = torch.get_num_threads()
         out = _slice_kernel.sample_slices(torch.view_as_real(prepared.data.detach()).numpy(),
                                           rot.detach().contiguous().numpy(), kx.contiguous().numpy(),
-                                          ky.contiguous().numpy(), p / d, p // 2, phase.numpy(),
-                                          torch.get_num_threads())
+                                          ky.contiguous().numpy(), p / d, p // 2, phase.numpy(), threads)
+        if torch.get_num_threads() != threads:
+            # numba's OpenMP pool shares torch's runtime: launching it sets the thread count to numba's (all cores),
+            # which would override a caller's --threads 1 for the rest of the run
+            torch.set_num_threads(threads)
         return torch.view_as_complex(torch.from_numpy(out).view(len(out), -1, 2))
     # A^T (kx, ky, 0) = kx * A[0, :] + ky * A[1, :], in Fourier pixels of the padded grid
     scale = p / d

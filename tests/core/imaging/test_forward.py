@@ -335,3 +335,21 @@ def test_bad_inputs_raise():
         simulate_images(vol, 1.0, np.eye(3)[None], origins_A=np.zeros((2, 2)))
     with pytest.raises(ValueError):
         ctf_2d(CTFParams.constant(1, 1e4, amplitude_contrast=1.5), 1.0, 16)
+
+
+def test_the_compiled_sampler_leaves_torch_at_the_callers_thread_count():
+    """numba's OpenMP pool shares torch's runtime: its launch (the first compiled call of a process) set the
+    thread count to numba's (all cores), so `--threads 1` ran torch on every core after the first projection. A
+    fresh process (the launch happens once) asks for 1 thread, projects, and still has 1."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, torch\n"
+            "from bayespose.core.imaging.forward import prepare_volume, slice_coefficients\n"
+            "torch.set_num_threads(1)\n"
+            "volume = prepare_volume(np.random.default_rng(0).random((16, 16, 16), dtype=np.float32))\n"
+            "rotations = np.tile(np.eye(3), (10, 1, 1))\n"
+            "slice_coefficients(volume, rotations, torch.arange(5.0), torch.arange(5.0), compiled=True)\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1", out
