@@ -64,10 +64,12 @@ right poses had d <= 0.46 (box 128: 0.37), the 3 (1) wrong ones d >= 0.79 (0.69)
 same network on those particles at SNR 0.03 (99 of 300 wrong) it changed the fallbacks from 40.3 % to 39.0 % at
 the same mean error (3.94° / 3.95°). Wall time (README, benchmarks/deep_poses.py relion_prior, the prediction from
 :data:`~bayespose.core.deep.vocabulary.PRIOR_INPLANE_TURNS` turns): from an order-3 first grid the deep prior takes
-0.32-0.36x the global search's time at the same mean error; at the default sampling (order 2 + 3 levels)
-1.15-1.55x (box 64-256, two runs), because both spend most of their time in the refinement levels around each
-particle's pose (orders 4 and 5), which no network replaces: even a perfect prediction (all mass on the true cell, no
-network cost) gives 0.70-0.76 / 0.88-1.14 / 1.02-1.19x at box 64 / 128 / 256.
+0.32-0.37x the global search's time at the same mean error; at the default sampling (order 2 + 3 levels)
+1.15-1.55x (box 64-256, five runs on a machine whose speed drifts), because what the network replaces is the global
+search's cheap first two stages (a shared 15° grid, then order 3: a fifth of its time at box 64), and both spend
+most of their time in the refinement levels around each particle's pose (orders 4 and 5), which no network
+replaces: even a perfect prediction (all mass on the true cell, no network cost) gives 0.70-1.08 / 0.88-1.14 /
+0.98-1.22x at box 64 / 128 / 256.
 
 Priors: ``so3grid`` prediction -> :class:`~bayespose.core.geometry.priors.GridPrior` on ``healpix_grid(grid_order)``
 with the predicted log probabilities (a rotation gets the probability of the network cell containing it);
