@@ -22,6 +22,7 @@ from bayespose.core.assign import NoiseModel, PoseSearch
 from bayespose.core.deep.predict import PosePrediction, predict_poses
 from bayespose.core.deep.prior_refine import DeepPriorAssignment, DeepPriorSearch, deep_prior_assign
 from bayespose.core.deep.vocabulary import PRIOR_INPLANE_TURNS
+from bayespose.core.imaging.forward import PreparedVolume
 from bayespose.core.imaging.particles import ParticleSet
 
 __all__ = ["BlockResult", "block_size", "prior_noise_model", "predict_in_blocks", "concatenate_predictions",
@@ -39,7 +40,7 @@ def block_size(network) -> int:
     return int(min(16384, max(256, BLOCK_BYTES // (4 * cells))))
 
 
-def prior_noise_model(particles: ParticleSet, volume, search: PoseSearch) -> NoiseModel:
+def prior_noise_model(particles: ParticleSet, volume: np.ndarray | PreparedVolume, search: PoseSearch) -> NoiseModel:
     """The noise model :func:`~bayespose.core.assign.assign_poses` would estimate for the whole of ``particles``
     (up to 1000 of them, seed 0) against ``volume`` (a (D, D, D) map or a prepared one), made once so that every
     block scores with it."""
@@ -66,7 +67,7 @@ class BlockResult:
     assignment: DeepPriorAssignment | None
 
 
-def predict_in_blocks(network, particles: ParticleSet, volume: np.ndarray | None = None,
+def predict_in_blocks(network, particles: ParticleSet, volume: np.ndarray | PreparedVolume | None = None,
                       search: PoseSearch | None = None, config: DeepPriorSearch | None = None, *,
                       blocks: Iterable[np.ndarray] | None = None, noise: NoiseModel | None = None, top_k: int = 8,
                       batch_size: int = 256, device=None, turns: int | None = None,
@@ -74,8 +75,8 @@ def predict_in_blocks(network, particles: ParticleSet, volume: np.ndarray | None
     """Yield the prediction (and, with ``volume``, the deep-prior MMSE) of ``particles`` block by block (module doc).
 
     ``blocks``: the particle indices of each block (default: consecutive blocks of :func:`block_size`). ``volume``
-    (D, D, D) the reference (None: the network alone); ``search`` and ``config`` the engine's and the deep prior's
-    settings (defaults: :class:`~bayespose.core.assign.PoseSearch` with the network's symmetry,
+    (D, D, D) the reference, or it prepared (None: the network alone); ``search`` and ``config`` the engine's and
+    the deep prior's settings (defaults: :class:`~bayespose.core.assign.PoseSearch` with the network's symmetry,
     :class:`~bayespose.core.deep.prior_refine.DeepPriorSearch`); ``noise``: the noise model of all blocks (default
     :func:`prior_noise_model` of the whole set). ``turns``: the network's test-time in-plane turns (default: the
     network's own with no map, :data:`~bayespose.core.deep.vocabulary.PRIOR_INPLANE_TURNS` with one: the MMSE search
