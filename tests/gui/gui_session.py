@@ -3,7 +3,8 @@ process: ``python -m tests.gui.gui_session WORKDIR``; the display, SCIPION_HOME 
 environment).
 
 1. Small finished runs, launched as Scipion launches them (pwem's volume import, bayespose's simulate, cryoSPARC
-   import of a file without poses, assign, refine, train, predict; 30 particles of 32 px).
+   import of a file without poses, assign, refine, train, predict without and with a reference; 30 particles of
+   32 px).
 2. The real project window (``pyworkflow.gui.project.ProjectWindow``: it sets pyplot's backend to TkAgg), then
    bayespose's viewers are imported, which must leave that backend alone.
 3. Every bayespose protocol's form, opened with the project window's own ``_openProtocolForm``.
@@ -79,6 +80,8 @@ def finished_runs(project, workdir: Path) -> dict:
            maxHealpixOrder=1, shiftRange=0.0, priorMode=1, **common)
     train = launch("train", ProtBayesposeTrainPoseNetwork, epochs=1, netBox=16, batchSize=16, gridOrder=1, **common)
     launch("predict", ProtBayesposePredictPoses, inputModel=train.outputModel, topK=4, **common)
+    launch("predict with reference", ProtBayesposePredictPoses, inputModel=train.outputModel, topK=4, doRefine=True,
+           inputVolume=volume, shiftRange=0.0, **common)
     return runs
 
 
@@ -193,6 +196,8 @@ def view_results(window, root, runs: dict, screenshots: bool) -> None:
                                                                                             for w in new]}
                     if name == "refine" and param == "displayPrior":
                         shot("plot", screenshots, root)
+                    if name == "predict with reference" and param == "displayErrors":
+                        shot("predict_refined_errors", screenshots, root)
                     for w in new:
                         w.destroy()
                 viewer.formWindow.root.destroy()

@@ -75,7 +75,8 @@ def test_project_window_forms_and_viewers(display, tmp_path):
                         "assign:displayDifference", "assign:displayPosterior", "refine:displayFsc",
                         "refine:displayHistory", "refine:displayPrior", "refine:displaySlices",
                         "refine:displayVolumes", "predict:displayPoses", "predict:displayErrors",
-                        "predict:displayDistribution"}
+                        "predict:displayDistribution", "predict with reference:displayPoses",
+                        "predict with reference:displayErrors", "predict with reference:displayDistribution"}
     for name in expected_figures:
         assert views[name]["figures"] == 1 and all(views[name]["mapped"]), (name, views.get(name))
     # the cryoSPARC import without poses: a dialog, no figure
