@@ -38,6 +38,7 @@ from bayespose.cli._common import (
     UsageError,
     end_progress_line,
 )
+from bayespose.core.openmp import openmp_waits_asleep
 
 COMMANDS = (simulate, import_cs, plot_poses, assign, refine, train, predict, demo)
 DATA_PARALLEL = ("assign", "refine", "train", "predict")  # the commands that run under torchrun
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         prog = f"bayespose {args.command}"
+        if args.command in ("assign", "refine") or (args.command == "predict" and args.refine_map is not None):
+            openmp_waits_asleep()  # before the command loads torch and numba (core.openmp: measured)
         with warnings.catch_warnings(), _processes(args):
             warnings.showwarning = one_line_warning
             return args.func(args)

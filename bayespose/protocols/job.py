@@ -22,6 +22,10 @@ JOB_ENV = "BAYESPOSE_JOB"  # set in the job processes: the protocol computes on 
 def main(argv: list[str] | None = None) -> int:
     project, db_path, prot_id, method = (sys.argv[1:] if argv is None else argv)
     os.environ[JOB_ENV] = "1"
+    if method in ("assignJob", "refineJob"):  # the MMSE search / refinement (core.openmp: measured), before torch
+        from bayespose.core.openmp import openmp_waits_asleep
+
+        openmp_waits_asleep()
     from bayespose.core import parallel
 
     main_process = int(os.environ.get("RANK", "0") or 0) == 0

@@ -1,6 +1,7 @@
 """The ``bayespose`` command on plain files: exit codes, one-line errors, and what ``simulate``/``import-cs``/
 ``plot-poses``/``demo`` write (checked with independent readers: starfile, mrcfile, scipy)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,18 +168,40 @@ def test_progress_in_a_log_file_also_comes_every_minute(capsys, monkeypatch):
     assert [line.split("] ")[1].split("/")[0] for line in lines] == ["0", "64", "128", "192"], lines
 
 
-def test_openmp_threads_wait_asleep_unless_the_user_says_otherwise():
-    """Importing bayespose (as the CLI and the Scipion plugin do, before torch and numba load the OpenMP runtime)
-    makes idle OpenMP threads wait passively: spinning waits of numba's and torch's two thread pools took each
-    other's cores (and concurrent processes' cores: two single-thread runs side by side were 4x slower). A user's
-    own OMP_WAIT_POLICY is kept."""
-    import os
-    import subprocess
-    import sys
+@pytest.mark.parametrize("argv, policy", [
+    (["assign", "--particles", "p.star", "--map", "m.mrc", "--out", "o.star"], "PASSIVE"),
+    (["refine", "--particles", "p.star", "--map", "m.mrc", "--out", "o.star"], "PASSIVE"),
+    (["predict", "--model", "n.pt", "--particles", "p.star", "--refine-map", "m.mrc", "--out", "o.star"], "PASSIVE"),
+    (["predict", "--model", "n.pt", "--particles", "p.star", "--out", "o.star"], None),
+    (["train", "--particles", "p.star", "--out", "n.pt"], None),
+])
+def test_openmp_threads_wait_asleep_in_the_search_commands_only(argv, policy, tmp_path, monkeypatch):
+    """The commands that run the MMSE search or the refinement make idle OpenMP threads wait asleep before they
+    start (numba's and torch's pools took each other's cores: core.openmp), the network alone and training keep
+    the runtime's default (spinning waits: training 20 % faster); a user's own OMP_WAIT_POLICY is kept."""
+    import importlib
 
-    code = "import bayespose, os, sys; sys.stdout.write(os.environ['OMP_WAIT_POLICY'])"
+    for name in ("p.star", "m.mrc", "n.pt"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"bayespose.cli.{argv[0]}")
+    seen = {}
+    monkeypatch.setattr(module, "run", lambda args: seen.setdefault("policy", os.environ.get("OMP_WAIT_POLICY")) and 0)
+    for preset, expected in ((None, policy), ("ACTIVE", "ACTIVE")):
+        seen.clear()
+        if preset is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+        main(argv)
+        assert seen == {"policy": expected}, (argv, preset, seen)
+
+
+def test_importing_bayespose_leaves_the_openmp_runtime_alone():
+    """Importing the package and the CLI loads neither torch nor numba and sets no wait policy: the CLI decides per
+    command, before the command's imports load the runtime (which reads the policy once)."""
+    code = ("import os, sys\nimport bayespose, bayespose.cli\n"
+            "print('torch' in sys.modules, 'numba' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout == "PASSIVE"
-    assert subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
-                          capture_output=True, text=True, check=True).stdout == "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "None"], out
