@@ -226,9 +226,7 @@ def _predict_in_blocks(args, network, particles, volume, device) -> dict:
     from bayespose.core import parallel
     from bayespose.core.assign import PoseSearch
     from bayespose.core.deep import DeepPriorSearch
-    from bayespose.core.deep.blocks import block_size, predict_in_blocks, prior_noise_model
-    from bayespose.core.imaging.forward import prepared_for
-    from bayespose.core.runtime import choose_device, torch_threads
+    from bayespose.core.deep.blocks import block_size, predict_in_blocks, prepared_reference, prior_noise_model
 
     n = len(particles)
     search = noise = config = None
@@ -241,8 +239,7 @@ def _predict_in_blocks(args, network, particles, volume, device) -> dict:
             config = DeepPriorSearch(seed_mass=args.seed_mass, local_range_deg=args.local_range,
                                      fallback_z=fallback_threshold(args.fallback),
                                      fallback_deficit=args.fallback_deficit)
-        with torch_threads(search.threads):  # prepared once for the noise model and every block
-            volume = prepared_for(volume, particles.box, choose_device(search.device))
+        volume = prepared_reference(volume, particles.box, search)  # once for the noise model and every block
         # one model for all blocks and processes
         noise = parallel.main_first(lambda: prior_noise_model(particles, volume, search))
     rows = {"rotations": np.zeros((n, 3, 3)), "origins_A": np.zeros((n, 2)), "network_rotations": np.zeros((n, 3, 3)),

@@ -25,8 +25,8 @@ from bayespose.core.deep.vocabulary import PRIOR_INPLANE_TURNS
 from bayespose.core.imaging.forward import PreparedVolume
 from bayespose.core.imaging.particles import ParticleSet
 
-__all__ = ["BlockResult", "block_size", "prior_noise_model", "predict_in_blocks", "concatenate_predictions",
-           "concatenate_assignments"]
+__all__ = ["BlockResult", "block_size", "prepared_reference", "prior_noise_model", "predict_in_blocks",
+           "concatenate_predictions", "concatenate_assignments"]
 
 BLOCK_BYTES = 256e6  # predicted log probabilities held per block (float32)
 
@@ -40,17 +40,26 @@ def block_size(network) -> int:
     return int(min(16384, max(256, BLOCK_BYTES // (4 * cells))))
 
 
+def prepared_reference(volume: np.ndarray | PreparedVolume, box: int, search: PoseSearch) -> PreparedVolume:
+    """``volume`` prepared once on the search's device with its threads (a prepared map is used as it is), for the
+    noise model and every block's search, check and fallback."""
+    from bayespose.core.imaging.forward import prepared_for
+    from bayespose.core.runtime import choose_device, torch_threads
+
+    with torch_threads(search.threads):
+        return prepared_for(volume, box, choose_device(search.device))
+
+
 def prior_noise_model(particles: ParticleSet, volume: np.ndarray | PreparedVolume, search: PoseSearch) -> NoiseModel:
     """The noise model :func:`~bayespose.core.assign.assign_poses` would estimate for the whole of ``particles``
     (up to 1000 of them, seed 0) against ``volume`` (a (D, D, D) map or a prepared one), made once so that every
     block scores with it."""
     from bayespose.core.assign import estimate_noise_model
-    from bayespose.core.imaging.forward import prepared_for
     from bayespose.core.imaging.noise import resolution_to_radius
-    from bayespose.core.runtime import choose_device, torch_threads
+    from bayespose.core.runtime import torch_threads
 
+    prepared = prepared_reference(volume, particles.box, search)
     with torch_threads(search.threads):
-        prepared = prepared_for(volume, particles.box, choose_device(search.device))
         cap = resolution_to_radius(particles.box, particles.pixel_size, search.max_resolution_A)
         return estimate_noise_model(particles, prepared, cap, None, search.mask_radius_px)
 
@@ -83,13 +92,9 @@ def predict_in_blocks(network, particles: ParticleSet, volume: np.ndarray | Prep
     decides the pose, measured). ``top_k``, ``batch_size``, ``device``: :func:`~bayespose.core.deep.predict_poses`'s.
     ``progress(done, total)``: particles of ``blocks`` done, after each block and each batch of its search.
     """
-    from bayespose.core.imaging.forward import prepared_for
-    from bayespose.core.runtime import choose_device, torch_threads
-
     if volume is not None:
         search = search or PoseSearch(symmetry=str(network.symmetry).upper(), device=device)
-        with torch_threads(search.threads):  # once for every block's search, check and fallback
-            volume = prepared_for(volume, particles.box, choose_device(search.device))
+        volume = prepared_reference(volume, particles.box, search)
         noise = noise or prior_noise_model(particles, volume, search)
         turns = PRIOR_INPLANE_TURNS if turns is None else turns
     if blocks is None:
